@@ -1,0 +1,52 @@
+# streamq: everything a person can do, in one place. `make help` lists it.
+PYTHON  ?= python3
+VENV    ?= .venv
+PY      := $(VENV)/bin/python
+# The CPU wheel, used only when the venv has no torch yet; a CUDA torch already
+# installed (e.g. VENV pointing at your own environment) is left alone.
+TORCH   ?= torch==2.13.0
+CONFIG  ?= configs/examples/tiny_qwen3_moe_fp8_static.yaml
+ARGS    ?=
+DEMO    := build/demo
+
+.PHONY: help install demo quantize plan test test-fast lint bench clean
+
+help:
+	@echo "make install                   create $(VENV) and install streamq (+ test tools)"
+	@echo "make demo                      build a tiny MoE model offline, quantize it (fp8_dynamic + fp8_static)"
+	@echo "make quantize CONFIG=... [ARGS='--save-path P --device cuda --overwrite']"
+	@echo "make test                      install and run the test suite"
+	@echo "make lint                      ruff"
+	@echo "make bench                     benchmark against the I/O and compute floor (bench_out/)"
+	@echo "make clean                     remove build outputs"
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e ".[test,bench]"
+	touch $@
+
+$(DEMO)/tiny-qwen3-moe/config.json: | install
+	$(PY) scripts/make_tiny_models.py --arch qwen3_moe --layers 4 --out $(DEMO)/tiny-qwen3-moe
+
+demo: install $(DEMO)/tiny-qwen3-moe/config.json
+	$(PY) -m streamq quantize -c configs/examples/tiny_qwen3_moe_fp8_dynamic.yaml --overwrite $(ARGS)
+	$(PY) -m streamq quantize -c configs/examples/tiny_qwen3_moe_fp8_static.yaml --overwrite $(ARGS)
+	@echo "demo outputs: $(DEMO)/out-fp8-dynamic $(DEMO)/out-fp8-static"
+
+quantize: install
+	$(PY) -m streamq quantize -c $(CONFIG) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q tests $(ARGS)
+
+lint: install
+	$(PY) -m ruff check streamq scripts tests
+
+bench: install
+	$(PY) scripts/bench.py $(ARGS)
+
+clean:
+	rm -rf build bench_out .pytest_cache

@@ -1,0 +1,5 @@
+import sys
+
+from streamq.cli import main
+
+sys.exit(main())

@@ -1,0 +1,51 @@
+"""Hidden states of every calibration batch between two layers.
+
+Each batch's tensor is replaced in place by the layer's output, so the cache holds one
+copy of the activations, wherever it lives: on the device, in (pinned) host memory,
+or in files on disk when neither has room.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+LOCATIONS = ("device", "host", "disk")
+
+
+class HiddenStateCache:
+    def __init__(self, location: str, device: torch.device, disk_dir: Path | None = None):
+        assert location in LOCATIONS, location
+        self.location, self.device, self.disk_dir = location, device, disk_dir
+        self._mem: dict[int, torch.Tensor] = {}
+        self._pin = location == "host" and device.type == "cuda"
+        if location == "disk":
+            assert disk_dir is not None
+            disk_dir.mkdir(parents=True, exist_ok=True)
+
+    def put(self, batch: int, hidden: torch.Tensor) -> None:
+        if self.location == "device":
+            self._mem[batch] = hidden.to(self.device)
+        elif self.location == "host":
+            old = self._mem.get(batch)
+            if old is not None and old.shape == hidden.shape and old.dtype == hidden.dtype:
+                old.copy_(hidden)  # reuse the pinned buffer
+            else:
+                host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self._pin)
+                host.copy_(hidden)
+                self._mem[batch] = host
+        else:
+            save_file({"h": hidden.contiguous().cpu()}, str(self.disk_dir / f"batch-{batch:06d}.safetensors"))
+
+    def get(self, batch: int) -> torch.Tensor:
+        if self.location == "disk":
+            return load_file(str(self.disk_dir / f"batch-{batch:06d}.safetensors"))["h"].to(self.device)
+        return self._mem[batch].to(self.device, non_blocking=True)
+
+    def close(self) -> None:
+        self._mem.clear()
+        if self.location == "disk" and self.disk_dir is not None:
+            shutil.rmtree(self.disk_dir, ignore_errors=True)

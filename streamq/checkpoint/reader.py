@@ -1,0 +1,155 @@
+"""Lazy access to a Hugging Face safetensors checkpoint, one decoder layer at a time.
+
+The headers of every shard are parsed and checked up front (size, offsets, index
+consistency), so a truncated or corrupt file fails before any output is touched.
+Tensor data is read only when a layer asks for it.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from streamq.errors import CheckpointError
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<idx>\d+)\.")
+
+_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1,
+                "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str  # shard file name, relative to the checkpoint directory
+    dtype: str  # safetensors dtype string, e.g. "BF16"
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, dict]:
+    """Parse and validate one shard's header; the error names the file."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw_len = f.read(8)
+            if len(raw_len) < 8:
+                raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header)")
+            (header_len,) = struct.unpack("<Q", raw_len)
+            if header_len > min(size - 8, 100 * 2**20):
+                raise CheckpointError(f"{path}: corrupt safetensors header (length {header_len}, file {size} bytes)")
+            header = json.loads(f.read(header_len))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot read: {e}") from None
+    header.pop("__metadata__", None)
+    data_len = size - 8 - header_len
+    end = 0
+    for name, meta in header.items():
+        begin, stop = meta["data_offsets"]
+        expected = _DTYPE_BYTES.get(meta["dtype"], 0)
+        numel = 1
+        for d in meta["shape"]:
+            numel *= d
+        if stop - begin != numel * expected:
+            raise CheckpointError(f"{path}: tensor '{name}' has inconsistent offsets in the header")
+        end = max(end, stop)
+    if end > data_len:
+        raise CheckpointError(f"{path}: truncated: header needs {end} data bytes, file has {data_len}")
+    return header
+
+
+class CheckpointReader:
+    """Index of a checkpoint directory: tensors grouped by decoder layer, read lazily."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_dir():
+            raise CheckpointError(f"model_path '{self.path}' is not a directory")
+        if not (self.path / "config.json").is_file():
+            raise CheckpointError(f"{self.path / 'config.json'}: missing; is this a Hugging Face checkpoint?")
+        self.tensors: dict[str, TensorInfo] = {}
+        self._load_index()
+        self.layers: dict[int, list[str]] = {}
+        self.other: list[str] = []
+        self.layer_prefix = ""
+        for name in self.tensors:
+            m = LAYER_RE.match(name)
+            if m:
+                self.layer_prefix = m.group("prefix")
+                self.layers.setdefault(int(m.group("idx")), []).append(name)
+            else:
+                self.other.append(name)
+        self.bytes_read = 0
+
+    def _load_index(self) -> None:
+        index_path = self.path / INDEX_FILE
+        if index_path.is_file():
+            try:
+                weight_map = json.loads(index_path.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from None
+            files = sorted(set(weight_map.values()))
+        elif (self.path / SINGLE_FILE).is_file():
+            weight_map, files = None, [SINGLE_FILE]
+        else:
+            raise CheckpointError(f"{self.path}: no {SINGLE_FILE} or {INDEX_FILE} found")
+        for file in files:
+            shard = self.path / file
+            if not shard.is_file():
+                raise CheckpointError(f"{shard}: listed in {INDEX_FILE} but missing")
+            for name, meta in read_safetensors_header(shard).items():
+                if weight_map is not None and weight_map.get(name) != file:
+                    continue  # the index is authoritative about where a tensor lives
+                nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
+                self.tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), nbytes)
+        if weight_map is not None:
+            missing = sorted(set(weight_map) - set(self.tensors))
+            if missing:
+                raise CheckpointError(f"{index_path}: tensor '{missing[0]}' is mapped to "
+                                      f"'{weight_map[missing[0]]}' but that file does not contain it "
+                                      f"({len(missing)} missing in all)")
+
+    @property
+    def num_layers(self) -> int:
+        return max(self.layers) + 1 if self.layers else 0
+
+    def layer_bytes(self, idx: int) -> int:
+        return sum(self.tensors[n].nbytes for n in self.layers.get(idx, []))
+
+    @property
+    def files(self) -> list[str]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    def fingerprint(self) -> dict:
+        """Identity of the source: file names and sizes (cheap; contents are not hashed)."""
+        return {f: (self.path / f).stat().st_size for f in self.files} | {
+            "config.json": (self.path / "config.json").stat().st_size}
+
+    def read(self, names: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        """Read tensors, opening each shard once; order of the result follows `names`."""
+        by_file: dict[str, list[str]] = {}
+        for n in names:
+            by_file.setdefault(self.tensors[n].file, []).append(n)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            try:
+                with safe_open(self.path / file, framework="pt", device=str(device)) as f:
+                    for n in file_names:
+                        out[n] = f.get_tensor(n)
+                        self.bytes_read += self.tensors[n].nbytes
+            except (OSError, RuntimeError) as e:  # safetensors reports I/O problems as these
+                raise CheckpointError(f"{self.path / file}: cannot read tensor data: {e}") from None
+        return {n: out[n] for n in names}
+
+    def read_layer(self, idx: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+        return self.read(self.layers[idx], device)

@@ -1,0 +1,303 @@
+"""The job description: AngelSlim-style YAML, validated before anything is read or written.
+
+Every problem is a `ConfigError` (exit code 2) whose message names the key path and the
+allowed values. Keys that mean nothing to a streaming engine (`device_map`, ...) are
+accepted and reported as notes, so existing AngelSlim configs run unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from streamq.errors import ConfigError
+from streamq.quant.granularity import ACTIVATION_GRANULARITIES, WEIGHT_GRANULARITIES, PerTensor, PerToken
+from streamq.quant.scheme import QuantScheme
+
+SUPPORTED_ALGORITHMS = ("fp8_dynamic", "fp8_static")
+PLANNED_ALGORITHMS = ("int8_dynamic", "int4_gptq", "int4_awq")
+ALGORITHM_BITS = {"fp8_dynamic": 8, "fp8_static": 8, "int8_dynamic": 8, "int4_gptq": 4, "int4_awq": 4}
+SAVE_FORMATS = ("fp8", "compressed-tensors")
+CACHE_LOCATIONS = ("auto", "device", "host", "disk")
+DATASET_NAMES = ("TextDataset", "RandomTokens")
+TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+# Accepted for AngelSlim compatibility; a streaming engine has no use for them.
+NOTED_KEYS = {
+    "model.device_map": "streamq places one layer at a time on global.device",
+    "model.low_cpu_mem_usage": "streamq never loads the whole model",
+    "model.use_cache": "calibration never uses a KV cache",
+    "model.cache_dir": "streamq reads model_path directly",
+    "global.deploy_backend": "the output format is chosen by compression.quantization.save_name",
+}
+
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_SIZE_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+               "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_size(value: Any, key: str) -> int | None:
+    """'8GiB', '500MB', 1234 -> bytes; None stays None."""
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+        return value
+    m = _SIZE_RE.match(str(value))
+    if not m:
+        raise ConfigError(f"{key}: '{value}' is not a size (examples: 8GiB, 512MiB, 20GB)")
+    return int(float(m.group(1)) * _SIZE_UNITS[(m.group(2) or "B").lower()])
+
+
+@dataclass
+class ModelConfig:
+    model_path: str
+    name: str = ""
+    trust_remote_code: bool = False
+    torch_dtype: str = "auto"
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "TextDataset"
+    data_path: str = ""
+    max_seq_length: int = 2048
+    num_samples: int = 128
+    batch_size: int = 1
+    skip_bad_lines: bool = False
+    seed: int = 0  # RandomTokens only
+
+
+@dataclass
+class QuantConfig:
+    name: str
+    bits: int
+    weight: str = "per-tensor"
+    activation: str = "per-tensor"
+    ignore_layers: list[str] = field(default_factory=lambda: ["lm_head"])
+    low_memory: bool = True
+    save_name: str = "fp8"
+    moe_calibrate_all_experts: bool = False
+    hidden_cache: str = "auto"
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig
+    quant: QuantConfig
+    save_path: str
+    device: str = "auto"
+    max_gpu_memory: int | None = None
+    max_cpu_memory: int | None = None
+    dataset: DatasetConfig | None = None
+    source_file: str = ""
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(
+            algorithm=self.quant.name,
+            weight=WEIGHT_GRANULARITIES[self.quant.weight],
+            activation=ACTIVATION_GRANULARITIES[self.quant.activation],
+            ignore=tuple(self.quant.ignore_layers),
+        )
+
+    def job_hash(self) -> str:
+        """Hash of everything that changes the output bytes (not paths, device or budgets)."""
+        relevant = {"model": {"torch_dtype": self.model.torch_dtype}, "quant": asdict(self.quant),
+                    "dataset": asdict(self.dataset) if self.dataset else None}
+        relevant["quant"].pop("low_memory")
+        relevant["quant"].pop("hidden_cache")
+        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+
+    def effective_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("notes")
+        return d
+
+
+# key path -> (python types, required)
+_SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
+    "global": ((dict,), True),
+    "global.save_path": ((str,), True),
+    "global.device": ((str,), False),
+    "global.max_gpu_memory": ((str, int), False),
+    "global.max_cpu_memory": ((str, int), False),
+    "model": ((dict,), True),
+    "model.name": ((str,), False),
+    "model.model_path": ((str,), True),
+    "model.trust_remote_code": ((bool,), False),
+    "model.torch_dtype": ((str,), False),
+    "compression": ((dict,), True),
+    "compression.name": ((str,), True),
+    "compression.quantization": ((dict,), True),
+    "compression.quantization.name": ((str,), True),
+    "compression.quantization.bits": ((int,), True),
+    "compression.quantization.quant_method": ((dict,), False),
+    "compression.quantization.quant_method.weight": ((str,), False),
+    "compression.quantization.quant_method.activation": ((str,), False),
+    "compression.quantization.ignore_layers": ((list,), False),
+    "compression.quantization.low_memory": ((bool,), False),
+    "compression.quantization.save_name": ((str,), False),
+    "compression.quantization.moe_calibrate_all_experts": ((bool,), False),
+    "compression.quantization.hidden_cache": ((str,), False),
+    "dataset": ((dict,), False),
+    "dataset.name": ((str,), True),
+    "dataset.data_path": ((str,), False),
+    "dataset.max_seq_length": ((int,), False),
+    "dataset.num_samples": ((int,), False),
+    "dataset.batch_size": ((int,), False),
+    "dataset.skip_bad_lines": ((bool,), False),
+    "dataset.seed": ((int,), False),
+}
+_TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", dict: "a mapping", list: "a list"}
+
+
+def _walk(node: dict, prefix: str, notes: list[str], source: str) -> None:
+    for key, value in node.items():
+        path = f"{prefix}{key}"
+        if path in NOTED_KEYS:
+            notes.append(f"{path} is accepted but not used: {NOTED_KEYS[path]}")
+            continue
+        if path not in _SCHEMA:
+            siblings = sorted(k[len(prefix):] for k in _SCHEMA if k.startswith(prefix) and "." not in k[len(prefix):])
+            raise ConfigError(f"{source}: unknown key '{path}' (allowed here: {', '.join(siblings)})")
+        types, _ = _SCHEMA[path]
+        # bool is an int in Python; an integer key must not accept `true`.
+        ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
+        if value is None and not _SCHEMA[path][1]:
+            ok = True
+        if not ok:
+            want = " or ".join(_TYPE_NAMES[t] for t in types)
+            raise ConfigError(f"{source}: '{path}' must be {want}, got {type(value).__name__} {value!r}")
+        if isinstance(value, dict):
+            _walk(value, f"{path}.", notes, source)
+
+
+def _require(raw: dict, source: str) -> None:
+    for path, (_, required) in _SCHEMA.items():
+        parent, _, leaf = path.rpartition(".")
+        node: Any = raw
+        for part in parent.split(".") if parent else []:
+            node = node.get(part) if isinstance(node, dict) else None
+        if required and isinstance(node, dict) and node.get(leaf) is None:
+            raise ConfigError(f"{source}: missing required key '{path}'")
+
+
+def _one_of(value: str, allowed: tuple[str, ...], key: str, source: str) -> str:
+    if value not in allowed:
+        raise ConfigError(f"{source}: '{key}' is '{value}'; allowed: {', '.join(allowed)}")
+    return value
+
+
+def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] | None = None) -> JobConfig:
+    """Validate a parsed YAML document (plus CLI overrides) into a JobConfig."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping with global, model, compression")
+    notes: list[str] = []
+    _walk(raw, "", notes, source)
+    _require(raw, source)
+    g, m, c = raw["global"], raw["model"], raw["compression"]
+    q = c["quantization"]
+    _one_of(c["name"], ("quantization", "PTQ"), "compression.name", source)
+
+    algo = q["name"]
+    if algo in PLANNED_ALGORITHMS:
+        raise ConfigError(f"{source}: 'compression.quantization.name' is '{algo}', which streamq does not support "
+                          f"yet; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
+    _one_of(algo, SUPPORTED_ALGORITHMS, "compression.quantization.name", source)
+    if q["bits"] != ALGORITHM_BITS[algo]:
+        raise ConfigError(f"{source}: 'compression.quantization.bits' is {q['bits']}, but {algo} needs "
+                          f"bits: {ALGORITHM_BITS[algo]}")
+    method = q.get("quant_method") or {}
+    weight = _one_of(method.get("weight", "per-tensor"), tuple(WEIGHT_GRANULARITIES),
+                     "compression.quantization.quant_method.weight", source)
+    activation = _one_of(method.get("activation", "per-tensor"), tuple(ACTIVATION_GRANULARITIES),
+                         "compression.quantization.quant_method.activation", source)
+    save_name = _one_of(q.get("save_name", "fp8"), SAVE_FORMATS, "compression.quantization.save_name", source)
+    if algo == "fp8_static" and isinstance(ACTIVATION_GRANULARITIES[activation], PerToken):
+        raise ConfigError(f"{source}: 'compression.quantization.quant_method.activation' is per-token, which is "
+                          "dynamic by nature; fp8_static needs per-tensor (or use fp8_dynamic)")
+    if save_name == "fp8" and not isinstance(WEIGHT_GRANULARITIES[weight], PerTensor):
+        raise ConfigError(f"{source}: per-channel weights need 'compression.quantization.save_name: "
+                          "compressed-tensors'; vLLM's fp8 format stores one weight scale per tensor")
+    if save_name == "fp8" and isinstance(ACTIVATION_GRANULARITIES[activation], PerToken):
+        raise ConfigError(f"{source}: per-token activations need 'compression.quantization.save_name: "
+                          "compressed-tensors'; vLLM's fp8 format has per-tensor activation scales only")
+    ignore = q.get("ignore_layers")
+    ignore = ["lm_head"] if ignore is None else [str(x) for x in ignore]
+    for pattern in ignore:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ConfigError(f"{source}: 'compression.quantization.ignore_layers' entry '{pattern}' is not a "
+                                  f"valid regular expression: {e}") from None
+    quant = QuantConfig(
+        name=algo, bits=q["bits"], weight=weight, activation=activation, ignore_layers=ignore,
+        low_memory=q.get("low_memory", True), save_name=save_name,
+        moe_calibrate_all_experts=q.get("moe_calibrate_all_experts", False),
+        hidden_cache=_one_of(q.get("hidden_cache", "auto"), CACHE_LOCATIONS,
+                             "compression.quantization.hidden_cache", source),
+    )
+    if not quant.low_memory:
+        notes.append("compression.quantization.low_memory: false is accepted; streamq always streams layer by layer")
+
+    dataset = None
+    if raw.get("dataset") is not None:
+        d = raw["dataset"]
+        dataset = DatasetConfig(**{k: v for k, v in d.items()})
+        _one_of(dataset.name, DATASET_NAMES, "dataset.name", source)
+        for key in ("max_seq_length", "num_samples", "batch_size"):
+            if getattr(dataset, key) < 1:
+                raise ConfigError(f"{source}: 'dataset.{key}' must be at least 1, got {getattr(dataset, key)}")
+        if dataset.name == "TextDataset" and not dataset.data_path:
+            raise ConfigError(f"{source}: 'dataset.data_path' is required for dataset.name: TextDataset")
+    if algo == "fp8_static" and dataset is None:
+        raise ConfigError(f"{source}: fp8_static calibrates activation scales and needs a 'dataset' section")
+    if algo == "fp8_dynamic" and dataset is not None:
+        notes.append("dataset is not used by fp8_dynamic (no calibration needed)")
+
+    model = ModelConfig(model_path=m["model_path"], name=m.get("name") or "",
+                        trust_remote_code=m.get("trust_remote_code", False),
+                        torch_dtype=_one_of(m.get("torch_dtype", "auto"), TORCH_DTYPES, "model.torch_dtype", source))
+    job = JobConfig(model=model, quant=quant, save_path=g["save_path"], device=g.get("device") or "auto",
+                    max_gpu_memory=parse_size(g.get("max_gpu_memory"), "global.max_gpu_memory"),
+                    max_cpu_memory=parse_size(g.get("max_cpu_memory"), "global.max_cpu_memory"),
+                    dataset=dataset, source_file=source, notes=notes)
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        if key == "model_path":
+            job.model.model_path = value
+        elif key in ("save_path", "device"):
+            setattr(job, key, value)
+        elif key in ("max_gpu_memory", "max_cpu_memory"):
+            setattr(job, key, parse_size(value, f"--{key.replace('_', '-')}"))
+        else:
+            raise AssertionError(f"unknown override {key}")
+    check_device(job.device, source)
+    return job
+
+
+def check_device(device: str, source: str) -> None:
+    if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", device):
+        raise ConfigError(f"{source}: 'global.device' is '{device}'; allowed: auto, cpu, cuda, cuda:N")
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> JobConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    job = parse_config(raw, str(path), overrides)
+    # Relative paths in a config are relative to where the user runs the command (as in AngelSlim).
+    return job

@@ -1,0 +1,68 @@
+"""Progress (layer i of N, step, MB/s, ETA) and the end-of-run resource measurements."""
+
+from __future__ import annotations
+
+import logging
+import resource
+import sys
+import time
+
+import psutil
+import torch
+from tqdm import tqdm
+
+log = logging.getLogger("streamq")
+
+
+def peak_host_rss() -> int:
+    """Peak resident set size of this process in bytes (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def current_host_rss() -> int:
+    return psutil.Process().memory_info().rss
+
+
+def peak_gpu_bytes(device: torch.device) -> int:
+    return torch.cuda.max_memory_allocated(device) if device.type == "cuda" else 0
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return str(n)
+
+
+class LayerProgress:
+    """A tqdm bar on a terminal; one log line per layer otherwise (CI logs, files)."""
+
+    def __init__(self, total: int, desc: str, enabled: bool = True):
+        self.total, self.start = total, time.monotonic()
+        self.done = 0
+        self.bytes = 0
+        self.tty = enabled and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit="layer", dynamic_ncols=True) if self.tty else None
+        self.enabled = enabled
+
+    def step(self, step: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(step, refresh=True)
+
+    def layer_done(self, index: int, nbytes: int, note: str = "") -> None:
+        self.done += 1
+        self.bytes += nbytes
+        elapsed = time.monotonic() - self.start
+        rate = self.bytes / elapsed / 1e6 if elapsed > 0 else 0.0
+        eta = elapsed / self.done * (self.total - self.done)
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{rate:.0f} MB/s {note}".strip(), refresh=False)
+            self.bar.update(1)
+        elif self.enabled:
+            log.info("layer %d/%d done (%s) %.0f MB/s, elapsed %.1fs, ETA %.1fs %s", index + 1, self.total,
+                     fmt_bytes(nbytes), rate, elapsed, eta, note)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,351 @@
+"""The layer loop: read a layer, calibrate it (static schemes), quantize, write, move on.
+
+Static schemes first capture the hidden states entering layer 0 for every calibration
+batch; each layer then replays them, records the inputs of its Linears, and replaces
+them with its (unquantized) outputs for the next layer. Dynamic schemes skip all of
+that and run read -> quantize -> write.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streamq.calib.cache import HiddenStateCache
+from streamq.calib.observers import LayerObserver
+from streamq.checkpoint import formats
+from streamq.checkpoint.reader import CheckpointReader
+from streamq.checkpoint.writer import (atomic_save_tensors, atomic_write_json, copy_aux_files, shard_name,
+                                       write_config, write_index)
+from streamq.config import JobConfig
+from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
+from streamq.engine.state import CACHE_DIR, RunState, open_run
+from streamq.errors import CheckpointError, ConfigError, OutputError
+from streamq.model import capture as capture_mod
+from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
+from streamq.model.layout import LayerLayout, fused_expert_modules, plan_layer
+from streamq.model.moe import instrument_experts, restore_experts
+from streamq.model.skeleton import (build_skeleton, compute_dtype, decoder_layers, load_model_config,
+                                    materialize_outside_layers, release_outside_layers)
+from streamq.quant.scheme import IgnoreMatcher, quantize_weights
+
+log = logging.getLogger("streamq")
+REPORT_FILE = "streamq_report.json"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"global.device is '{name}' but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"global.device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+@dataclass
+class Job:
+    """Everything checked and derived before the output directory is touched."""
+
+    config: JobConfig
+    reader: CheckpointReader
+    hf_config: object
+    skeleton: nn.Module
+    dtype: torch.dtype
+    layouts: list[LayerLayout]
+    device: torch.device
+    batches: list = field(default_factory=list)  # calibration batches (static only)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layouts)
+
+    @property
+    def ignored(self) -> list[str]:
+        """Linears left unquantized, for the format's ignore list (lm_head always)."""
+        names = ["lm_head"] + [m for lay in self.layouts for m in lay.ignored]
+        return sorted(set(names), key=names.index)
+
+
+def prepare(config: JobConfig) -> Job:
+    """Validate source, architecture and calibration data; read no weights."""
+    reader = CheckpointReader(config.model.model_path)
+    hf_config = load_model_config(reader.path, config.model.trust_remote_code)
+    dtype = compute_dtype(hf_config, config.model.torch_dtype)
+    skeleton = build_skeleton(hf_config, dtype, config.model.trust_remote_code)
+    layers = decoder_layers(skeleton)
+    if reader.num_layers != len(layers) or set(reader.layers) != set(range(len(layers))):
+        raise CheckpointError(f"{reader.path}: config.json declares {len(layers)} decoder layers, the "
+                              f"safetensors hold layers {sorted(reader.layers)[:3]}... ({len(reader.layers)} in all)")
+    ignore = IgnoreMatcher(tuple(config.quant.ignore_layers))
+    layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore) for i in range(len(layers))]
+    job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
+    if config.scheme.static_activations:
+        job.batches = load_calibration(config, reader.path, hf_config)
+        for lay in layouts:
+            for parent, module in fused_expert_modules(layers[lay.index]).items():
+                from streamq.model.moe import check_supported
+                check_supported(module, lay.prefix + parent)
+    return job
+
+
+def load_calibration(config: JobConfig, model_path: Path, hf_config) -> list:
+    from streamq.calib.dataset import load_text_dataset, make_batches, random_token_samples
+
+    d = config.dataset
+    assert d is not None
+    if d.name == "RandomTokens":
+        samples = random_token_samples(hf_config.vocab_size, d.num_samples, d.max_seq_length, d.seed)
+        pad_id = 0
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_path),
+                                                      trust_remote_code=config.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{model_path}: no usable tokenizer for TextDataset calibration ({e})") from None
+        samples = load_text_dataset(d.data_path, tokenizer, max_seq_length=d.max_seq_length,
+                                    num_samples=d.num_samples, skip_bad_lines=d.skip_bad_lines)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return make_batches(samples, d.batch_size, pad_id)
+
+
+def choose_cache_location(job: Job) -> str:
+    """Device if the activations fit next to a layer there, else host memory, else disk."""
+    wanted = job.config.quant.hidden_cache
+    if wanted != "auto":
+        return wanted
+    hidden = job.hf_config.hidden_size
+    elem = torch.finfo(job.dtype).bits // 8
+    need = sum(b.input_ids.numel() for b in job.batches) * hidden * elem
+    largest_layer = max(job.reader.layer_bytes(i) for i in range(job.num_layers))
+    if job.device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(job.device)
+        budget = min(free, job.config.max_gpu_memory or free)
+        if need + 3 * largest_layer < 0.8 * budget:
+            return "device"
+    import psutil
+
+    host_budget = min(psutil.virtual_memory().available, job.config.max_cpu_memory or 2**62)
+    if job.device.type == "cpu":
+        host_budget -= 3 * largest_layer
+    return "host" if need < 0.7 * host_budget else "disk"
+
+
+@dataclass
+class Report:
+    wall_s: float = 0.0
+    layers: int = 0
+    layers_skipped: int = 0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    peak_gpu_bytes: int = 0
+    peak_host_bytes: int = 0
+    cache_location: str = ""
+    uncovered_experts: int = 0
+    layer_seconds: list[float] = field(default_factory=list)
+    layer_gpu_bytes: list[int] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        lines = [f"done in {self.wall_s:.1f}s: {self.layers} layers ({self.layers_skipped} resumed), "
+                 f"read {fmt_bytes(self.bytes_read)}, wrote {fmt_bytes(self.bytes_written)}",
+                 f"peak host RSS {fmt_bytes(self.peak_host_bytes)}, peak GPU {fmt_bytes(self.peak_gpu_bytes)}"]
+        if self.cache_location:
+            lines.append(f"hidden-state cache: {self.cache_location}; MoE experts no calibration token reached: "
+                         f"{self.uncovered_experts}")
+        return "\n".join(lines)
+
+
+class _Calibrator:
+    """Static schemes: the hidden-state cache and the per-layer replay with observers."""
+
+    def __init__(self, job: Job, location: str, out_dir: Path):
+        self.job = job
+        self.cache = HiddenStateCache(location, job.device, out_dir / CACHE_DIR)
+        skel = job.skeleton
+        tensors = job.reader.read([n for n in job.reader.other if n.startswith("model.")
+                                   and not n.startswith("model.layers.")])
+        materialize_outside_layers(skel, tensors, job.device)
+        for b, batch in enumerate(job.batches):
+            hidden, _ = capture_mod.capture(skel, input_ids=batch.input_ids.to(job.device),
+                                            attention_mask=batch.attention_mask.to(job.device))
+            self.cache.put(b, hidden)
+        self.kwargs = capture_mod.LayerKwargs(skel, job.hf_config.hidden_size, job.dtype, job.device)
+        self.uncovered = 0
+
+    @torch.no_grad()
+    def run_layer(self, layer: nn.Module, layout: LayerLayout, observe: bool) -> dict[str, torch.Tensor]:
+        """Replay every batch through the layer; return module name -> input absmax."""
+        obs = LayerObserver()
+        fused = fused_expert_modules(layer)
+        if observe:
+            obs.watch_linears(layer, [layout.rel(m) for m in layout.quantized if m not in layout.experts])
+            for parent, module in fused.items():
+                instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
+        try:
+            for b, batch in enumerate(self.job.batches):
+                mask = batch.attention_mask.to(self.job.device)
+                obs.token_mask = mask.bool()
+                kwargs = self.kwargs.for_batch(b, mask)[layout.index]
+                out = layer(self.cache.get(b), **kwargs)
+                self.cache.put(b, out[0] if isinstance(out, tuple) else out)
+        finally:
+            obs.close()
+            for module in fused.values():
+                restore_experts(module)
+        return self._input_absmax(obs, layout) if observe else {}
+
+    def _input_absmax(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
+        stats = {}
+        experts_fixed: dict[str, dict[str, torch.Tensor]] = {}
+        for module in layout.quantized:
+            ref = layout.experts.get(module)
+            if ref is None:
+                if layout.rel(module) not in obs.absmax:
+                    raise CheckpointError(f"Linear '{module}' received no input during calibration")
+                stats[module] = obs.absmax[layout.rel(module)]
+                continue
+            if ref.parent not in experts_fixed:
+                experts_fixed[ref.parent] = self._cover_experts(obs, ref.parent)
+            kind = "down" if ref.proj == "down_proj" else "gate_up"
+            stats[module] = experts_fixed[ref.parent][kind][ref.index]
+        return stats
+
+    def _cover_experts(self, obs: LayerObserver, parent: str) -> dict[str, torch.Tensor]:
+        """Experts no real token reached get the largest scale among the layer's experts."""
+        gate_up, down = obs.absmax[f"{parent}.gate_up"], obs.absmax[f"{parent}.down"]
+        missed = gate_up == 0
+        self.uncovered += int(missed.sum())
+        return {"gate_up": torch.where(missed, gate_up.max(), gate_up), "down": torch.where(missed, down.max(), down)}
+
+
+def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = True) -> Report:
+    """Run a whole job; returns the report (also written to the output directory)."""
+    start = time.monotonic()
+    job = prepare(config)
+    fmt = config.quant.save_name
+    out_dir = Path(config.save_path)
+    _check_disk_space(job, out_dir)
+    state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite)
+    (out_dir / "config.json").unlink(missing_ok=True)  # until the end, nothing looks finished
+    state.status = "running"
+    state.save()
+    report = Report()
+    if job.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(job.device)
+    total_shards = job.num_layers + 1
+    calib = None
+    if config.scheme.static_activations:
+        report.cache_location = choose_cache_location(job)
+        calib = _Calibrator(job, report.cache_location, out_dir)
+    layers = decoder_layers(job.skeleton)
+    progress = LayerProgress(job.num_layers, f"{config.quant.name} {job.reader.path.name}", show_progress)
+    weight_map: dict[str, str] = {}
+    try:
+        for layout in job.layouts:
+            t0 = time.monotonic()
+            key, file = f"layer-{layout.index}", shard_name(layout.index, total_shards)
+            done = state.shard_ok(key)
+            if done and calib is None:
+                weight_map.update({t: file for t in state.shards[key]["tensors"]})
+                report.layers_skipped += 1
+                progress.layer_done(layout.index, 0, "(resumed)")
+                continue
+            progress.step("read")
+            tensors = job.reader.read_layer(layout.index)
+            if calib is not None:
+                layer = layers[layout.index]
+                progress.step("calibrate")
+                materialize_layer(layer, layout, tensors, job.device)
+                input_absmax = calib.run_layer(layer, layout, observe=not done)
+                weights = layer_weight_views(layer, layout) if not done else {}
+            else:
+                input_absmax = None
+                weights = {m: tensors[n].to(job.device) for m, n in layout.quantized.items()}
+            if done:
+                release_layer(layers[layout.index])
+                weight_map.update({t: file for t in state.shards[key]["tensors"]})
+                report.layers_skipped += 1
+                progress.layer_done(layout.index, 0, "(resumed, replayed)")
+                continue
+            progress.step("quantize")
+            quantized = quantize_weights(weights, config.scheme, input_absmax)
+            out: dict[str, torch.Tensor] = {}
+            for name in job.reader.layers[layout.index]:
+                module = name[: -len(".weight")]
+                if module in quantized:
+                    out.update({k: v.cpu() for k, v in formats.linear_tensors(module, quantized[module], fmt).items()})
+                else:
+                    out[name] = tensors[name]
+            del weights, quantized
+            if calib is not None:
+                release_layer(layers[layout.index])
+            report.layer_gpu_bytes.append(peak_gpu_bytes(job.device))
+            progress.step("write")
+            size, digest = atomic_save_tensors(out_dir / file, out)
+            state.record(key, file, size, digest, sorted(out))
+            weight_map.update({t: file for t in out})
+            report.bytes_written += size
+            report.layer_seconds.append(time.monotonic() - t0)
+            progress.layer_done(layout.index, job.reader.layer_bytes(layout.index),
+                                f"host {fmt_bytes(current_host_rss())}")
+        progress.close()
+        _finish(job, state, out_dir, total_shards, weight_map, report)
+    finally:
+        progress.close()
+        if calib is not None:
+            report.uncovered_experts = calib.uncovered
+            calib.cache.close()
+            release_outside_layers(job.skeleton)
+    report.wall_s = time.monotonic() - start
+    report.layers = job.num_layers
+    report.bytes_read = job.reader.bytes_read
+    report.peak_gpu_bytes = peak_gpu_bytes(job.device)
+    report.peak_host_bytes = peak_host_rss()
+    report.notes = config.notes
+    atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "report": report.__dict__})
+    return report
+
+
+def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_map: dict[str, str],
+            report: Report) -> None:
+    """The rest (embeddings, final norm, lm_head), aux files, index, and config.json last."""
+    key, file = "rest", shard_name(total_shards - 1, total_shards)
+    if not state.shard_ok(key):
+        rest = job.reader.read(sorted(job.reader.other))
+        size, digest = atomic_save_tensors(out_dir / file, rest)
+        state.record(key, file, size, digest, sorted(rest))
+        report.bytes_written += size
+    weight_map.update({t: file for t in state.shards[key]["tensors"]})
+    copy_aux_files(job.reader.path, out_dir)
+    total = sum((out_dir / info["file"]).stat().st_size for info in state.shards.values())
+    expected = {shard_name(i, total_shards) for i in range(total_shards)}
+    missing = expected - {info["file"] for info in state.shards.values()}
+    if missing:
+        raise OutputError(f"{out_dir}: shards {sorted(missing)} were not written; not marking the run complete")
+    write_index(out_dir, weight_map, total)
+    write_config(job.reader.path, out_dir, formats.quantization_config(job.config.quant.save_name,
+                                                                       job.config.scheme, job.ignored))
+    state.status = "complete"
+    state.save()
+
+
+def _check_disk_space(job: Job, out_dir: Path) -> None:
+    """Refuse up front if the output cannot fit (FP8 layers are about half the source)."""
+    need = sum(job.reader.layer_bytes(i) for i in range(job.num_layers)) * 0.55 + sum(
+        job.reader.tensors[n].nbytes for n in job.reader.other)
+    probe = out_dir
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise OutputError(f"{probe}: {fmt_bytes(free)} free, the output needs about {fmt_bytes(need)}")

@@ -1,0 +1,75 @@
+"""One decoder layer with real weights: filled from the source tensors, then freed."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from streamq.errors import CheckpointError
+from streamq.model.layout import LayerLayout, fused_expert_modules
+
+
+def _expert_names(prefix: str, parent: str, e: int) -> tuple[str, str, str]:
+    base = f"{prefix}{parent}.{e}."
+    return base + "gate_proj.weight", base + "up_proj.weight", base + "down_proj.weight"
+
+
+@torch.no_grad()
+def materialize_layer(layer: nn.Module, layout: LayerLayout, tensors: dict[str, torch.Tensor],
+                      device: torch.device) -> None:
+    """Allocate the layer on `device` and copy the checkpoint tensors in.
+
+    Fused expert parameters are filled expert by expert ([gate; up] along dim 0, the
+    layout transformers' own loader builds), so no second copy of the layer exists.
+    """
+    layer.to_empty(device=device)
+    fused = fused_expert_modules(layer)
+    for name, param in layer.named_parameters():
+        full = layout.prefix + name
+        parent, _, attr = name.rpartition(".")
+        if full in tensors:
+            if tuple(tensors[full].shape) != tuple(param.shape):
+                raise CheckpointError(f"tensor '{full}' has shape {tuple(tensors[full].shape)}, the model "
+                                      f"expects {tuple(param.shape)}")
+            param.copy_(tensors[full], non_blocking=True)
+        elif parent in fused and attr in ("gate_up_proj", "down_proj"):
+            for e in range(param.shape[0]):
+                gate, up, down = _expert_names(layout.prefix, parent, e)
+                if attr == "gate_up_proj":
+                    inter = tensors[gate].shape[0]
+                    param[e, :inter].copy_(tensors[gate], non_blocking=True)
+                    param[e, inter:].copy_(tensors[up], non_blocking=True)
+                else:
+                    param[e].copy_(tensors[down], non_blocking=True)
+        else:
+            raise CheckpointError(f"layer {layout.index}: parameter '{full}' is not in the checkpoint")
+    for name, buf in layer.named_buffers():
+        full = layout.prefix + name
+        if full in tensors:
+            buf.copy_(tensors[full])
+        else:
+            raise CheckpointError(f"layer {layout.index}: buffer '{full}' is not in the checkpoint; "
+                                  "this architecture keeps computed state in its layers, which streamq "
+                                  "does not support")
+
+
+def layer_weight_views(layer: nn.Module, layout: LayerLayout) -> dict[str, torch.Tensor]:
+    """Module name -> the 2D weight inside the materialized layer (views into fused experts)."""
+    out = {}
+    for module in layout.quantized:
+        ref = layout.experts.get(module)
+        if ref is None:
+            out[module] = layer.get_submodule(layout.rel(module)).weight
+            continue
+        experts = layer.get_submodule(ref.parent)
+        if ref.proj == "down_proj":
+            out[module] = experts.down_proj[ref.index]
+        else:
+            inter = experts.gate_up_proj.shape[1] // 2
+            rows = slice(0, inter) if ref.proj == "gate_proj" else slice(inter, 2 * inter)
+            out[module] = experts.gate_up_proj[ref.index, rows]
+    return out
+
+
+def release_layer(layer: nn.Module) -> None:
+    layer.to("meta")

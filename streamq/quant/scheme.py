@@ -1,0 +1,115 @@
+"""What gets quantized and how: the scheme, independent of file format and layer loop."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import torch
+
+from streamq.errors import CheckpointError
+from streamq.quant import fp8
+from streamq.quant.granularity import Granularity, PerTensor
+
+
+@dataclass(frozen=True)
+class QuantScheme:
+    """W8A8 FP8: weight granularity, activation granularity, static or dynamic activations."""
+
+    algorithm: str  # "fp8_dynamic" | "fp8_static"
+    weight: Granularity
+    activation: Granularity
+    ignore: tuple[str, ...] = ()
+
+    @property
+    def static_activations(self) -> bool:
+        return self.algorithm == "fp8_static"
+
+    @property
+    def shares_fused_weight_scale(self) -> bool:
+        """Per-tensor weights of a fused group (q/k/v, gate/up) get one scale.
+
+        vLLM fuses these Linears and requantizes every member to the group's largest
+        scale; writing that shared scale up front avoids a second rounding at load time.
+        """
+        return isinstance(self.weight, PerTensor)
+
+
+@dataclass
+class IgnoreMatcher:
+    """`ignore_layers` entries: exact module names (or their parents) or `re:` patterns."""
+
+    patterns: tuple[str, ...]
+    _regexes: list[re.Pattern] = field(init=False, default_factory=list)
+    _names: set[str] = field(init=False, default_factory=set)
+
+    def __post_init__(self) -> None:
+        for p in self.patterns:
+            if p.startswith("re:"):
+                self._regexes.append(re.compile(p[3:]))
+            else:
+                self._names.add(p)
+
+    def matches(self, module_name: str) -> bool:
+        if any(r.fullmatch(module_name) or r.match(module_name) for r in self._regexes):
+            return True
+        # "model.layers.3" ignores everything below it; "q_proj" alone matches the suffix.
+        parts = module_name.split(".")
+        prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+        suffixes = {".".join(parts[i:]) for i in range(len(parts))}
+        return bool(self._names & (prefixes | suffixes))
+
+
+FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+
+
+def fused_group_key(module_name: str) -> str:
+    """Modules vLLM fuses into one kernel share a key (parent + group); others are alone."""
+    parent, _, leaf = module_name.rpartition(".")
+    for group in FUSED_GROUPS:
+        if leaf in group:
+            return f"{parent}.{'+'.join(group)}"
+    return module_name
+
+
+@dataclass
+class QuantizedLinear:
+    weight: torch.Tensor  # float8_e4m3fn [out, in]
+    weight_scale: torch.Tensor  # float32 [] or [out, 1]
+    input_scale: torch.Tensor | None  # float32 [] (static only)
+
+
+def checked_absmax(name: str, weight: torch.Tensor, granularity: Granularity) -> torch.Tensor:
+    """Weight absmax; NaN or Inf anywhere in the weight is an error naming the tensor."""
+    amax = fp8.weight_absmax(weight, granularity)
+    if not torch.isfinite(amax).all():
+        raise CheckpointError(f"tensor '{name}' contains NaN or Inf values; refusing to quantize it")
+    return amax
+
+
+def quantize_weights(
+    weights: dict[str, torch.Tensor],
+    scheme: QuantScheme,
+    input_absmax: dict[str, torch.Tensor] | None = None,
+) -> dict[str, QuantizedLinear]:
+    """Quantize the Linear weights of one layer, keyed by module name.
+
+    `weights` maps module name -> 2D weight. Fused groups share their weight scale when
+    the scheme says so. `input_absmax` (static schemes) maps module name -> float32 [].
+    """
+    absmax = {name: checked_absmax(f"{name}.weight", w, scheme.weight) for name, w in weights.items()}
+    if scheme.shares_fused_weight_scale:
+        group_max: dict[str, torch.Tensor] = {}
+        for name, a in absmax.items():
+            key = fused_group_key(name)
+            group_max[key] = a if key not in group_max else torch.maximum(group_max[key], a)
+        absmax = {name: group_max[fused_group_key(name)] for name in absmax}
+    out = {}
+    for name, w in weights.items():
+        scale = fp8.scale_from_absmax(absmax[name])
+        input_scale = None
+        if scheme.static_activations:
+            assert input_absmax is not None and name in input_absmax, f"no activation statistics for {name}"
+            input_scale = fp8.scale_from_absmax(input_absmax[name].to(torch.float32))
+        out[name] = QuantizedLinear(fp8.quantize_fp8(w, scale), scale, input_scale)
+    return out
