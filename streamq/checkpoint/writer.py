@@ -35,6 +35,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -63,6 +69,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[i
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; match what `open` would
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
     os.replace(tmp, path)
