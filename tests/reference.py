@@ -1,0 +1,66 @@
+"""Test-only whole-model reference for fp8_static: the full model in memory, hooks on
+every quantized Linear, the same samples and batching. The streaming engine must
+reproduce its scales and quantized weights byte for byte.
+
+It shares only the primitives with the engine (observers, the experts instrumentation
+that transformers' fused MoE requires, the FP8 functions); the layer loop, the
+hidden-state cache, the kwargs capture and the per-layer materialization are exactly
+what it does *not* use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from streamq.calib.observers import LayerObserver
+from streamq.checkpoint import formats
+from streamq.checkpoint.reader import CheckpointReader
+from streamq.model.layout import fused_expert_modules, plan_layer
+from streamq.model.moe import instrument_experts
+from streamq.quant.scheme import IgnoreMatcher, QuantScheme, quantize_weights
+
+
+@torch.no_grad()
+def reference_static(model_path: Path, batches: list, scheme: QuantScheme, fmt: str,
+                     all_experts: bool = False) -> dict[str, torch.Tensor]:
+    """Every tensor the quantized checkpoint should contain, by name."""
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").eval()
+    reader = CheckpointReader(model_path)
+    layers = model.model.layers
+    ignore = IgnoreMatcher(scheme.ignore)
+    layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore) for i in range(len(layers))]
+    observers = []
+    for layout, layer in zip(layouts, layers):
+        obs = LayerObserver()
+        obs.watch_linears(layer, [layout.rel(m) for m in layout.quantized if m not in layout.experts])
+        for parent, module in fused_expert_modules(layer).items():
+            instrument_experts(module, parent, obs, all_experts)
+        observers.append(obs)
+    for batch in batches:
+        for obs in observers:
+            obs.token_mask = batch.attention_mask.bool()
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+
+    source = reader.read(list(reader.tensors))
+    expected: dict[str, torch.Tensor] = {}
+    for layout, obs in zip(layouts, observers):
+        stats, weights = {}, {}
+        for module, tensor_name in layout.quantized.items():
+            weights[module] = source[tensor_name]
+            ref = layout.experts.get(module)
+            if ref is None:
+                stats[module] = obs.absmax[layout.rel(module)]
+            else:
+                kind = "down" if ref.proj == "down_proj" else "gate_up"
+                per_expert = obs.absmax[f"{ref.parent}.{kind}"]
+                reached = obs.absmax[f"{ref.parent}.gate_up"] > 0
+                stats[module] = per_expert[ref.index] if reached[ref.index] else per_expert.max()
+        for module, q in quantize_weights(weights, scheme, stats).items():
+            expected.update(formats.linear_tensors(module, q, fmt))
+        expected.update({n: source[n] for n in layout.copied})
+    expected.update({n: source[n] for n in reader.other})
+    return expected

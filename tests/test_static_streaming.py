@@ -1,0 +1,178 @@
+"""fp8_static: the streaming engine against the whole-model reference, byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from reference import reference_static
+from streamq.calib.dataset import load_text_dataset, make_batches
+from streamq.config import parse_config
+from streamq.engine.run import quantize
+from streamq.testing.tiny_models import build_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+CALIB = REPO / "data" / "calib" / "tiny_chat.jsonl"
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("static-models")
+    return {arch: build_tiny_model(arch, root / arch, num_layers=2) for arch in ("qwen2", "qwen3", "qwen3_moe")}
+
+
+def static_config(model: Path, out: Path, *, batch_size: int, fmt: str = "fp8", num_samples: int = 6,
+                  max_seq_length: int = 48, extra: dict | None = None) -> dict:
+    return {
+        "global": {"save_path": str(out), "device": "cpu"},
+        "model": {"model_path": str(model)},
+        "compression": {"name": "PTQ", "quantization": {
+            "name": "fp8_static", "bits": 8, "save_name": fmt,
+            "quant_method": {"weight": "per-tensor", "activation": "per-tensor"},
+            "ignore_layers": ["lm_head"], **(extra or {})}},
+        "dataset": {"name": "TextDataset", "data_path": str(CALIB), "max_seq_length": max_seq_length,
+                    "num_samples": num_samples, "batch_size": batch_size},
+    }
+
+
+def read_output(out: Path) -> dict[str, torch.Tensor]:
+    weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    tensors: dict[str, torch.Tensor] = {}
+    for file in sorted(set(weight_map.values())):
+        tensors.update(load_file(str(out / file)))
+    assert set(tensors) == set(weight_map)
+    return tensors
+
+
+def reference_batches(model: Path, batch_size: int, num_samples: int = 6, max_seq_length: int = 48) -> list:
+    tok = AutoTokenizer.from_pretrained(str(model))
+    samples = load_text_dataset(CALIB, tok, max_seq_length=max_seq_length, num_samples=num_samples)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    return make_batches(samples, batch_size, pad)
+
+
+def assert_bytes_equal(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert sorted(actual) == sorted(expected)
+    for name in expected:
+        a, e = actual[name], expected[name]
+        assert a.dtype == e.dtype and a.shape == e.shape, (name, a.dtype, e.dtype, a.shape, e.shape)
+        assert torch.equal(a.reshape(-1).view(torch.uint8), e.contiguous().reshape(-1).view(torch.uint8)), name
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_streaming_matches_whole_model_reference(models, tmp_path, arch, batch_size):
+    out = tmp_path / "out"
+    job = parse_config(static_config(models[arch], out, batch_size=batch_size))
+    report = quantize(job, show_progress=False)
+    expected = reference_static(models[arch], reference_batches(models[arch], batch_size), job.scheme, "fp8")
+    assert_bytes_equal(read_output(out), expected)
+    assert report.cache_location in ("device", "host", "disk")
+    scales = [t for n, t in expected.items() if n.endswith("input_scale")]
+    assert scales and all(float(s) > 0 for s in scales)
+
+
+def test_compressed_tensors_format_matches_reference(models, tmp_path):
+    out = tmp_path / "out"
+    job = parse_config(static_config(models["qwen3_moe"], out, batch_size=2, fmt="compressed-tensors"))
+    quantize(job, show_progress=False)
+    expected = reference_static(models["qwen3_moe"], reference_batches(models["qwen3_moe"], 2), job.scheme,
+                                "compressed-tensors")
+    assert_bytes_equal(read_output(out), expected)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["input_activations"]["dynamic"] is False
+
+
+@pytest.mark.parametrize("location", ["device", "host", "disk"])
+def test_cache_location_does_not_change_output(models, tmp_path, location):
+    outs = []
+    for loc in ("host", location):
+        out = tmp_path / f"out-{loc}-{len(outs)}"
+        cfg = static_config(models["qwen3"], out, batch_size=2, extra={"hidden_cache": loc})
+        quantize(parse_config(cfg), show_progress=False)
+        outs.append(read_output(out))
+    assert_bytes_equal(outs[1], outs[0])
+    assert not (tmp_path / f"out-{location}-1" / ".streamq_cache").exists()
+
+
+def test_padding_never_reaches_statistics(models, tmp_path):
+    """Changing what sits in padded positions (the pad token) must not move any scale."""
+    results = []
+    for pad_token in ("<|endoftext|>", None):
+        model = models["qwen3"]
+        variant = tmp_path / f"model-{len(results)}"
+        variant.mkdir()
+        for f in model.iterdir():
+            (variant / f.name).write_bytes(f.read_bytes())
+        if pad_token is None:  # a different pad id: different embeddings in every padded slot
+            cfg = json.loads((variant / "tokenizer_config.json").read_text())
+            tok = AutoTokenizer.from_pretrained(str(model))
+            other = next(t for t in tok.get_vocab() if t != tok.pad_token and not t.startswith("<"))
+            cfg["pad_token"] = other
+            (variant / "tokenizer_config.json").write_text(json.dumps(cfg))
+        out = tmp_path / f"out-{len(results)}"
+        cfg = static_config(variant, out, batch_size=6, max_seq_length=256)
+        quantize(parse_config(cfg), show_progress=False)
+        results.append(read_output(out))
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "model-1")).pad_token_id != \
+        AutoTokenizer.from_pretrained(str(tmp_path / "model-0")).pad_token_id
+    batches = reference_batches(tmp_path / "model-0", 6, max_seq_length=256)
+    assert (batches[0].attention_mask == 0).any(), "the test needs padding in the batch"
+    scales = [n for n in results[0] if n.endswith("input_scale")]
+    for n in scales:
+        assert torch.equal(results[0][n], results[1][n]), n
+
+
+def test_uncovered_experts_get_the_layers_largest_scale(models, tmp_path):
+    out = tmp_path / "out"
+    cfg = static_config(models["qwen3_moe"], out, batch_size=1, num_samples=1, max_seq_length=3)
+    report = quantize(parse_config(cfg), show_progress=False)
+    assert report.uncovered_experts > 0  # 3 tokens x top-2 cannot reach 12 experts
+    tensors = read_output(out)
+    for layer in range(2):
+        gate = [tensors[f"model.layers.{layer}.mlp.experts.{e}.gate_proj.input_scale"] for e in range(12)]
+        up = [tensors[f"model.layers.{layer}.mlp.experts.{e}.up_proj.input_scale"] for e in range(12)]
+        assert all(torch.equal(g, u) for g, u in zip(gate, up))
+        largest = max(float(g) for g in gate)
+        assert sum(float(g) == largest for g in gate) > 1  # the uncovered ones share the max
+    saved = json.loads((out / "streamq_report.json").read_text())["report"]
+    assert saved["uncovered_experts"] == report.uncovered_experts
+
+
+def test_calibrate_all_experts_covers_every_expert(models, tmp_path):
+    out = tmp_path / "out"
+    cfg = static_config(models["qwen3_moe"], out, batch_size=1, num_samples=1, max_seq_length=3,
+                        extra={"moe_calibrate_all_experts": True})
+    report = quantize(parse_config(cfg), show_progress=False)
+    assert report.uncovered_experts == 0
+    tensors = read_output(out)
+    gate = {float(tensors[f"model.layers.0.mlp.experts.{e}.gate_proj.input_scale"]) for e in range(12)}
+    assert len(gate) == 1  # every expert saw every token: one shared input range
+    downs = {float(tensors[f"model.layers.0.mlp.experts.{e}.down_proj.input_scale"]) for e in range(12)}
+    assert len(downs) > 1  # each expert's own intermediate activations
+
+
+def test_observed_experts_forward_equals_transformers(models):
+    """The instrumented experts loop must compute exactly what transformers computes."""
+    from transformers import AutoModelForCausalLM
+
+    from streamq.calib.observers import LayerObserver
+    from streamq.model.moe import instrument_experts, restore_experts
+
+    model = AutoModelForCausalLM.from_pretrained(str(models["qwen3_moe"]), dtype=torch.bfloat16).eval()
+    ids = torch.randint(0, model.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(ids).logits
+        experts = model.model.layers[0].mlp.experts
+        obs = LayerObserver()
+        instrument_experts(experts, "mlp.experts", obs, all_experts=False)
+        actual = model(ids).logits
+        restore_experts(experts)
+    assert torch.equal(actual, expected)
+    assert obs.absmax["mlp.experts.gate_up"].shape == (12,)
+    assert "forward" not in experts.__dict__
