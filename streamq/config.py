@@ -95,6 +95,10 @@ class JobConfig:
     max_gpu_memory: int | None = None
     max_cpu_memory: int | None = None
     dataset: DatasetConfig | None = None
+    # Static runs save the hidden-state cache every N layers / T minutes so a resume
+    # does not replay every finished layer (0 disables that trigger).
+    cache_checkpoint_layers: int = 0
+    cache_checkpoint_minutes: float = 30.0
     source_file: str = ""
     notes: list[str] = field(default_factory=list)
 
@@ -128,6 +132,8 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
     "global.device": ((str,), False),
     "global.max_gpu_memory": ((str, int), False),
     "global.max_cpu_memory": ((str, int), False),
+    "global.cache_checkpoint_layers": ((int,), False),
+    "global.cache_checkpoint_minutes": ((int, float), False),
     "model": ((dict,), True),
     "model.name": ((str,), False),
     "model.model_path": ((str,), True),
@@ -269,7 +275,9 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
     job = JobConfig(model=model, quant=quant, save_path=g["save_path"], device=g.get("device") or "auto",
                     max_gpu_memory=parse_size(g.get("max_gpu_memory"), "global.max_gpu_memory"),
                     max_cpu_memory=parse_size(g.get("max_cpu_memory"), "global.max_cpu_memory"),
-                    dataset=dataset, source_file=source, notes=notes)
+                    dataset=dataset, source_file=source, notes=notes,
+                    cache_checkpoint_layers=g.get("cache_checkpoint_layers") or 0,
+                    cache_checkpoint_minutes=float(g.get("cache_checkpoint_minutes") or 30.0))
     for key, value in (overrides or {}).items():
         if value is None:
             continue

@@ -46,6 +46,45 @@ class HiddenStateCache:
         return self._mem[batch].to(self.device, non_blocking=True)
 
     def close(self) -> None:
+        """Drop the live cache; checkpoints (siblings of disk_dir) survive for a resume."""
         self._mem.clear()
         if self.location == "disk" and self.disk_dir is not None:
             shutil.rmtree(self.disk_dir, ignore_errors=True)
+
+
+# --- Checkpoints of the cache, so a resumed static run need not replay every layer ---
+
+_CKPT_PREFIX = "checkpoint-layer-"
+
+
+def save_checkpoint(cache: HiddenStateCache, num_batches: int, next_layer: int, root: Path) -> Path:
+    """Persist the hidden states entering `next_layer`; atomic (directory rename)."""
+    from streamq.engine import faults
+
+    final = root / f"{_CKPT_PREFIX}{next_layer:05d}"
+    tmp = root / f".{final.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    for b in range(num_batches):
+        save_file({"h": cache.get(b).contiguous().cpu()}, str(tmp / f"batch-{b:06d}.safetensors"))
+        faults.checkpoint("cache-checkpoint-batch")
+    tmp.rename(final)
+    for old in root.glob(f"{_CKPT_PREFIX}*"):
+        if old != final:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(root: Path, at_most: int) -> tuple[int, Path] | None:
+    """The newest complete checkpoint for a layer index <= at_most, if any."""
+    found = []
+    for path in root.glob(f"{_CKPT_PREFIX}*"):
+        layer = int(path.name[len(_CKPT_PREFIX):])
+        if layer <= at_most:
+            found.append((layer, path))
+    return max(found) if found else None
+
+
+def load_checkpoint(cache: HiddenStateCache, num_batches: int, path: Path) -> None:
+    for b in range(num_batches):
+        cache.put(b, load_file(str(path / f"batch-{b:06d}.safetensors"))["h"])

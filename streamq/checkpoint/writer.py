@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save_file
 
 from streamq.checkpoint.reader import INDEX_FILE
+from streamq.engine import faults
 
 # Files besides weights and config.json that a served model needs.
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
@@ -72,6 +73,7 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[i
     os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; match what `open` would
     digest = sha256_file(tmp)
     size = tmp.stat().st_size
+    faults.checkpoint("shard-tmp-written")
     os.replace(tmp, path)
     _fsync_dir(path.parent)
     return size, digest

@@ -11,19 +11,27 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from streamq.calib.cache import HiddenStateCache
+from streamq.calib.cache import HiddenStateCache, latest_checkpoint, load_checkpoint, save_checkpoint
 from streamq.calib.observers import LayerObserver
 from streamq.checkpoint import formats
 from streamq.checkpoint.reader import CheckpointReader
-from streamq.checkpoint.writer import (atomic_save_tensors, atomic_write_json, copy_aux_files, shard_name,
-                                       write_config, write_index)
+from streamq.checkpoint.writer import (
+    atomic_save_tensors,
+    atomic_write_json,
+    copy_aux_files,
+    shard_name,
+    write_config,
+    write_index,
+)
 from streamq.config import JobConfig
+from streamq.engine import faults
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
 from streamq.engine.state import CACHE_DIR, RunState, open_run
 from streamq.errors import CheckpointError, ConfigError, OutputError
@@ -31,8 +39,14 @@ from streamq.model import capture as capture_mod
 from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
 from streamq.model.layout import LayerLayout, fused_expert_modules, plan_layer
 from streamq.model.moe import instrument_experts, restore_experts
-from streamq.model.skeleton import (build_skeleton, compute_dtype, decoder_layers, load_model_config,
-                                    materialize_outside_layers, release_outside_layers)
+from streamq.model.skeleton import (
+    build_skeleton,
+    compute_dtype,
+    decoder_layers,
+    load_model_config,
+    materialize_outside_layers,
+    release_outside_layers,
+)
 from streamq.quant.scheme import IgnoreMatcher, quantize_weights
 
 log = logging.getLogger("streamq")
@@ -151,7 +165,7 @@ class Report:
     peak_host_bytes: int = 0
     cache_location: str = ""
     uncovered_experts: int = 0
-    layer_seconds: list[float] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)  # per layer: seconds per stage
     layer_gpu_bytes: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -168,19 +182,31 @@ class Report:
 class _Calibrator:
     """Static schemes: the hidden-state cache and the per-layer replay with observers."""
 
-    def __init__(self, job: Job, location: str, out_dir: Path):
+    def __init__(self, job: Job, location: str, disk_dir: Path):
         self.job = job
-        self.cache = HiddenStateCache(location, job.device, out_dir / CACHE_DIR)
-        skel = job.skeleton
+        self.cache = HiddenStateCache(location, job.device, disk_dir)
         tensors = job.reader.read([n for n in job.reader.other if n.startswith("model.")
                                    and not n.startswith("model.layers.")])
-        materialize_outside_layers(skel, tensors, job.device)
-        for b, batch in enumerate(job.batches):
-            hidden, _ = capture_mod.capture(skel, input_ids=batch.input_ids.to(job.device),
-                                            attention_mask=batch.attention_mask.to(job.device))
-            self.cache.put(b, hidden)
-        self.kwargs = capture_mod.LayerKwargs(skel, job.hf_config.hidden_size, job.dtype, job.device)
+        materialize_outside_layers(job.skeleton, tensors, job.device)
+        self.kwargs = capture_mod.LayerKwargs(job.skeleton, job.hf_config.hidden_size, job.dtype, job.device)
         self.uncovered = 0
+        self.last_checkpoint = time.monotonic()
+
+    def capture_inputs(self) -> None:
+        """Hidden states entering layer 0 for every batch (embedding lookup, model stem)."""
+        for b, batch in enumerate(self.job.batches):
+            hidden, _ = capture_mod.capture(self.job.skeleton, input_ids=batch.input_ids.to(self.job.device),
+                                            attention_mask=batch.attention_mask.to(self.job.device))
+            self.cache.put(b, hidden)
+
+    def checkpoint_due(self, index: int) -> bool:
+        every = self.job.config.cache_checkpoint_layers
+        minutes = self.job.config.cache_checkpoint_minutes
+        due = (every > 0 and (index + 1) % every == 0) or \
+            (minutes > 0 and time.monotonic() - self.last_checkpoint > 60 * minutes)
+        if due:
+            self.last_checkpoint = time.monotonic()
+        return due
 
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, layout: LayerLayout, observe: bool) -> dict[str, torch.Tensor]:
@@ -198,6 +224,7 @@ class _Calibrator:
                 kwargs = self.kwargs.for_batch(b, mask)[layout.index]
                 out = layer(self.cache.get(b), **kwargs)
                 self.cache.put(b, out[0] if isinstance(out, tuple) else out)
+                faults.checkpoint("calibrate-batch")
         finally:
             obs.close()
             for module in fused.values():
@@ -228,11 +255,78 @@ class _Calibrator:
         return {"gate_up": torch.where(missed, gate_up.max(), gate_up), "down": torch.where(missed, down.max(), down)}
 
 
+class _Prefetcher:
+    """Reads the next layer in a background thread while the current one computes.
+
+    safetensors releases the GIL while copying, so disk reads overlap compute. On CUDA
+    the tensors land in pinned memory, so host-to-device copies can be asynchronous.
+    """
+
+    def __init__(self, reader: CheckpointReader, pin: bool):
+        self.reader, self.pin = reader, pin
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-read")
+        self.futures: dict[int, Future] = {}
+
+    def schedule(self, index: int) -> None:
+        if index not in self.futures:
+            self.futures[index] = self.pool.submit(self._read, index)
+
+    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], float]:
+        t0 = time.monotonic()
+        tensors = self.reader.read_layer(index)
+        if self.pin:
+            tensors = {k: v.pin_memory() for k, v in tensors.items()}
+        return tensors, time.monotonic() - t0
+
+    def get(self, index: int) -> tuple[dict[str, torch.Tensor], float]:
+        self.schedule(index)
+        return self.futures.pop(index).result()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _Writer:
+    """Writes finished shards in a background thread; a shard is recorded once renamed."""
+
+    def __init__(self, state: RunState, out_dir: Path):
+        self.state, self.out_dir = state, out_dir
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-write")
+        self.pending: list[Future] = []
+        self.bytes_written = 0
+
+    def submit(self, key: str, file: str, tensors: dict[str, torch.Tensor]) -> Future:
+        future = self.pool.submit(self._write, key, file, tensors)
+        self.pending.append(future)
+        return future
+
+    def _write(self, key: str, file: str, tensors: dict[str, torch.Tensor]) -> float:
+        t0 = time.monotonic()
+        try:
+            size, digest = atomic_save_tensors(self.out_dir / file, tensors)
+        except OSError as e:
+            raise OutputError(f"writing {self.out_dir / file} failed: {e}. Free space (or fix the problem) "
+                              "and rerun the same command to resume") from None
+        self.state.record(key, file, size, digest, sorted(tensors))
+        self.bytes_written += size
+        faults.checkpoint("layer-recorded")
+        return time.monotonic() - t0
+
+    def wait(self, max_pending: int = 0) -> float:
+        """Block until at most `max_pending` writes are in flight; returns seconds waited."""
+        t0 = time.monotonic()
+        while len(self.pending) > max_pending:
+            self.pending.pop(0).result()
+        return time.monotonic() - t0
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = True) -> Report:
     """Run a whole job; returns the report (also written to the output directory)."""
     start = time.monotonic()
     job = prepare(config)
-    fmt = config.quant.save_name
     out_dir = Path(config.save_path)
     _check_disk_space(job, out_dir)
     state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite)
@@ -242,78 +336,110 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     report = Report()
     if job.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.device)
-    total_shards = job.num_layers + 1
-    calib = None
+    n = job.num_layers
+    done = [state.shard_ok(f"layer-{i}") for i in range(n)]
+    first_todo = next((i for i in range(n) if not done[i]), n)
+    calib, begin = None, 0
+    cache_root = out_dir / CACHE_DIR
     if config.scheme.static_activations:
         report.cache_location = choose_cache_location(job)
-        calib = _Calibrator(job, report.cache_location, out_dir)
-    layers = decoder_layers(job.skeleton)
-    progress = LayerProgress(job.num_layers, f"{config.quant.name} {job.reader.path.name}", show_progress)
-    weight_map: dict[str, str] = {}
+        calib = _Calibrator(job, report.cache_location, cache_root / "live")
+        found = latest_checkpoint(cache_root, first_todo)
+        if found is not None:
+            begin = found[0]
+            load_checkpoint(calib.cache, len(job.batches), found[1])
+        else:
+            calib.capture_inputs()
+    todo = [i for i in range(n) if not done[i]] if calib is None else list(range(begin, n))
+    report.layers_skipped = n - sum(1 for i in todo if not done[i])
+    progress = LayerProgress(len(todo), f"{config.quant.name} {job.reader.path.name}", show_progress)
+    prefetch = _Prefetcher(job.reader, pin=job.device.type == "cuda")
+    writer = _Writer(state, out_dir)
     try:
-        for layout in job.layouts:
-            t0 = time.monotonic()
-            key, file = f"layer-{layout.index}", shard_name(layout.index, total_shards)
-            done = state.shard_ok(key)
-            if done and calib is None:
-                weight_map.update({t: file for t in state.shards[key]["tensors"]})
-                report.layers_skipped += 1
-                progress.layer_done(layout.index, 0, "(resumed)")
-                continue
-            progress.step("read")
-            tensors = job.reader.read_layer(layout.index)
-            if calib is not None:
-                layer = layers[layout.index]
-                progress.step("calibrate")
-                materialize_layer(layer, layout, tensors, job.device)
-                input_absmax = calib.run_layer(layer, layout, observe=not done)
-                weights = layer_weight_views(layer, layout) if not done else {}
-            else:
-                input_absmax = None
-                weights = {m: tensors[n].to(job.device) for m, n in layout.quantized.items()}
-            if done:
-                release_layer(layers[layout.index])
-                weight_map.update({t: file for t in state.shards[key]["tensors"]})
-                report.layers_skipped += 1
-                progress.layer_done(layout.index, 0, "(resumed, replayed)")
-                continue
-            progress.step("quantize")
-            quantized = quantize_weights(weights, config.scheme, input_absmax)
-            out: dict[str, torch.Tensor] = {}
-            for name in job.reader.layers[layout.index]:
-                module = name[: -len(".weight")]
-                if module in quantized:
-                    out.update({k: v.cpu() for k, v in formats.linear_tensors(module, quantized[module], fmt).items()})
-                else:
-                    out[name] = tensors[name]
-            del weights, quantized
-            if calib is not None:
-                release_layer(layers[layout.index])
+        for pos, i in enumerate(todo):
+            if pos + 1 < len(todo):
+                prefetch.schedule(todo[pos + 1])
+            stages = _process_layer(job, i, done[i], calib, prefetch, writer, progress)
+            report.stages.append(stages)
             report.layer_gpu_bytes.append(peak_gpu_bytes(job.device))
-            progress.step("write")
-            size, digest = atomic_save_tensors(out_dir / file, out)
-            state.record(key, file, size, digest, sorted(out))
-            weight_map.update({t: file for t in out})
-            report.bytes_written += size
-            report.layer_seconds.append(time.monotonic() - t0)
-            progress.layer_done(layout.index, job.reader.layer_bytes(layout.index),
-                                f"host {fmt_bytes(current_host_rss())}")
+            if calib is not None and i + 1 < n and calib.checkpoint_due(i):
+                writer.wait()
+                save_checkpoint(calib.cache, len(job.batches), i + 1, cache_root)
+            progress.layer_done(i, job.reader.layer_bytes(i),
+                                "(replayed)" if done[i] else f"host {fmt_bytes(current_host_rss())}")
+        writer.wait()
         progress.close()
-        _finish(job, state, out_dir, total_shards, weight_map, report)
+        weight_map = {t: info["file"] for info in state.shards.values() for t in info["tensors"]}
+        _finish(job, state, out_dir, n + 1, weight_map, report)
+        shutil.rmtree(cache_root, ignore_errors=True)
     finally:
         progress.close()
+        prefetch.close()
+        writer.close()
         if calib is not None:
             report.uncovered_experts = calib.uncovered
             calib.cache.close()
             release_outside_layers(job.skeleton)
+    report.bytes_written += writer.bytes_written
     report.wall_s = time.monotonic() - start
-    report.layers = job.num_layers
+    report.layers = n
     report.bytes_read = job.reader.bytes_read
     report.peak_gpu_bytes = peak_gpu_bytes(job.device)
     report.peak_host_bytes = peak_host_rss()
     report.notes = config.notes
     atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "report": report.__dict__})
     return report
+
+
+def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator | None, prefetch: _Prefetcher,
+                   writer: _Writer, progress: LayerProgress) -> dict[str, float]:
+    """One layer: read (prefetched), calibrate, quantize, hand to the writer. Returns stage seconds."""
+    layout, config = job.layouts[i], job.config
+    stages: dict[str, float] = {"layer": i}
+    t = time.monotonic()
+    progress.step("read")
+    tensors, stages["read"] = prefetch.get(i)
+    stages["wait_read"] = time.monotonic() - t
+    input_absmax = None
+    if calib is not None:
+        layer = decoder_layers(job.skeleton)[i]
+        t = time.monotonic()
+        progress.step("calibrate")
+        materialize_layer(layer, layout, tensors, job.device)
+        stages["to_device"] = time.monotonic() - t
+        t = time.monotonic()
+        input_absmax = calib.run_layer(layer, layout, observe=not already_written)
+        stages["calibrate"] = time.monotonic() - t
+        weights = layer_weight_views(layer, layout)
+    else:
+        t = time.monotonic()
+        weights = {m: tensors[n].to(job.device, non_blocking=True) for m, n in layout.quantized.items()}
+        stages["to_device"] = time.monotonic() - t
+    if already_written:  # replayed only to advance the hidden states
+        release_layer(decoder_layers(job.skeleton)[i])
+        return stages
+    t = time.monotonic()
+    progress.step("quantize")
+    quantized = quantize_weights(weights, config.scheme, input_absmax)
+    out: dict[str, torch.Tensor] = {}
+    for name in job.reader.layers[i]:
+        module = name[: -len(".weight")]
+        if module in quantized:
+            out.update({k: v.to("cpu", non_blocking=True)
+                        for k, v in formats.linear_tensors(module, quantized[module], config.quant.save_name).items()})
+        else:
+            out[name] = tensors[name]
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)  # the non-blocking copies above must land before the write
+    del weights, quantized
+    if calib is not None:
+        release_layer(decoder_layers(job.skeleton)[i])
+    stages["quantize"] = time.monotonic() - t
+    progress.step("write")
+    # One shard may be in flight while the next layer computes; a second waits.
+    stages["wait_write"] = writer.wait(max_pending=1)
+    writer.submit(f"layer-{i}", shard_name(i, job.num_layers + 1), out)
+    return stages
 
 
 def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_map: dict[str, str],
@@ -333,6 +459,7 @@ def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_
     if missing:
         raise OutputError(f"{out_dir}: shards {sorted(missing)} were not written; not marking the run complete")
     write_index(out_dir, weight_map, total)
+    faults.checkpoint("before-config")
     write_config(job.reader.path, out_dir, formats.quantization_config(job.config.quant.save_name,
                                                                        job.config.scheme, job.ignored))
     state.status = "complete"
