@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -87,15 +88,17 @@ def checked_absmax(name: str, weight: torch.Tensor, granularity: Granularity) ->
     return amax
 
 
-def quantize_weights(
+def iter_quantized(
     weights: dict[str, torch.Tensor],
     scheme: QuantScheme,
     input_absmax: dict[str, torch.Tensor] | None = None,
-) -> dict[str, QuantizedLinear]:
-    """Quantize the Linear weights of one layer, keyed by module name.
+) -> Iterator[tuple[str, QuantizedLinear]]:
+    """Quantize the Linear weights of one layer, one at a time, keyed by module name.
 
     `weights` maps module name -> 2D weight. Fused groups share their weight scale when
-    the scheme says so. `input_absmax` (static schemes) maps module name -> float32 [].
+    the scheme says so, so every absmax is taken first; the FP8 tensors are then made
+    lazily, letting the caller move each one off the device before the next exists.
+    `input_absmax` (static schemes) maps module name -> float32 [].
     """
     absmax = {name: checked_absmax(f"{name}.weight", w, scheme.weight) for name, w in weights.items()}
     if scheme.shares_fused_weight_scale:
@@ -104,12 +107,19 @@ def quantize_weights(
             key = fused_group_key(name)
             group_max[key] = a if key not in group_max else torch.maximum(group_max[key], a)
         absmax = {name: group_max[fused_group_key(name)] for name in absmax}
-    out = {}
     for name, w in weights.items():
         scale = fp8.scale_from_absmax(absmax[name])
         input_scale = None
         if scheme.static_activations:
             assert input_absmax is not None and name in input_absmax, f"no activation statistics for {name}"
             input_scale = fp8.scale_from_absmax(input_absmax[name].to(torch.float32))
-        out[name] = QuantizedLinear(fp8.quantize_fp8(w, scale), scale, input_scale)
-    return out
+        yield name, QuantizedLinear(fp8.quantize_fp8(w, scale), scale, input_scale)
+
+
+def quantize_weights(
+    weights: dict[str, torch.Tensor],
+    scheme: QuantScheme,
+    input_absmax: dict[str, torch.Tensor] | None = None,
+) -> dict[str, QuantizedLinear]:
+    """All of `iter_quantized` at once (tests, small layers)."""
+    return dict(iter_quantized(weights, scheme, input_absmax))
