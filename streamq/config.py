@@ -111,13 +111,16 @@ class JobConfig:
             ignore=tuple(self.quant.ignore_layers),
         )
 
-    def job_hash(self) -> str:
-        """Hash of everything that changes the output bytes (not paths, device or budgets)."""
+    def job_identity(self) -> dict:
+        """Everything that changes the output bytes (not paths, device or budgets)."""
         relevant = {"model": {"torch_dtype": self.model.torch_dtype}, "quant": asdict(self.quant),
                     "dataset": asdict(self.dataset) if self.dataset else None}
         relevant["quant"].pop("low_memory")
         relevant["quant"].pop("hidden_cache")
-        return hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:16]
+        return relevant
+
+    def job_hash(self) -> str:
+        return hashlib.sha256(json.dumps(self.job_identity(), sort_keys=True).encode()).hexdigest()[:16]
 
     def effective_dict(self) -> dict:
         d = asdict(self)

@@ -14,13 +14,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from streamq.errors import CheckpointError
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 LAYER_RE = re.compile(r"^(?P<prefix>(?:.*\.)?layers)\.(?P<idx>\d+)\.")
+
+TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+                "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2, "I8": torch.int8, "U8": torch.uint8,
+                "I16": torch.int16, "I32": torch.int32, "I64": torch.int64, "BOOL": torch.bool}
+_ALIGN = 64  # tensors inside a layer buffer start on 64-byte boundaries (dtype views need alignment)
 
 _DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1,
                 "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
@@ -33,6 +37,7 @@ class TensorInfo:
     dtype: str  # safetensors dtype string, e.g. "BF16"
     shape: tuple[int, ...]
     nbytes: int
+    offset: int = 0  # absolute byte offset of the data in the file
 
 
 def read_safetensors_header(path: Path) -> dict[str, dict]:
@@ -51,15 +56,21 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
         raise CheckpointError(f"{path}: corrupt safetensors header: {e}") from None
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read: {e}") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: corrupt safetensors header: not a JSON object")
     header.pop("__metadata__", None)
     data_len = size - 8 - header_len
     end = 0
     for name, meta in header.items():
-        begin, stop = meta["data_offsets"]
-        expected = _DTYPE_BYTES.get(meta["dtype"], 0)
-        numel = 1
-        for d in meta["shape"]:
-            numel *= d
+        try:  # valid JSON is not yet a valid header: every entry needs dtype, shape, data_offsets
+            begin, stop = meta["data_offsets"]
+            expected = _DTYPE_BYTES.get(meta["dtype"], 0)
+            numel = 1
+            for d in meta["shape"]:
+                numel *= d
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{path}: corrupt safetensors header: entry '{name}' is malformed "
+                                  f"({type(e).__name__}: {e})") from None
         if stop - begin != numel * expected:
             raise CheckpointError(f"{path}: tensor '{name}' has inconsistent offsets in the header")
         end = max(end, stop)
@@ -107,11 +118,14 @@ class CheckpointReader:
             shard = self.path / file
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: listed in {INDEX_FILE} but missing")
+            with open(shard, "rb") as f:
+                data_start = 8 + struct.unpack("<Q", f.read(8))[0]
             for name, meta in read_safetensors_header(shard).items():
                 if weight_map is not None and weight_map.get(name) != file:
                     continue  # the index is authoritative about where a tensor lives
                 nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]
-                self.tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), nbytes)
+                self.tensors[name] = TensorInfo(name, file, meta["dtype"], tuple(meta["shape"]), nbytes,
+                                                data_start + meta["data_offsets"][0])
         if weight_map is not None:
             missing = sorted(set(weight_map) - set(self.tensors))
             if missing:
@@ -136,20 +150,41 @@ class CheckpointReader:
             "config.json": (self.path / "config.json").stat().st_size}
 
     def read(self, names: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-        """Read tensors, opening each shard once; order of the result follows `names`."""
-        by_file: dict[str, list[str]] = {}
-        for n in names:
-            by_file.setdefault(self.tensors[n].file, []).append(n)
-        out: dict[str, torch.Tensor] = {}
-        for file, file_names in by_file.items():
+        """Read tensors into one host buffer (one allocation, no intermediate copies).
+
+        Each file is read in offset order with `readinto`, which releases the GIL, so a
+        background reader overlaps with compute. The tensors are views of the buffer.
+        """
+        infos = sorted((self.tensors[n] for n in names), key=lambda t: (t.file, t.offset))
+        starts, total = {}, 0
+        for info in infos:
+            starts[info.name] = total
+            total += -(-info.nbytes // _ALIGN) * _ALIGN
+        buffer = torch.empty(total, dtype=torch.uint8)
+        raw = buffer.numpy()
+        by_file: dict[str, list[TensorInfo]] = {}
+        for info in infos:
+            by_file.setdefault(info.file, []).append(info)
+        for file, group in by_file.items():
+            path = self.path / file
             try:
-                with safe_open(self.path / file, framework="pt", device=str(device)) as f:
-                    for n in file_names:
-                        out[n] = f.get_tensor(n)
-                        self.bytes_read += self.tensors[n].nbytes
-            except (OSError, RuntimeError) as e:  # safetensors reports I/O problems as these
-                raise CheckpointError(f"{self.path / file}: cannot read tensor data: {e}") from None
-        return {n: out[n] for n in names}
+                with open(path, "rb", buffering=0) as f:
+                    for info in group:
+                        f.seek(info.offset)
+                        got = f.readinto(memoryview(raw[starts[info.name]:starts[info.name] + info.nbytes]))
+                        if got != info.nbytes:
+                            raise CheckpointError(f"{path}: truncated while reading tensor '{info.name}' "
+                                                  f"({got} of {info.nbytes} bytes)")
+                        self.bytes_read += info.nbytes
+            except OSError as e:
+                raise CheckpointError(f"{path}: cannot read tensor data: {e}") from None
+        out = {}
+        for name in names:
+            info = self.tensors[name]
+            start = starts[name]
+            tensor = buffer[start:start + info.nbytes].view(TORCH_DTYPES[info.dtype]).reshape(info.shape)
+            out[name] = tensor if str(device) == "cpu" else tensor.to(device)
+        return out
 
     def read_layer(self, idx: int, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
         return self.read(self.layers[idx], device)

@@ -15,8 +15,20 @@ log = logging.getLogger("streamq")
 
 
 def peak_host_rss() -> int:
-    """Peak resident set size of this process in bytes (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """Peak resident set size of this process in bytes.
+
+    Linux: VmHWM of /proc/self/status. ru_maxrss is not used there because it survives
+    fork + exec: a streamq started by a large process (a notebook, a test runner) would
+    report its parent's RSS as its own peak.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
 def current_host_rss() -> int:

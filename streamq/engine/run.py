@@ -47,7 +47,7 @@ from streamq.model.skeleton import (
     materialize_outside_layers,
     release_outside_layers,
 )
-from streamq.quant.scheme import IgnoreMatcher, quantize_weights
+from streamq.quant.scheme import IgnoreMatcher, iter_quantized
 
 log = logging.getLogger("streamq")
 REPORT_FILE = "streamq_report.json"
@@ -329,7 +329,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     job = prepare(config)
     out_dir = Path(config.save_path)
     _check_disk_space(job, out_dir)
-    state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite)
+    state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite, config.job_identity())
     (out_dir / "config.json").unlink(missing_ok=True)  # until the end, nothing looks finished
     state.status = "running"
     state.save()
@@ -420,18 +420,20 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         return stages
     t = time.monotonic()
     progress.step("quantize")
-    quantized = quantize_weights(weights, config.scheme, input_absmax)
+    produced: dict[str, dict[str, torch.Tensor]] = {}
+    for module, q in iter_quantized(weights, config.scheme, input_absmax):
+        # Off the device one at a time: the layer's FP8 copy never sits on the GPU whole.
+        produced[module] = {k: v.cpu() for k, v in formats.linear_tensors(module, q, config.quant.save_name).items()}
+    del weights
     out: dict[str, torch.Tensor] = {}
-    for name in job.reader.layers[i]:
+    for name in job.reader.layers[i]:  # source order: quantized tensors where their weight was
         module = name[: -len(".weight")]
-        if module in quantized:
-            out.update({k: v.to("cpu", non_blocking=True)
-                        for k, v in formats.linear_tensors(module, quantized[module], config.quant.save_name).items()})
+        if module in layout.quantized:
+            out.update(produced[module])
         else:
-            out[name] = tensors[name]
-    if job.device.type == "cuda":
-        torch.cuda.synchronize(job.device)  # the non-blocking copies above must land before the write
-    del weights, quantized
+            # A copy, not a view into the source shard's mmap: the view would keep every page of
+            # this layer that was read mapped (and counted in RSS) until the writer is done.
+            out[name] = tensors[name].clone()
     if calib is not None:
         release_layer(decoder_layers(job.skeleton)[i])
     stages["quantize"] = time.monotonic() - t

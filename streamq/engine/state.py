@@ -29,6 +29,7 @@ class RunState:
     status: str = "running"
     shards: dict[str, dict] = field(default_factory=dict)  # shard key ("layer-3", "rest") -> file info
     resumed: bool = False
+    job: dict | None = None  # JobConfig.job_identity(), so a refusal can say what changed
 
     @property
     def path(self) -> Path:
@@ -36,7 +37,7 @@ class RunState:
 
     def save(self) -> None:
         atomic_write_json(self.path, {"streamq_manifest": 1, "job_hash": self.job_hash, "source": self.source,
-                                      "status": self.status, "shards": self.shards})
+                                      "status": self.status, "shards": self.shards, "job": self.job})
 
     def shard_ok(self, key: str) -> bool:
         """A finished shard counts only if its file is there with the recorded size and checksum."""
@@ -54,9 +55,30 @@ class RunState:
         self.save()
 
 
-def _describe_change(old: dict, job_hash: str, source: dict) -> str:
+# JobConfig.job_identity() field -> the YAML key a user edits.
+_YAML_KEYS = {"quant.weight": "compression.quantization.quant_method.weight",
+              "quant.activation": "compression.quantization.quant_method.activation"}
+
+
+def _flatten(node, prefix: str = "") -> dict:
+    if not isinstance(node, dict):
+        return {prefix: node}
+    return {k: v for key, value in node.items() for k, v in _flatten(value, f"{prefix}{key}.").items()}
+
+
+def _describe_change(old: dict, job_hash: str, source: dict, job: dict | None = None) -> str:
     if old.get("job_hash") != job_hash:
-        return "the quantization config changed (algorithm, scheme, ignore list, format or dataset)"
+        before, after = _flatten(old.get("job") or {}), _flatten(job or {})
+        if not before or not after:
+            return "the quantization config changed (algorithm, scheme, ignore list, format or dataset)"
+        diffs = []
+        for key in sorted(set(before) | set(after), key=lambda k: (not k.startswith("quant."), k)):
+            if before.get(key) != after.get(key):
+                name = key.rstrip(".")
+                name = _YAML_KEYS.get(name, name.replace("quant.", "compression.quantization.", 1))
+                diffs.append(f"{name} was {before.get(key)!r}, now {after.get(key)!r}")
+        more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+        return "the quantization config changed: " + "; ".join(diffs[:3]) + more
     changed = sorted(k for k in set(old.get("source", {})) | set(source)
                      if old.get("source", {}).get(k) != source.get(k))
     return f"the source checkpoint changed ({', '.join(changed[:3])})"
@@ -78,7 +100,7 @@ def clear_directory(out_dir: Path) -> None:
             entry.unlink()
 
 
-def open_run(out_dir: Path, job_hash: str, source: dict, overwrite: bool) -> RunState:
+def open_run(out_dir: Path, job_hash: str, source: dict, overwrite: bool, job: dict | None = None) -> RunState:
     """Create, resume or refuse the output directory; nothing is written before this returns."""
     manifest = out_dir / MANIFEST
     if out_dir.exists() and not out_dir.is_dir():
@@ -93,7 +115,7 @@ def open_run(out_dir: Path, job_hash: str, source: dict, overwrite: bool) -> Run
         same = old is not None and old.get("job_hash") == job_hash and old.get("source") == source
         if same and not overwrite:
             state = RunState(out_dir, job_hash, source, status=old.get("status", "running"),
-                             shards=old.get("shards", {}), resumed=True)
+                             shards=old.get("shards", {}), resumed=True, job=job)
             for tmp in out_dir.glob(".*.tmp"):
                 tmp.unlink()  # a write that was cut off
             return state
@@ -102,9 +124,9 @@ def open_run(out_dir: Path, job_hash: str, source: dict, overwrite: bool) -> Run
                 raise OutputError(f"save_path '{out_dir}' is not empty and was not created by streamq; "
                                   "choose another directory or pass --overwrite")
             raise OutputError(f"save_path '{out_dir}' holds a different streamq job: "
-                              f"{_describe_change(old, job_hash, source)}. Rerun with --overwrite to start over.")
+                              f"{_describe_change(old, job_hash, source, job)}. Rerun with --overwrite to start over.")
         clear_directory(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    state = RunState(out_dir, job_hash, source)
+    state = RunState(out_dir, job_hash, source, job=job)
     state.save()
     return state

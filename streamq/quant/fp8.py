@@ -30,7 +30,9 @@ def weight_absmax(weight: torch.Tensor, granularity: Granularity) -> torch.Tenso
 def scale_from_absmax(absmax: torch.Tensor) -> torch.Tensor:
     """FP8 scale so that absmax maps to the largest finite e4m3 value; never 0."""
     assert absmax.dtype == torch.float32, absmax.dtype
-    return (absmax / FP8_MAX).clamp(min=MIN_SCALE)
+    # A tensor divisor, not a Python scalar: CUDA turns `x / scalar` into `x * (1 / scalar)`,
+    # which rounds differently from CPU's true division and would make scales device-dependent.
+    return (absmax / torch.full_like(absmax, FP8_MAX)).clamp(min=MIN_SCALE)
 
 
 def quantize_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

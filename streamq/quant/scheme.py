@@ -80,12 +80,19 @@ class QuantizedLinear:
     input_scale: torch.Tensor | None  # float32 [] (static only)
 
 
-def checked_absmax(name: str, weight: torch.Tensor, granularity: Granularity) -> torch.Tensor:
-    """Weight absmax; NaN or Inf anywhere in the weight is an error naming the tensor."""
-    amax = fp8.weight_absmax(weight, granularity)
-    if not torch.isfinite(amax).all():
-        raise CheckpointError(f"tensor '{name}' contains NaN or Inf values; refusing to quantize it")
-    return amax
+def checked_absmax(weights: dict[str, torch.Tensor], granularity: Granularity) -> dict[str, torch.Tensor]:
+    """Absmax of every weight; NaN or Inf anywhere is an error naming the tensor.
+
+    NaN propagates through max and Inf is its own max, so checking the absmax checks the
+    weight. One host synchronization for the whole layer, not one per tensor.
+    """
+    absmax = {name: fp8.weight_absmax(w, granularity) for name, w in weights.items()}
+    if absmax:
+        finite = torch.stack([torch.isfinite(a).all() for a in absmax.values()]).cpu()
+        if not bool(finite.all()):
+            bad = list(absmax)[int((~finite).nonzero()[0])]
+            raise CheckpointError(f"tensor '{bad}.weight' contains NaN or Inf values; refusing to quantize it")
+    return absmax
 
 
 def iter_quantized(
@@ -100,7 +107,7 @@ def iter_quantized(
     lazily, letting the caller move each one off the device before the next exists.
     `input_absmax` (static schemes) maps module name -> float32 [].
     """
-    absmax = {name: checked_absmax(f"{name}.weight", w, scheme.weight) for name, w in weights.items()}
+    absmax = checked_absmax(weights, scheme.weight)
     if scheme.shares_fused_weight_scale:
         group_max: dict[str, torch.Tensor] = {}
         for name, a in absmax.items():
