@@ -118,9 +118,10 @@ class CheckpointReader:
             shard = self.path / file
             if not shard.is_file():
                 raise CheckpointError(f"{shard}: listed in {INDEX_FILE} but missing")
+            header = read_safetensors_header(shard)  # validates first: the file may be shorter than 8 bytes
             with open(shard, "rb") as f:
                 data_start = 8 + struct.unpack("<Q", f.read(8))[0]
-            for name, meta in read_safetensors_header(shard).items():
+            for name, meta in header.items():
                 if weight_map is not None and weight_map.get(name) != file:
                     continue  # the index is authoritative about where a tensor lives
                 nbytes = meta["data_offsets"][1] - meta["data_offsets"][0]

@@ -431,8 +431,8 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         if module in layout.quantized:
             out.update(produced[module])
         else:
-            # A copy, not a view into the source shard's mmap: the view would keep every page of
-            # this layer that was read mapped (and counted in RSS) until the writer is done.
+            # A copy, not a view into the layer's read buffer: the view would keep the whole
+            # source layer alive (in host RSS) until the writer is done with this shard.
             out[name] = tensors[name].clone()
     if calib is not None:
         release_layer(decoder_layers(job.skeleton)[i])

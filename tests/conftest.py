@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny checkpoints built once per session, config dicts, running a job.
+
+The tiny models are built once per test session under pytest's tmp dir and are
+read-only for tests: a test that wants to damage a checkpoint copies it first
+(`copy_model`). Quantized outputs of the common jobs are cached per session too
+(`quantized`), so the format tests and the transformers load tests share them.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from streamq.config import parse_config
+from streamq.testing.tiny_models import ARCHS, CALIB_FILE, build_tiny_model
+
+# Every tiny arch plus qwen3 whose layer 1 has its attention in one shard and its MLP in the other.
+SPLIT = "qwen3_split"
+MODEL_VARIANTS = (*ARCHS, SPLIT)
+NUM_LAYERS = 2
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped without one)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (torch.cuda.is_available() is false)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> dict[str, Path]:
+    """arch (or 'qwen3_split') -> path of a seeded bf16 tiny checkpoint. Do not modify."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    models = {arch: build_tiny_model(arch, root / arch, num_layers=NUM_LAYERS) for arch in ARCHS}
+    models[SPLIT] = build_tiny_model("qwen3", root / SPLIT, num_layers=NUM_LAYERS, split_layer_across_shards=True)
+    return models
+
+
+def make_config(model_path: str | Path, save_path: str | Path, *, algorithm: str = "fp8_dynamic",
+                save_name: str = "fp8", weight: str = "per-tensor", activation: str = "per-tensor",
+                ignore_layers: list[str] | None = None, device: str = "cpu", num_samples: int = 8,
+                max_seq_length: int = 64, batch_size: int = 4) -> dict[str, Any]:
+    """An AngelSlim-style config dict (what the YAML parses to) for one job."""
+    quant: dict[str, Any] = {"name": algorithm, "bits": 8, "save_name": save_name,
+                             "quant_method": {"weight": weight, "activation": activation}}
+    if ignore_layers is not None:
+        quant["ignore_layers"] = list(ignore_layers)
+    cfg: dict[str, Any] = {
+        "global": {"save_path": str(save_path), "device": device},
+        "model": {"name": "tiny", "model_path": str(model_path)},
+        "compression": {"name": "PTQ", "quantization": quant},
+    }
+    if algorithm == "fp8_static":
+        cfg["dataset"] = {"name": "TextDataset", "data_path": str(CALIB_FILE), "num_samples": num_samples,
+                          "max_seq_length": max_seq_length, "batch_size": batch_size}
+    return cfg
+
+
+def run_job(cfg: dict[str, Any], overwrite: bool = False):
+    """Parse and run a config dict in-process; returns the engine's Report."""
+    from streamq.engine.run import quantize
+
+    return quantize(parse_config(cfg, "test-config"), overwrite=overwrite, show_progress=False)
+
+
+def write_yaml(path: Path, cfg: dict[str, Any]) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def read_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of every *.safetensors file in a directory (names must be unique)."""
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        for name, tensor in load_file(file).items():
+            assert name not in out, f"{name} stored twice (second time in {file.name})"
+            out[name] = tensor
+    return out
+
+
+def copy_model(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def quantized(tiny_models, tmp_path_factory):
+    """quantized(variant, save_name, weight='per-tensor') -> output dir of an fp8_dynamic job.
+
+    Each distinct job runs once per session; the outputs are read-only for tests.
+    """
+    root = tmp_path_factory.mktemp("quantized")
+    cache: dict[tuple[str, str, str], Path] = {}
+
+    def get(variant: str, save_name: str, weight: str = "per-tensor") -> Path:
+        key = (variant, save_name, weight)
+        if key not in cache:
+            out = root / "-".join(key)
+            run_job(make_config(tiny_models[variant], out, save_name=save_name, weight=weight))
+            cache[key] = out
+        return cache[key]
+
+    return get
