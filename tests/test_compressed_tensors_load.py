@@ -14,9 +14,9 @@ import json
 
 import pytest
 import torch
+from conftest import NUM_LAYERS, read_tensors
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from conftest import NUM_LAYERS, read_tensors
 from streamq.testing.tiny_models import CALIB_FILE
 
 FP8 = torch.float8_e4m3fn
@@ -58,7 +58,7 @@ def _load_and_compare(model_dir, quantized_dir, check):
     model = AutoModelForCausalLM.from_pretrained(quantized_dir)
     check(model)
     seqs = _sequences(AutoTokenizer.from_pretrained(quantized_dir))
-    return [float((a - b).norm() / b.norm()) for a, b in zip(_logits(model, seqs), _logits(ref, seqs))]
+    return [float((a - b).norm() / b.norm()) for a, b in zip(_logits(model, seqs), _logits(ref, seqs), strict=True)]
 
 
 def _check_quantized_linears(model, out_tensors, arch):

@@ -8,8 +8,8 @@ import logging
 from pathlib import Path
 
 import pytest
-
 from conftest import make_config, write_yaml
+
 from streamq.cli import main as cli_main
 from streamq.config import NOTED_KEYS, load_config, parse_config
 from streamq.errors import ConfigError

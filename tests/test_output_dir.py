@@ -8,8 +8,8 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import NUM_LAYERS, make_config, run_job, write_yaml
+
 from streamq.cli import main as cli_main
 from streamq.errors import OutputError
 
@@ -170,4 +170,5 @@ def test_empty_existing_directory_is_used(job, capsys):
     _, cfg_path, out = job
     out.mkdir()
     rc, err = cli(capsys, cfg_path)
-    assert rc == 0, err and (out / "config.json").is_file()
+    assert rc == 0, err
+    assert (out / "config.json").is_file()

@@ -16,16 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import MODEL_VARIANTS, NUM_LAYERS, copy_model, make_config, read_tensors, run_job, write_yaml
 from safetensors import safe_open
 
-from conftest import MODEL_VARIANTS, NUM_LAYERS, copy_model, make_config, read_tensors, run_job, write_yaml
 from streamq.cli import main as cli_main
 from streamq.errors import CheckpointError
 
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 LINEAR_LEAVES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-LAYER_LINEAR_RE = re.compile(r"^model\.layers\.\d+\.(.+\.)?(%s)\.weight$" % "|".join(LINEAR_LEAVES))
+LAYER_LINEAR_RE = re.compile(r"^model\.layers\.\d+\.(.+\.)?(" + "|".join(LINEAR_LEAVES) + r")\.weight$")
 NUM_EXPERTS = 12
 # (save_name, weight granularity) combinations the formats allow for fp8_dynamic.
 FORMATS = [("fp8", "per-tensor"), ("compressed-tensors", "per-tensor"), ("compressed-tensors", "per-channel")]

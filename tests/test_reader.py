@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import SPLIT, copy_model, make_config, read_tensors, run_job, write_yaml
 from safetensors.torch import load_file
 
-from conftest import SPLIT, copy_model, make_config, read_tensors, run_job, write_yaml
 from streamq.checkpoint.reader import CheckpointReader
 from streamq.cli import main as cli_main
 from streamq.errors import CheckpointError
@@ -130,8 +130,8 @@ def no_weights_at_all(d: Path) -> str:
 
 DAMAGE = {f.__name__: f for f in (
     missing_shard, truncated_data, truncated_in_header, truncated_to_nothing, corrupt_header_bytes,
-    corrupt_header_length, header_inconsistent_offsets, header_not_tensor_entries, header_not_an_object, index_names_absent_tensor,
-    index_names_unknown_tensor, index_not_json, missing_config, no_weights_at_all)}
+    corrupt_header_length, header_inconsistent_offsets, header_not_tensor_entries, header_not_an_object,
+    index_names_absent_tensor, index_names_unknown_tensor, index_not_json, missing_config, no_weights_at_all)}
 
 
 @pytest.fixture
@@ -200,7 +200,8 @@ def test_split_checkpoint_quantizes_like_single_file(tiny_models, quantized):
     a, b = read_tensors(quantized(SPLIT, "fp8")), read_tensors(quantized("qwen3", "fp8"))
     assert a.keys() == b.keys()
     for name in a:
-        assert a[name].dtype == b[name].dtype and torch.equal(a[name].reshape(-1).view(torch.uint8), b[name].reshape(-1).view(torch.uint8))
+        assert a[name].dtype == b[name].dtype, name
+        assert torch.equal(a[name].reshape(-1).view(torch.uint8), b[name].reshape(-1).view(torch.uint8)), name
 
 
 def test_damage_found_before_output_is_touched(tiny_models, tmp_path):
