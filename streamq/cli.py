@@ -26,6 +26,33 @@ def _quantize(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from streamq.eval.runner import EvalOptions, evaluate
+
+    report = evaluate(EvalOptions(args.original, args.quantized, args.data, args.num_samples, args.max_seq_length,
+                                  args.batch_size, args.device, args.outlier_factor, args.outlier_floor))
+    print(report.table())
+    if args.json:
+        report.write_json(args.json)
+    if args.plot:
+        report.plot(args.plot)
+    return 4 if args.fail_on_outlier and report.outliers else 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from streamq.verify import verify_command
+
+    return verify_command(args.save_path, args.source, args.json)
+
+
+def _plan(args: argparse.Namespace) -> int:
+    from streamq.engine.plan import plan_command
+
+    return plan_command(args.config, {"model_path": args.model_path, "device": args.device,
+                                      "max_gpu_memory": args.max_gpu_memory,
+                                      "max_cpu_memory": args.max_cpu_memory}, args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamq", description="Layer-streaming FP8 quantization of LLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -39,6 +66,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     q.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     q.set_defaults(func=_quantize)
+    e = sub.add_parser("eval", help="compare a quantized checkpoint with its original, layer by layer",
+                       description="Run both checkpoints side by side, one layer of each in memory: per-layer "
+                       "relative error, perplexity of both, KL and top-1 agreement. Exit code 4: --fail-on-outlier "
+                       "and a layer's error is an outlier.")
+    e.add_argument("--original", required=True, help="the source (bf16/fp16) checkpoint")
+    e.add_argument("--quantized", required=True, help="its quantized copy (vLLM fp8 or compressed-tensors)")
+    e.add_argument("--data", help="JSONL eval text (default: the bundled data/calib/tiny_chat.jsonl)")
+    e.add_argument("--num-samples", type=int, default=32)
+    e.add_argument("--max-seq-length", type=int, default=512)
+    e.add_argument("--batch-size", type=int, default=1, help="1 keeps dynamic scales per sequence (default)")
+    e.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    e.add_argument("--json", help="write the report as JSON here")
+    e.add_argument("--plot", help="write a PNG of the per-layer errors here (needs matplotlib)")
+    e.add_argument("--fail-on-outlier", action="store_true", help="exit 4 if any layer is flagged as an outlier")
+    e.add_argument("--outlier-factor", type=float, default=4.0, help="flag layers above this x the others' median")
+    e.add_argument("--outlier-floor", type=float, default=0.05, help="never flag a layer below this error")
+    e.set_defaults(func=_eval)
+    v = sub.add_parser("verify", help="check a finished checkpoint (CI gate): exit 1 on any problem",
+                       description="Check config.json, the index, every shard header and every scale of a "
+                       "streamq checkpoint without loading its weights; one line per problem.")
+    v.add_argument("save_path", help="the quantized checkpoint directory")
+    v.add_argument("--source", help="the source checkpoint: every tensor of it must be there, nothing else")
+    v.add_argument("--json", action="store_true", help="print the result as JSON")
+    v.set_defaults(func=_verify)
+    p = sub.add_parser("plan", help="predict memory, disk and time of a job without loading weights "
+                       "(exit 3 if it does not fit the budget)")
+    p.add_argument("-c", "--config", required=True, help="AngelSlim-style YAML config")
+    p.add_argument("--model-path", help="override model.model_path")
+    p.add_argument("--device", help="override global.device (a cuda job can be planned without a GPU)")
+    p.add_argument("--max-gpu-memory", help="GPU memory budget, e.g. 8GiB")
+    p.add_argument("--max-cpu-memory", help="host memory budget, e.g. 32GiB")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=_plan)
     return parser
 
 
