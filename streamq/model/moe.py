@@ -1,10 +1,10 @@
 """Per-expert activation statistics for fused MoE experts (transformers v5 layout).
 
 transformers holds all experts of a layer in one module with 3D weights, so Linear
-hooks cannot see expert inputs. During calibration the experts' forward is replaced,
-on that instance only, by `observed_experts_forward`: the same computation as
-transformers' eager experts loop, op for op (a test compares it with the original),
-which also records the input absmax of each expert's gate/up and down projections.
+hooks cannot see expert inputs. During calibration the experts' forward is wrapped, on
+that instance only: the model's own forward computes the output (routing and results
+unchanged), then a statistics pass over the same routing records, per expert, the input
+absmax of its gate/up and of its down projection.
 """
 
 from __future__ import annotations
@@ -28,42 +28,57 @@ def check_supported(module: nn.Module, name: str) -> None:
 
 def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The model's own experts forward (whatever implementation its config selects),
+    followed by a statistics-only pass over the same routing."""
+    out = type(self).forward(self, hidden_states, top_k_index, top_k_weights)
     obs: LayerObserver = self._streamq_observer
-    key: str = self._streamq_name
-    num_experts = self.gate_up_proj.shape[0]
-    token_absmax = obs.row_absmax(hidden_states)  # [N], 0 on padding
-
-    # gate_up input: the max over tokens routed to each expert, in one scatter.
-    routed = torch.zeros(num_experts + 1, dtype=torch.float32, device=hidden_states.device)
-    routed.scatter_reduce_(0, top_k_index.reshape(-1), token_absmax.repeat_interleave(top_k_index.shape[1]), "amax")
-    obs.fold(f"{key}.gate_up", routed[:num_experts])
-    down = torch.zeros(num_experts, dtype=torch.float32, device=hidden_states.device)
-
-    final_hidden_states = torch.zeros_like(hidden_states)
-    with torch.no_grad():
-        expert_mask = F.one_hot(top_k_index, num_classes=num_experts + 1).permute(2, 1, 0)
-        expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
-    for expert_idx in expert_hit:
-        expert_idx = expert_idx[0]
-        if expert_idx == num_experts:
-            continue
-        top_k_pos, token_idx = torch.where(expert_mask[expert_idx])
-        current_state = hidden_states[token_idx]
-        gate, up = F.linear(current_state, self.gate_up_proj[expert_idx]).chunk(2, dim=-1)
-        current_hidden_states = self.act_fn(gate) * up
-        inter_absmax = current_hidden_states.abs().amax(dim=-1).to(torch.float32)
-        mask = obs.flat_mask(hidden_states.shape[0])
-        if mask is not None:
-            inter_absmax = torch.where(mask[token_idx], inter_absmax, torch.zeros_like(inter_absmax))
-        down[expert_idx] = torch.maximum(down[expert_idx], inter_absmax.amax())
-        current_hidden_states = F.linear(current_hidden_states, self.down_proj[expert_idx])
-        current_hidden_states = current_hidden_states * top_k_weights[token_idx, top_k_pos, None]
-        final_hidden_states.index_add_(0, token_idx, current_hidden_states.to(final_hidden_states.dtype))
-    obs.fold(f"{key}.down", down)
-
+    _observe_routed(self, hidden_states, top_k_index, obs, self._streamq_name)
     if self._streamq_all_experts:
-        _observe_all_experts(self, hidden_states, obs, key, token_absmax)
-    return final_hidden_states
+        _observe_all_experts(self, hidden_states, obs, self._streamq_name, obs.row_absmax(hidden_states))
+    return out
+
+
+def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
+    """x rows grouped by expert @ weight[e].T with one grouped GEMM, where torch has one (CUDA)."""
+    fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+    if fn is None or x.device.type != "cuda" or x.dtype != torch.bfloat16:
+        return None
+    try:
+        return fn(x, weight.transpose(-2, -1), offs=torch.cumsum(counts, 0, dtype=torch.int32))
+    except (RuntimeError, NotImplementedError):  # older GPUs / torch builds: per-expert loop instead
+        return None
+
+
+@torch.no_grad()
+def _observe_routed(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                    obs: LayerObserver, key: str) -> None:
+    """Per expert: absmax of the real tokens routed to it (gate/up input) and of its
+    intermediate activation act(gate) * up (down input). Rows are sorted by expert so the
+    intermediates come from one grouped GEMM on CUDA instead of a loop of small ones."""
+    num_experts, top_k = self.gate_up_proj.shape[0], top_k_index.shape[1]
+    token_absmax = obs.row_absmax(hidden_states)  # [N], 0 on padding
+    ids = top_k_index.reshape(-1).clamp(max=num_experts)  # num_experts: "no expert" slot
+    routed = torch.zeros(num_experts + 1, dtype=torch.float32, device=hidden_states.device)
+    routed.scatter_reduce_(0, ids, token_absmax.repeat_interleave(top_k), "amax")
+    obs.fold(f"{key}.gate_up", routed[:num_experts])
+
+    ids_sorted, perm = torch.sort(ids, stable=True)
+    rows = perm // top_k
+    counts = torch.bincount(ids_sorted, minlength=num_experts + 1)[:num_experts]
+    x = hidden_states[rows]
+    inter = _grouped_linear(x, self.gate_up_proj, counts)
+    if inter is None:
+        sizes = counts.tolist()
+        chunks = torch.split(x[: sum(sizes)], sizes)
+        inter = torch.cat([F.linear(c, self.gate_up_proj[e]) for e, c in enumerate(chunks) if c.shape[0]])
+    used = inter.shape[0]
+    gate, up = inter.chunk(2, dim=-1)
+    inter_absmax = (self.act_fn(gate) * up).abs().amax(dim=-1).to(torch.float32)
+    real = token_absmax[rows[:used]] > 0  # padding rows (and all-zero tokens) add nothing
+    inter_absmax = torch.where(real, inter_absmax, torch.zeros_like(inter_absmax))
+    down = torch.zeros(num_experts + 1, dtype=torch.float32, device=hidden_states.device)
+    down.scatter_reduce_(0, ids_sorted[:used], inter_absmax, "amax")
+    obs.fold(f"{key}.down", down[:num_experts])
 
 
 @torch.no_grad()
