@@ -391,6 +391,14 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     return report
 
 
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    """Device -> host without a synchronization per tensor: an async copy into pinned memory."""
+    if t.device.type != "cuda":
+        return t
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+    return host.copy_(t, non_blocking=True)
+
+
 def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator | None, prefetch: _Prefetcher,
                    writer: _Writer, progress: LayerProgress) -> dict[str, float]:
     """One layer: read (prefetched), calibrate, quantize, hand to the writer. Returns stage seconds."""
@@ -423,8 +431,11 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     produced: dict[str, dict[str, torch.Tensor]] = {}
     for module, q in iter_quantized(weights, config.scheme, input_absmax):
         # Off the device one at a time: the layer's FP8 copy never sits on the GPU whole.
-        produced[module] = {k: v.cpu() for k, v in formats.linear_tensors(module, q, config.quant.save_name).items()}
+        tensors_out = formats.linear_tensors(module, q, config.quant.save_name)
+        produced[module] = {k: _to_host(v) for k, v in tensors_out.items()}
     del weights
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)  # the asynchronous copies must land before the writer reads them
     out: dict[str, torch.Tensor] = {}
     for name in job.reader.layers[i]:  # source order: quantized tensors where their weight was
         module = name[: -len(".weight")]
