@@ -1,0 +1,857 @@
+"""Memory and time plan of a job, from shapes alone: no weight is read.
+
+Everything comes from what `streamq.engine.run.prepare` already has: the safetensors
+headers (name, dtype, shape of every tensor, grouped by layer), the layer layouts
+(which tensors are quantized), the transformers config and the calibration batches.
+
+The memory model follows what `engine/run.py` allocates, phase by phase; the plan's
+peak is the largest phase (`_host_phases`, `_gpu_phases`):
+
+GPU (device = cuda)
+  dynamic   the layer's quantized weights in their source dtype (moved at once), then
+            per weight: the fp32 temporaries of `quantize_fp8` + the previous FP8 result.
+  static    the embedding (materialized for the input capture, kept all run), the layer
+            in the compute dtype, one batch's activations (hidden states in/out, q/k/v,
+            MLP or MoE intermediates, padding mask), the hidden cache if on the device.
+HOST
+  baseline  the process RSS after imports and `prepare` (measured when planning), plus
+            what CUDA adds (context, kernels, cuBLAS).
+  per layer the layer as read (one buffer), the next one (prefetched meanwhile), the
+            output dict (FP8 + scales + copied tensors), the outputs of earlier layers
+            still waiting for the writer; on CPU also the layer in the compute dtype and
+            the quantize temporaries; on CUDA pinned copies of the layers and of the FP8
+            results instead, each rounded up to a power of two by torch's caching host
+            allocator, which keeps them until the process ends.
+  last      the non-layer tensors (embeddings, lm_head) read for the last shard.
+
+A plan is for budgeting: where the engine's timing decides (a write still pending
+while the next layer computes) it counts the worst case.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from streamq.errors import BudgetError
+
+GiB = 2**30
+MiB = 2**20
+
+# --- Assumed throughputs for the time estimate (override through `Assumptions`) ---------
+DISK_READ_BPS = 1.0e9  # source read + (CUDA) pinned copy: 0.7-0.8 GB/s seen on an H100 VM, 1.6 on a CPU VM
+DISK_WRITE_BPS = 1.0e9  # output shards (and a disk cache), including fsync
+PCIE_BPS = 20e9  # host <-> GPU copies from pinned memory (PCIe 4 x16 in practice)
+GPU_MATMUL_FLOPS = 300e12  # sustained bf16 matmul of calibration forwards (H100/H200 class)
+GPU_ELEMENTWISE_BPS = 300e9  # source bytes quantized per second on the GPU (several fp32 passes)
+# CPU figures per core, measured on a 2-core VM (bf16 matmul without AMX, fp32 elementwise).
+CPU_MATMUL_FLOPS_PER_CORE = 2e9
+CPU_ELEMENTWISE_BPS_PER_CORE = 30e6
+
+# --- What the engine allocates (engine/run.py, quant/fp8.py, calib/cache.py) ------------
+FP32 = 4
+INT64 = 8
+# quantize_fp8: `x.to(float32) / scale` holds two fp32 copies of the weight at once.
+QUANT_TEMP_BYTES_PER_ELEM = 2 * FP32
+# MLP forward: act(gate), up and their product are alive together.
+MLP_LIVE_INTERMEDIATES = 3
+# MoE statistics pass, per routed row: gate/up output (2 x moe_intermediate), act(gate) * up
+# and its absolute value (1 each).
+MOE_STATS_INTERMEDIATES = 4
+# RMSNorm computes in float32: the upcast input and the normalized copy.
+NORM_FP32_COPIES = 2
+# The decoder layer keeps the residual and the normalized input next to the sub-block.
+LAYER_LIVE_HIDDEN = 2
+# q, k, v as projected and again after the rotary embedding.
+QKV_COPIES = 2
+# Fit margin for a GPU budget: caching-allocator fragmentation, cuBLAS workspaces.
+GPU_HEADROOM = 0.05
+# Host RSS a CUDA run adds to the CPU-only baseline, measured on an H100 (torch 2.11, CUDA 13):
+# context creation and the elementwise kernels of quantization ~190 MiB; cuBLAS and the
+# attention kernels that calibration forwards load ~220 MiB more.
+CUDA_CONTEXT_HOST_BYTES = 200 * MiB
+CUDA_FORWARD_LIBS_HOST_BYTES = 220 * MiB
+# Sizes of safetensors dtypes; order of the enum decides tensor order in a file header.
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+_DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+                "F64", "I64", "U64"]
+SAFETENSORS_METADATA = {"format": "pt"}  # what atomic_save_tensors writes into each header
+LOCATIONS = ("device", "host", "disk")
+
+# Features the planner may choose that the engine must implement to honour them. The
+# lead flips these when `_process_layer` splits batches / experts; until then a plan
+# never asks for them (a budget that needs them is reported as such).
+ENGINE_SUPPORTS_MICRO_BATCH = False
+ENGINE_SUPPORTS_EXPERT_GROUPS = False
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    """Throughputs behind the time estimate; every figure in bytes or FLOP per second."""
+
+    disk_read_bps: float = DISK_READ_BPS
+    disk_write_bps: float = DISK_WRITE_BPS
+    pcie_bps: float = PCIE_BPS
+    gpu_flops: float = GPU_MATMUL_FLOPS
+    gpu_elementwise_bps: float = GPU_ELEMENTWISE_BPS
+    cpu_flops: float = CPU_MATMUL_FLOPS_PER_CORE * (os.cpu_count() or 1)
+    cpu_elementwise_bps: float = CPU_ELEMENTWISE_BPS_PER_CORE * (os.cpu_count() or 1)
+
+
+# ======================================================================================
+# Shapes: tensors, layers, the model
+# ======================================================================================
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * DTYPE_BYTES[self.dtype]
+
+
+@dataclass(frozen=True)
+class LayerSizes:
+    """Byte counts of one decoder layer, from the headers and the layout."""
+
+    index: int
+    source_bytes: int  # every tensor of the layer as stored
+    pinned_source_bytes: int  # the same, each tensor rounded up to a power of two (CUDA pinned copies)
+    param_bytes: int  # the layer materialized in the compute dtype
+    expert_param_bytes: int  # the part of param_bytes held by MoE experts
+    quantized_source_bytes: int  # the quantized weights as stored (dynamic moves these to the device)
+    copied_bytes: int  # tensors written unchanged (cloned into the output)
+    fp8_bytes: int  # FP8 weights + scales produced for the layer
+    pinned_fp8_bytes: int  # the same as pinned host copies (CUDA), each rounded up to a power of two
+    out_file_bytes: int  # the layer's output shard on disk (header included)
+    quant_numels: tuple[int, ...]  # elements of each quantized weight, in the engine's order
+    source_elem: int  # bytes per element of the quantized weights as stored
+
+    def output_bytes(self, pinned: bool = False) -> int:
+        """The output dict handed to the writer: FP8 weights, scales (pinned on CUDA), copied tensors."""
+        return (self.pinned_fp8_bytes if pinned else self.fp8_bytes) + self.copied_bytes
+
+    @property
+    def max_quant_numel(self) -> int:
+        return max(self.quant_numels, default=0)
+
+    def quantize_transient(self, device_holds_outputs: bool) -> int:
+        """Peak of the per-weight loop: fp32 temporaries of one weight + FP8 results alive.
+
+        On the GPU only the previous FP8 tensor is still referenced (each is moved to the
+        host right away); on the host every FP8 result made so far stays in the output.
+        """
+        peak, done, prev = 0, 0, 0
+        for n in self.quant_numels:
+            held = done if device_holds_outputs else prev
+            peak = max(peak, held + QUANT_TEMP_BYTES_PER_ELEM * n)
+            done, prev = done + n, n
+        return peak
+
+    @property
+    def absmax_transient(self) -> int:
+        """`weight.abs()` of the largest weight, taken for every weight before quantizing."""
+        return self.max_quant_numel * self.source_elem
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    num_experts: int
+    top_k: int
+    moe_intermediate: int
+    qk_norm: bool
+
+    @classmethod
+    def from_config(cls, cfg: Any) -> ModelShape:
+        get = (lambda k, d=0: cfg.get(k, d) or d) if isinstance(cfg, dict) else (lambda k, d=0: getattr(cfg, k, d) or d)
+        hidden, heads = get("hidden_size"), get("num_attention_heads", 1)
+        return cls(hidden=hidden, heads=heads, kv_heads=get("num_key_value_heads", heads),
+                   head_dim=get("head_dim", hidden // max(heads, 1)), intermediate=get("intermediate_size"),
+                   num_experts=get("num_experts") or get("num_local_experts") or get("n_routed_experts"),
+                   top_k=get("num_experts_per_tok", 1), moe_intermediate=get("moe_intermediate_size"),
+                   qk_norm=get("model_type", "") in ("qwen3", "qwen3_moe"))
+
+
+@dataclass(frozen=True)
+class BatchShape:
+    rows: int
+    seq_len: int
+    padded: bool
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.seq_len
+
+
+def _round_pow2(n: int) -> int:
+    return 1 << (n - 1).bit_length() if n > 1 else n
+
+
+def safetensors_file_bytes(tensors: Iterable[Tensor], metadata: dict | None = None) -> int:
+    """Exact size of the file `safetensors.torch.save_file` writes for these tensors.
+
+    The header is compact JSON (metadata first, then tensors by dtype, largest first, then
+    name) padded with spaces to a multiple of 8, after an 8-byte length.
+    """
+    ordered = sorted(tensors, key=lambda t: (-_DTYPE_ORDER.index(t.dtype), t.name))
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for t in ordered:
+        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    text = json.dumps(header, separators=(",", ":"))
+    return 8 + (len(text.encode()) + 7) // 8 * 8 + offset
+
+
+def _scale_shape(fmt: str, per_channel: bool, out_features: int) -> tuple[int, ...]:
+    if per_channel:
+        return (out_features, 1)
+    return (1,) if fmt == "compressed-tensors" else ()
+
+
+def layer_output_tensors(source: list[Tensor], quantized: dict[str, str], fmt: str, per_channel: bool,
+                         static: bool) -> list[Tensor]:
+    """The tensors a layer's output shard holds (streamq.checkpoint.formats.linear_tensors)."""
+    weights = set(quantized.values())
+    out: list[Tensor] = []
+    for t in source:
+        if t.name not in weights:
+            out.append(t)
+            continue
+        module = t.name[: -len(".weight")]
+        out.append(Tensor(t.name, "F8_E4M3", t.shape))
+        out.append(Tensor(f"{module}.weight_scale", "F32", _scale_shape(fmt, per_channel, t.shape[0])))
+        if static:
+            out.append(Tensor(f"{module}.input_scale", "F32", (1,) if fmt == "compressed-tensors" else ()))
+    return out
+
+
+def measure_layer(index: int, source: list[Tensor], quantized: dict[str, str], experts: Iterable[str],
+                  compute_elem: int, fmt: str, per_channel: bool, static: bool) -> LayerSizes:
+    by_name = {t.name: t for t in source}
+    qtensors = [by_name[n] for n in quantized.values()]
+    outputs = layer_output_tensors(source, quantized, fmt, per_channel, static)
+    copied = {t.name for t in source} - set(quantized.values())
+    expert_numel = sum(by_name[quantized[m]].numel for m in experts if m in quantized)
+    return LayerSizes(
+        index=index,
+        source_bytes=sum(t.nbytes for t in source),
+        pinned_source_bytes=sum(_round_pow2(t.nbytes) for t in source),
+        param_bytes=sum(t.numel for t in source) * compute_elem,
+        expert_param_bytes=expert_numel * compute_elem,
+        quantized_source_bytes=sum(t.nbytes for t in qtensors),
+        copied_bytes=sum(t.nbytes for t in source if t.name in copied),
+        fp8_bytes=sum(t.nbytes for t in outputs if t.name not in copied),
+        pinned_fp8_bytes=sum(_round_pow2(t.nbytes) for t in outputs if t.name not in copied),
+        out_file_bytes=safetensors_file_bytes(outputs, SAFETENSORS_METADATA),
+        quant_numels=tuple(t.numel for t in qtensors),
+        source_elem=max((DTYPE_BYTES[t.dtype] for t in qtensors), default=2),
+    )
+
+
+# ======================================================================================
+# Activations of one calibration batch through one decoder layer
+# ======================================================================================
+
+
+def activation_bytes(m: ModelShape, batch: BatchShape, elem: int, all_experts: bool = False,
+                     grouped_gemm: bool = True) -> dict[str, int]:
+    """Peak bytes one batch allocates inside a decoder layer forward (output included).
+
+    MoE (streamq.model.moe): the model's experts forward, then a statistics pass that
+    gathers every routed row (tokens x top_k) and computes its gate/up projection, the
+    activation and its absmax at once; without a grouped GEMM (CPU) the per-expert
+    results are concatenated, so they exist twice.
+    """
+    n = batch.tokens
+    hidden = n * m.hidden * elem
+    live = LAYER_LIVE_HIDDEN * hidden + NORM_FP32_COPIES * n * m.hidden * FP32
+    q, kv = n * m.heads * m.head_dim * elem, n * m.kv_heads * m.head_dim * elem
+    attention = QKV_COPIES * (q + 2 * kv) + q
+    if m.qk_norm:
+        attention += (q + kv) // elem * FP32
+    if batch.padded and m.kv_heads < m.heads:
+        attention += 2 * q  # repeat_kv: sdpa gets a mask, so k/v are expanded to every head
+    mask = batch.rows * batch.seq_len * batch.seq_len if batch.padded else 0
+    if m.num_experts:
+        e, k = m.num_experts, max(m.top_k, 1)
+        routed = n * k
+        router = n * e * (elem + 2 * FP32) + routed * (e + 1) * INT64  # logits, softmax, one_hot mask
+        stats = routed * (m.hidden + MOE_STATS_INTERMEDIATES * m.moe_intermediate) * elem
+        if not grouped_gemm:
+            stats += routed * 2 * m.moe_intermediate * elem
+        mlp = router + hidden + stats  # the experts' output + the statistics pass
+        if all_experts:
+            mlp += n * (m.hidden + MLP_LIVE_INTERMEDIATES * m.moe_intermediate) * elem
+    else:
+        mlp = MLP_LIVE_INTERMEDIATES * n * m.intermediate * elem
+    inner = max(attention + mask, mlp)
+    return {"hidden states out": hidden, "residual and norm": live, "attention/MLP intermediates": inner}
+
+
+# ======================================================================================
+# The plan
+# ======================================================================================
+
+
+@dataclass
+class Inputs:
+    """What a plan is computed from (built from a prepared Job by `inputs_from_job`)."""
+
+    device_type: str  # "cpu" | "cuda"
+    static: bool
+    fmt: str
+    per_channel: bool
+    compute_elem: int
+    shape: ModelShape
+    layers: list[LayerSizes]
+    other_bytes: int  # non-layer tensors (embeddings, final norm, lm_head)
+    other_file_bytes: int  # their shard on disk
+    stem_param_bytes: int  # model.* non-layer params materialized for input capture (static)
+    stem_read_bytes: int  # what the input capture reads
+    aux_bytes: int  # tokenizer and side files copied as they are
+    batches: list[BatchShape] = field(default_factory=list)
+    hidden_cache: str = "auto"
+    all_experts: bool = False
+    checkpoint_layers: int = 0  # static: the cache is saved every N layers (global.cache_checkpoint_layers)
+    checkpoint_minutes: float = 0.0  # ... and every T minutes (global.cache_checkpoint_minutes)
+    model_path: str = ""
+    algorithm: str = ""
+    startup_seconds: float = 0.0  # imports and `prepare`, as the planning process measured them
+
+
+@dataclass
+class Plan:
+    model_path: str
+    algorithm: str
+    format: str
+    device: str
+    layers: int
+    bytes_to_read: int
+    bytes_to_write: int
+    disk_needed: int
+    cache_location: str  # "device" | "host" | "disk" | "none" (dynamic)
+    cache_bytes: int
+    calib_batches: int
+    calib_tokens: int
+    micro_batch: int  # rows per forward (the calibration batch size unless split to fit)
+    expert_groups: int
+    baseline_host_bytes: int
+    predicted_peak_gpu_bytes: int
+    predicted_peak_host_bytes: int
+    gpu_breakdown: dict[str, int]
+    host_breakdown: dict[str, int]
+    gpu_budget: int | None
+    host_budget: int | None
+    estimated_seconds: float
+    time_breakdown: dict[str, float]
+    assumptions: dict[str, float]
+    notes: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def summary(self) -> str:
+        lines = [
+            f"plan: {self.algorithm} ({self.format}) of {self.model_path} on {self.device}",
+            f"  layers            {self.layers}",
+            f"  read              {fmt_size(self.bytes_to_read)}",
+            f"  write             {fmt_size(self.bytes_to_write)}",
+            f"  disk needed       {fmt_size(self.disk_needed)}",
+        ]
+        if self.cache_location != "none":
+            lines.append(f"  hidden cache      {self.cache_location}, {fmt_size(self.cache_bytes)} "
+                         f"({self.calib_batches} batches, {self.calib_tokens} tokens, micro-batch {self.micro_batch})")
+        if self.expert_groups > 1:
+            lines.append(f"  expert groups     {self.expert_groups}")
+        lines.append(f"  peak GPU          {fmt_size(self.predicted_peak_gpu_bytes)}"
+                     + (f" of {fmt_size(self.gpu_budget)}" if self.gpu_budget else "")
+                     + (f"  ({describe(self.gpu_breakdown)})" if self.gpu_breakdown else ""))
+        lines.append(f"  peak host RSS     {fmt_size(self.predicted_peak_host_bytes)}"
+                     + (f" of {fmt_size(self.host_budget)}" if self.host_budget else "")
+                     + f"  ({describe(self.host_breakdown)})")
+        lines.append(f"  time              ~{fmt_seconds(self.estimated_seconds)}  ("
+                     + ", ".join(f"{k} {fmt_seconds(v)}" for k, v in self.time_breakdown.items()) + ")")
+        lines += [f"  note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def fmt_size(n: float | None, round_up: bool = False) -> str:
+    """1.5 GiB; `round_up` for a minimum, so that the printed budget is enough."""
+    if n is None:
+        return "unlimited"
+    for unit, scale in (("GiB", GiB), ("MiB", MiB), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            value = math.ceil(n / scale * 10) / 10 if round_up else n / scale
+            return f"{value:.1f} {unit}"
+    return f"{int(n)} B"
+
+
+def fmt_seconds(s: float) -> str:
+    if s >= 3600:
+        return f"{s / 3600:.1f} h"
+    if s >= 60:
+        return f"{s / 60:.1f} min"
+    return f"{s:.1f} s"
+
+
+def describe(parts: dict[str, int]) -> str:
+    return " + ".join(f"{k} {fmt_size(v)}" for k, v in parts.items() if v > 0)
+
+
+@dataclass(frozen=True)
+class _Choice:
+    location: str
+    micro_batch: int
+    expert_groups: int
+
+
+# --------------------------------------------------------------------------- phases
+
+
+def _cache_bytes(inputs: Inputs, pinned: bool) -> int:
+    per = [b.tokens * inputs.shape.hidden * inputs.compute_elem for b in inputs.batches]
+    return sum(_round_pow2(x) for x in per) if pinned else sum(per)
+
+
+def _micro(batch: BatchShape, rows: int) -> BatchShape:
+    return replace(batch, rows=min(rows, batch.rows))
+
+
+def _largest_activation(inputs: Inputs, micro_batch: int) -> dict[str, int]:
+    best: dict[str, int] = {}
+    for b in inputs.batches:
+        act = activation_bytes(inputs.shape, _micro(b, micro_batch), inputs.compute_elem, inputs.all_experts,
+                               grouped_gemm=inputs.device_type == "cuda" and inputs.compute_elem == 2)
+        if sum(act.values()) > sum(best.values()):
+            best = act
+    return best
+
+
+def _max_phase(phases: list[dict[str, int]]) -> dict[str, int]:
+    return max(phases, key=lambda p: sum(p.values()), default={})
+
+
+def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
+    """The largest set of allocations alive at once on the GPU (empty on CPU)."""
+    if inputs.device_type != "cuda":
+        return {}
+    phases: list[dict[str, int]] = []
+    for lay in inputs.layers:
+        if not inputs.static:
+            phases.append({"layer weights (source dtype)": lay.quantized_source_bytes,
+                           "quantize temporaries": max(lay.quantize_transient(False), lay.absmax_transient)})
+            continue
+        params = lay.param_bytes - lay.expert_param_bytes + lay.expert_param_bytes // choice.expert_groups
+        fixed = {"embedding": inputs.stem_param_bytes,
+                 "hidden cache": _cache_bytes(inputs, False) if choice.location == "device" else 0,
+                 "layer (compute dtype)": params}
+        act = _largest_activation(inputs, choice.micro_batch)
+        if choice.location != "device":
+            act = {"hidden states in": (max(b.tokens for b in inputs.batches) * inputs.shape.hidden
+                                        * inputs.compute_elem)} | act
+        phases.append(fixed | act)
+        phases.append(fixed | {"quantize temporaries": max(lay.quantize_transient(False), lay.absmax_transient)})
+    return _max_phase(phases)
+
+
+def _pending_writes(inputs: Inputs, times: _LayerTimes, i: int) -> list[LayerSizes]:
+    """Earlier layers whose output may still be alive (being written) while layer i computes.
+
+    The writer thread takes one shard at a time and the loop only waits when two are
+    pending, so when writing a layer takes longer than computing one (writer-bound) the
+    two previous layers' outputs are alive for all of layer i; otherwise the previous
+    one may be. Timing decides whether that happens; a budget must hold when it does,
+    so the plan counts them for the whole layer.
+    """
+    writer_bound = i > 0 and times.write[i - 1] > times.compute[i]
+    return inputs.layers[max(0, i - (2 if writer_bound else 1)):i]
+
+
+def _host_phases(inputs: Inputs, choice: _Choice, baseline: int, times: _LayerTimes) -> dict[str, int]:
+    """The largest set of host allocations alive at once, baseline included."""
+    cuda = inputs.device_type == "cuda"
+    fixed = {"baseline": baseline}
+    if cuda:
+        fixed["CUDA context"] = CUDA_CONTEXT_HOST_BYTES + (CUDA_FORWARD_LIBS_HOST_BYTES if inputs.static else 0)
+    if inputs.static and (choice.location == "host" or (choice.location == "device" and not cuda)):
+        fixed["hidden cache"] = _cache_bytes(inputs, pinned=cuda)
+    if inputs.static and not cuda:
+        fixed["embedding"] = inputs.stem_param_bytes
+    phases = []
+    for i, lay in enumerate(inputs.layers):
+        held = sum(p.output_bytes(pinned=cuda) for p in _pending_writes(inputs, times, i))
+        pending = {"earlier outputs (write pending)": held}
+        nxt = inputs.layers[i + 1] if i + 1 < len(inputs.layers) else None
+        if cuda:
+            phases.append(fixed | pending | _host_cuda_layer(lay, nxt))
+        else:
+            prefetched = {"next layer (prefetched)": nxt.source_bytes if nxt else 0}
+            phases += _host_cpu_layer(inputs, choice, lay, fixed | pending | prefetched)
+    last = {"non-layer tensors (last shard)": inputs.other_bytes}
+    if cuda:  # torch's caching host allocator keeps pinned blocks until the process ends
+        last["pinned blocks kept"] = max((_pinned_in_use(inputs, times, i) for i in range(len(inputs.layers))),
+                                         default=0)
+    phases.append(fixed | last)
+    return _max_phase(phases)
+
+
+def _pinned_in_use(inputs: Inputs, times: _LayerTimes, i: int) -> int:
+    """Pinned bytes while layer i computes: it, the next one, its FP8 copies, pending outputs."""
+    nxt = inputs.layers[i + 1].pinned_source_bytes if i + 1 < len(inputs.layers) else 0
+    pending = sum(p.pinned_fp8_bytes for p in _pending_writes(inputs, times, i))
+    return inputs.layers[i].pinned_source_bytes + nxt + inputs.layers[i].pinned_fp8_bytes + pending
+
+
+def _host_cuda_layer(lay: LayerSizes, nxt: LayerSizes | None) -> dict[str, int]:
+    """CUDA: the layer pinned, the next one read and copied into pinned blocks, FP8 copied back
+    into pinned blocks (torch's caching host allocator rounds each up to a power of two)."""
+    return {"layer (pinned)": lay.pinned_source_bytes,
+            "next layer (prefetch: read buffer + pinned)": (nxt.source_bytes + nxt.pinned_source_bytes) if nxt else 0,
+            "output (pinned fp8 + copied)": lay.output_bytes(pinned=True)}
+
+
+def _host_cpu_layer(inputs: Inputs, choice: _Choice, lay: LayerSizes, fixed: dict[str, int]) -> list[dict[str, int]]:
+    """CPU: the source pages touched, the layer in compute dtype, FP8 results and temporaries."""
+    source = {"layer (source)": lay.source_bytes}
+    quant = {"fp8 output + quantize temporaries": max(lay.quantize_transient(True), lay.absmax_transient)}
+    if not inputs.static:
+        return [fixed | source | quant]
+    act = _largest_activation(inputs, choice.micro_batch)
+    # glibc keeps freed blocks under its mmap threshold: a batch's activations stay resident.
+    retained = {"activations (kept by malloc)": sum(act.values())}
+    layer = source | {"layer (compute dtype)": lay.param_bytes}
+    return [fixed | layer | act, fixed | layer | retained | quant]
+
+
+# --------------------------------------------------------------------------- time
+
+
+@dataclass
+class _LayerTimes:
+    read: list[float]
+    write: list[float]
+    compute: list[float]
+
+
+def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes:
+    cuda = inputs.device_type == "cuda"
+    flops = a.gpu_flops if cuda else a.cpu_flops
+    elementwise = a.gpu_elementwise_bps if cuda else a.cpu_elementwise_bps
+    tokens = sum(b.tokens for b in inputs.batches) if inputs.static else 0
+    cache = _cache_bytes(inputs, False) if inputs.static else 0
+    cache_traffic = {"host": 2 * cache / a.pcie_bps if cuda else 0.0,
+                     "disk": cache / a.disk_read_bps + cache / a.disk_write_bps}.get(choice.location, 0.0)
+    t = _LayerTimes([], [], [])
+    for lay in inputs.layers:
+        transfer = (lay.source_bytes + lay.fp8_bytes) / a.pcie_bps if cuda else 0.0
+        calibrate = 0.0
+        if inputs.static:
+            calibrate = 2 * _active_params(inputs, lay) * tokens / flops + cache_traffic * choice.expert_groups
+        t.read.append(lay.source_bytes / a.disk_read_bps)
+        t.write.append(lay.out_file_bytes / a.disk_write_bps)
+        t.compute.append(transfer + calibrate + lay.quantized_source_bytes / elementwise)
+    return t
+
+
+def _active_params(inputs: Inputs, lay: LayerSizes) -> float:
+    """Parameters one token multiplies with (routed experts: top_k of num_experts)."""
+    params = (lay.param_bytes - lay.expert_param_bytes) / inputs.compute_elem
+    if lay.expert_param_bytes and inputs.shape.num_experts:
+        share = 1.0 if inputs.all_experts else inputs.shape.top_k / inputs.shape.num_experts
+        params += lay.expert_param_bytes / inputs.compute_elem * share
+    return params
+
+
+def _total_time(inputs: Inputs, a: Assumptions, times: _LayerTimes) -> dict[str, float]:
+    """Read, compute and write overlap (prefetch and writer threads): the slowest sets the pace.
+
+    The first layer waits for two reads: the loop schedules layer 1 before it asks for layer 0.
+    """
+    n = len(inputs.layers)
+    pipeline = sum(max(times.read[i + 1] if i + 1 < n else 0.0, times.compute[i], times.write[i])
+                   for i in range(n))
+    first = times.read[0] + (times.read[1] if n > 1 else 0.0) if n else 0.0
+    rest = (inputs.other_bytes + inputs.stem_read_bytes) / a.disk_read_bps + inputs.other_file_bytes / a.disk_write_bps
+    return {"startup": inputs.startup_seconds, "first read": first, "layers": pipeline, "last shard": rest}
+
+
+# --------------------------------------------------------------------------- search
+
+
+def _candidates(inputs: Inputs, allow_micro_batch: bool, allow_expert_groups: bool) -> list[_Choice]:
+    if not inputs.static:
+        return [_Choice("none", 0, 1)]
+    if inputs.hidden_cache != "auto":
+        locations = [inputs.hidden_cache]
+    else:
+        locations = ["device", "host", "disk"] if inputs.device_type == "cuda" else ["host", "disk"]
+    rows = max(b.rows for b in inputs.batches)
+    micro = [rows]
+    while allow_micro_batch and micro[-1] > 1:
+        micro.append((micro[-1] + 1) // 2)
+    groups = [1]
+    experts = inputs.shape.num_experts
+    while allow_expert_groups and experts and groups[-1] * 2 <= experts and inputs.device_type == "cuda":
+        groups.append(groups[-1] * 2)
+    return [_Choice(loc, mb, g) for loc in locations for g in groups for mb in micro]
+
+
+@dataclass
+class _Evaluated:
+    choice: _Choice
+    gpu: dict[str, int]
+    host: dict[str, int]
+    seconds: dict[str, float]
+
+    @property
+    def gpu_peak(self) -> int:
+        return sum(self.gpu.values())
+
+    @property
+    def host_peak(self) -> int:
+        return sum(self.host.values())
+
+    @property
+    def gpu_needed(self) -> int:
+        """The smallest GPU budget this choice fits in (headroom included)."""
+        return math.ceil(self.gpu_peak / (1 - GPU_HEADROOM))
+
+    @property
+    def total_seconds(self) -> float:
+        return sum(self.seconds.values())
+
+
+def _evaluate(inputs: Inputs, choice: _Choice, baseline: int, a: Assumptions) -> _Evaluated:
+    times = _layer_times(inputs, a, choice)
+    return _Evaluated(choice, _gpu_phases(inputs, choice), _host_phases(inputs, choice, baseline, times),
+                      _total_time(inputs, a, times))
+
+
+def _fits(e: _Evaluated, gpu_budget: int | None, host_budget: int | None) -> bool:
+    return (gpu_budget is None or e.gpu_needed <= gpu_budget) and (host_budget is None or e.host_peak <= host_budget)
+
+
+def _preference(e: _Evaluated) -> tuple:
+    """Fastest first; ties: whole experts, whole batches, the cache nearest the device."""
+    loc = LOCATIONS.index(e.choice.location) if e.choice.location in LOCATIONS else 0
+    return (round(e.total_seconds, 3), e.choice.expert_groups, -e.choice.micro_batch, loc)
+
+
+def _budget_error(options: list[_Evaluated], gpu_budget: int | None, host_budget: int | None,
+                  gpu_label: str, host_label: str) -> BudgetError:
+    """Name the smallest budget that would work: host first, else GPU among host-fitting choices.
+
+    The error carries `resource` ("host" | "gpu") and `needed_bytes` for callers.
+    """
+    host_ok = [e for e in options if host_budget is None or e.host_peak <= host_budget]
+    best = min(options, key=lambda e: e.host_peak) if not host_ok else min(host_ok, key=lambda e: e.gpu_needed)
+    where = f" with the hidden cache on {best.choice.location}" if best.choice.location in LOCATIONS else ""
+    if not host_ok:
+        resource, needed = "host", best.host_peak
+        text = f"{fmt_size(needed, True)} of host memory{where} ({describe(best.host)}); {host_label}"
+    else:
+        resource, needed = "gpu", best.gpu_needed
+        text = (f"{fmt_size(needed, True)} of GPU memory{where} ({describe(best.gpu)}, "
+                f"+{GPU_HEADROOM:.0%} headroom); {gpu_label}")
+    error = BudgetError(f"the job does not fit the memory budget: needs at least {text}")
+    error.resource, error.needed_bytes = resource, needed
+    return error
+
+
+def choose(inputs: Inputs, gpu_budget: int | None, host_budget: int | None, baseline: int,
+           assumptions: Assumptions, gpu_label: str = "", host_label: str = "",
+           allow_micro_batch: bool = ENGINE_SUPPORTS_MICRO_BATCH,
+           allow_expert_groups: bool = ENGINE_SUPPORTS_EXPERT_GROUPS) -> _Evaluated:
+    """The preferred placement that fits both budgets; BudgetError naming the minimum if none."""
+    options = [_evaluate(inputs, c, baseline, assumptions)
+               for c in _candidates(inputs, allow_micro_batch, allow_expert_groups)]
+    fitting = [e for e in options if _fits(e, gpu_budget, host_budget)]
+    if not fitting:
+        raise _budget_error(options, gpu_budget, host_budget, gpu_label or f"{fmt_size(gpu_budget)} available",
+                            host_label or f"{fmt_size(host_budget)} available")
+    return min(fitting, key=_preference)
+
+
+# ======================================================================================
+# From a prepared job
+# ======================================================================================
+
+
+def _tensors(reader: Any, names: Iterable[str]) -> list[Tensor]:
+    return [Tensor(n, reader.tensors[n].dtype, tuple(reader.tensors[n].shape)) for n in names]
+
+
+def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
+    """Everything the plan needs from a `streamq.engine.run.Job` (no weight is read)."""
+    config, reader = job.config, job.reader
+    static = config.scheme.static_activations
+    elem = _elem(job.dtype)
+    fmt = config.quant.save_name
+    per_channel = config.quant.weight == "per-channel"
+    layers = [measure_layer(lay.index, _tensors(reader, reader.layers[lay.index]), lay.quantized, lay.experts,
+                            elem, fmt, per_channel, static) for lay in job.layouts]
+    other = _tensors(reader, sorted(reader.other))
+    stem = [t for t in other if t.name.startswith("model.") and not t.name.startswith("model.layers.")]
+    return Inputs(
+        device_type=device_type or job.device.type, static=static, fmt=fmt, per_channel=per_channel,
+        compute_elem=elem, shape=ModelShape.from_config(job.hf_config), layers=layers,
+        other_bytes=sum(t.nbytes for t in other),
+        other_file_bytes=safetensors_file_bytes(other, SAFETENSORS_METADATA),
+        stem_param_bytes=sum(t.numel for t in stem) * elem if static else 0,
+        stem_read_bytes=sum(t.nbytes for t in stem) if static else 0,
+        aux_bytes=_aux_bytes(reader.path),
+        batches=_batch_shapes(job) if static else [],
+        hidden_cache=config.quant.hidden_cache,
+        all_experts=config.quant.moe_calibrate_all_experts,
+        checkpoint_layers=int(getattr(config, "cache_checkpoint_layers", 0) or 0),
+        checkpoint_minutes=float(getattr(config, "cache_checkpoint_minutes", 0) or 0),
+        model_path=str(reader.path), algorithm=config.quant.name,
+    )
+
+
+def _elem(dtype: Any) -> int:
+    import torch
+
+    return torch.finfo(dtype).bits // 8
+
+
+def _aux_bytes(path: Any) -> int:
+    from streamq.checkpoint.writer import AUX_FILES
+
+    return sum((path / n).stat().st_size for n in AUX_FILES if (path / n).is_file())
+
+
+def _batch_shapes(job: Any) -> list[BatchShape]:
+    """The calibration batches as prepared; from the dataset section when none are loaded."""
+    if job.batches:
+        return [BatchShape(int(b.input_ids.shape[0]), int(b.input_ids.shape[1]), bool((b.attention_mask == 0).any()))
+                for b in job.batches]
+    d = job.config.dataset
+    full, last = divmod(d.num_samples, d.batch_size)
+    shapes = [BatchShape(d.batch_size, d.max_seq_length, True)] * full
+    return shapes + ([BatchShape(last, d.max_seq_length, True)] if last else [])
+
+
+def process_baseline() -> int:
+    """Resident memory of this process now, or its peak so far if higher (VmHWM)."""
+    from streamq.engine.progress import current_host_rss, peak_host_rss
+
+    return max(current_host_rss(), peak_host_rss())
+
+
+def _gpu_budget(job: Any, device_type: str, max_gpu_memory: int | None) -> tuple[int | None, str]:
+    if device_type != "cuda":
+        return None, ""
+    if max_gpu_memory is not None:
+        return max_gpu_memory, f"--max-gpu-memory {fmt_size(max_gpu_memory)} given"
+    import torch
+
+    if job.device.type == "cuda" and torch.cuda.is_available():
+        free, _ = torch.cuda.mem_get_info(job.device)
+        return free, f"{fmt_size(free)} free on {job.device}"
+    return None, ""
+
+
+def _host_budget(max_cpu_memory: int | None, baseline: int) -> tuple[int, str]:
+    if max_cpu_memory is not None:
+        return max_cpu_memory, f"--max-cpu-memory {fmt_size(max_cpu_memory)} given"
+    import psutil
+
+    available = psutil.virtual_memory().available + baseline
+    return available, f"{fmt_size(available)} available"
+
+
+def make_plan(job: Any, max_gpu_memory: int | None = None, max_cpu_memory: int | None = None, *,
+              device_type: str | None = None, baseline_host_bytes: int | None = None,
+              assumptions: Assumptions | None = None, startup_seconds: float = 0.0,
+              allow_micro_batch: bool = ENGINE_SUPPORTS_MICRO_BATCH,
+              allow_expert_groups: bool = ENGINE_SUPPORTS_EXPERT_GROUPS) -> Plan:
+    """Plan a prepared job (`streamq.engine.run.prepare(config)`); raises BudgetError if nothing fits.
+
+    Budgets default to the config's (`global.max_gpu_memory` / `max_cpu_memory`), then to
+    what the machine has free. `device_type` plans for another device than the job's
+    (a CUDA run planned on a machine without one). The host baseline is this process's
+    RSS unless given: call it where the run will start, after `prepare`. `startup_seconds`
+    (imports and prepare) is added to the time estimate.
+    """
+    a = assumptions or Assumptions()
+    inputs = inputs_from_job(job, device_type)
+    inputs.startup_seconds = startup_seconds
+    baseline = baseline_host_bytes if baseline_host_bytes is not None else process_baseline()
+    gpu_budget, gpu_label = _gpu_budget(job, inputs.device_type, max_gpu_memory or job.config.max_gpu_memory)
+    host_budget, host_label = _host_budget(max_cpu_memory or job.config.max_cpu_memory, baseline)
+    best = choose(inputs, gpu_budget, host_budget, baseline, a, gpu_label, host_label,
+                  allow_micro_batch, allow_expert_groups)
+    return _to_plan(inputs, best, baseline, gpu_budget, host_budget, a)
+
+
+def _to_plan(inputs: Inputs, best: _Evaluated, baseline: int, gpu_budget: int | None, host_budget: int | None,
+             a: Assumptions) -> Plan:
+    c = best.choice
+    cache = _cache_bytes(inputs, False) if inputs.static else 0
+    layer_files = sum(lay.out_file_bytes for lay in inputs.layers)
+    write = layer_files + inputs.other_file_bytes
+    disk = write + inputs.aux_bytes + (cache if c.location == "disk" else 0)
+    notes = []
+    checkpoints = inputs.checkpoint_layers > 0 and len(inputs.layers) > inputs.checkpoint_layers or \
+        inputs.checkpoint_minutes > 0 and best.total_seconds > 60 * inputs.checkpoint_minutes
+    if inputs.static and checkpoints:
+        disk += 2 * cache  # a cache checkpoint for resume, and its replacement while it is written
+        notes.append("disk includes two hidden-cache checkpoints (global.cache_checkpoint_*)")
+    if inputs.device_type == "cuda" and gpu_budget is None:
+        notes.append("no GPU visible: the GPU budget is not checked")
+    return Plan(
+        model_path=inputs.model_path, algorithm=inputs.algorithm, format=inputs.fmt, device=inputs.device_type,
+        layers=len(inputs.layers),
+        bytes_to_read=sum(lay.source_bytes for lay in inputs.layers) + inputs.other_bytes + inputs.stem_read_bytes,
+        bytes_to_write=write, disk_needed=disk, cache_location=c.location, cache_bytes=cache,
+        calib_batches=len(inputs.batches), calib_tokens=sum(b.tokens for b in inputs.batches),
+        micro_batch=c.micro_batch, expert_groups=c.expert_groups, baseline_host_bytes=baseline,
+        predicted_peak_gpu_bytes=best.gpu_peak, predicted_peak_host_bytes=best.host_peak,
+        gpu_breakdown=best.gpu, host_breakdown=best.host, gpu_budget=gpu_budget, host_budget=host_budget,
+        estimated_seconds=best.total_seconds, time_breakdown=best.seconds, assumptions=asdict(a), notes=notes,
+    )
+
+
+def plan_command(config_path: str, overrides: dict[str, Any], as_json: bool = False) -> int:
+    """`streamq plan`: prepare the job (no weights read), plan it, print the plan.
+
+    A CUDA job is planned on a machine without a GPU too: prepared for the CPU, planned
+    for CUDA (the GPU budget is then only checked against --max-gpu-memory).
+    """
+    import time
+
+    import psutil
+    import torch
+
+    from streamq.config import load_config
+    from streamq.engine.run import prepare
+
+    config = load_config(config_path, overrides)
+    target = None
+    if config.device.startswith("cuda") and not torch.cuda.is_available():
+        target, config.device = "cuda", "cpu"
+    job = prepare(config)
+    startup = time.time() - psutil.Process().create_time()  # imports + prepare, as a run will spend them
+    plan = make_plan(job, device_type=target, startup_seconds=startup)
+    print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.summary())
+    return 0
