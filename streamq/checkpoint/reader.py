@@ -152,17 +152,25 @@ class CheckpointReader:
         return {f: (self.path / f).stat().st_size for f in self.files} | {
             "config.json": (self.path / "config.json").stat().st_size}
 
-    def read(self, names: list[str], device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    def read_size(self, names: list[str]) -> int:
+        """Bytes of host buffer `read` needs for these tensors (ranges, gaps, alignment)."""
+        return sum(-(-(r[-1].offset + r[-1].nbytes - r[0].offset) // _ALIGN) * _ALIGN for r in self._runs(names))
+
+    def read(self, names: list[str], device: str | torch.device = "cpu",
+             buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """Read tensors into one host buffer: one allocation, no intermediate copies.
 
-        Tensors that sit (nearly) next to each other in a file are read as one range, in
+        `buffer` (uint8, at least `read_size` bytes) is reused when given: faulting in fresh
+        pages for every layer costs more than the read itself. Tensors that sit (nearly)
+        next to each other in a file are read as one range, in
         64 MiB `readinto` calls. Few, large reads matter: each call releases the GIL, and
         a background reader that needs it back a thousand times per layer (one per MoE
         expert tensor) waits on the busy main thread each time.
         """
         runs = self._runs(names)
         total = sum(-(-(r[-1].offset + r[-1].nbytes - r[0].offset) // _ALIGN) * _ALIGN for r in runs)
-        buffer = torch.empty(total, dtype=torch.uint8)
+        if buffer is None or buffer.numel() < total:
+            buffer = torch.empty(total, dtype=torch.uint8)
         raw = buffer.numpy()
         where: dict[str, int] = {}
         pos = 0

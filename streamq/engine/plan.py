@@ -83,6 +83,11 @@ _DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "
 SAFETENSORS_METADATA = {"format": "pt"}  # what atomic_save_tensors writes into each header
 LOCATIONS = ("device", "host", "disk")
 
+# How the prefetcher pins a layer on CUDA: True while it copies each tensor into its own
+# pinned block (`pin_memory`: a second copy, each rounded up to a power of two); False once
+# it reads into a pool of two page-locked buffers (cudaHostRegister: no copy, no rounding).
+PREFETCH_PINS_EACH_TENSOR = True
+
 # Features the planner may choose that the engine must implement to honour them. The
 # lead flips these when `_process_layer` splits batches / experts; until then a plan
 # never asks for them (a budget that needs them is reported as such).
@@ -516,17 +521,22 @@ def _host_phases(inputs: Inputs, choice: _Choice, baseline: int, times: _LayerTi
 
 def _pinned_in_use(inputs: Inputs, times: _LayerTimes, i: int) -> int:
     """Pinned bytes while layer i computes: it, the next one, its FP8 copies, pending outputs."""
-    nxt = inputs.layers[i + 1].pinned_source_bytes if i + 1 < len(inputs.layers) else 0
+    layers = inputs.layers[i:i + 2]
+    source = sum(x.pinned_source_bytes if PREFETCH_PINS_EACH_TENSOR else x.source_bytes for x in layers)
     pending = sum(p.pinned_fp8_bytes for p in _pending_writes(inputs, times, i))
-    return inputs.layers[i].pinned_source_bytes + nxt + inputs.layers[i].pinned_fp8_bytes + pending
+    return source + inputs.layers[i].pinned_fp8_bytes + pending
 
 
 def _host_cuda_layer(lay: LayerSizes, nxt: LayerSizes | None) -> dict[str, int]:
     """CUDA: the layer pinned, the next one read and copied into pinned blocks, FP8 copied back
     into pinned blocks (torch's caching host allocator rounds each up to a power of two)."""
+    output = {"output (pinned fp8 + copied)": lay.output_bytes(pinned=True)}
+    if not PREFETCH_PINS_EACH_TENSOR:
+        return {"layer (page-locked buffer)": lay.source_bytes,
+                "next layer (page-locked buffer)": nxt.source_bytes if nxt else 0} | output
     return {"layer (pinned)": lay.pinned_source_bytes,
             "next layer (prefetch: read buffer + pinned)": (nxt.source_bytes + nxt.pinned_source_bytes) if nxt else 0,
-            "output (pinned fp8 + copied)": lay.output_bytes(pinned=True)}
+            } | output
 
 
 def _host_cpu_layer(inputs: Inputs, choice: _Choice, lay: LayerSizes, fixed: dict[str, int]) -> list[dict[str, int]]:

@@ -258,32 +258,58 @@ class _Calibrator:
 class _Prefetcher:
     """Reads the next layer in a background thread while the current one computes.
 
-    safetensors releases the GIL while copying, so disk reads overlap compute. On CUDA
-    the tensors land in pinned memory, so host-to-device copies can be asynchronous.
+    Reads release the GIL, so disk overlaps compute. Layers are read into a small pool of
+    reused host buffers (fresh pages for every layer cost more than the read); on CUDA
+    the buffers are page-locked once, so host-to-device copies run asynchronously.
     """
+
+    POOL = 2  # the layer in hand and the one being read
 
     def __init__(self, reader: CheckpointReader, pin: bool):
         self.reader, self.pin = reader, pin
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-read")
         self.futures: dict[int, Future] = {}
+        self.free: list[torch.Tensor] = []
+        self.registered: list[int] = []
 
     def schedule(self, index: int) -> None:
         if index not in self.futures:
             self.futures[index] = self.pool.submit(self._read, index)
 
-    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], float]:
-        t0 = time.monotonic()
-        tensors = self.reader.read_layer(index)
-        if self.pin:
-            tensors = {k: v.pin_memory() for k, v in tensors.items()}
-        return tensors, time.monotonic() - t0
+    def _buffer(self, size: int) -> torch.Tensor:
+        fitting = [b for b in self.free if b.numel() >= size]
+        if fitting:
+            self.free.remove(fitting[0])
+            return fitting[0]
+        buffer = torch.empty(size, dtype=torch.uint8)
+        if self.pin and int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, 0)) == 0:
+            self.registered.append(buffer.data_ptr())
+        return buffer
 
-    def get(self, index: int) -> tuple[dict[str, torch.Tensor], float]:
+    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
+        t0 = time.monotonic()
+        names = self.reader.layers[index]
+        buffer = self._buffer(self.reader.read_size(names))
+        tensors = self.reader.read(names, buffer=buffer)
+        return tensors, time.monotonic() - t0, buffer
+
+    def get(self, index: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
         self.schedule(index)
         return self.futures.pop(index).result()
 
+    def recycle(self, buffer: torch.Tensor) -> None:
+        """The layer read into `buffer` is done (and no copy from it is still in flight)."""
+        if len(self.free) < self.POOL:
+            self.free.append(buffer)
+
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.registered:
+            torch.cuda.synchronize()
+            for ptr in self.registered:
+                torch.cuda.cudart().cudaHostUnregister(ptr)
+            self.registered.clear()
+        self.free.clear()
 
 
 class _Writer:
@@ -356,6 +382,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     prefetch = _Prefetcher(job.reader, pin=job.device.type == "cuda")
     writer = _Writer(state, out_dir)
     try:
+        if todo:
+            prefetch.schedule(todo[0])  # first, so the next layer's read queues behind it
         for pos, i in enumerate(todo):
             if pos + 1 < len(todo):
                 prefetch.schedule(todo[pos + 1])
@@ -391,6 +419,12 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     return report
 
 
+def _recycle(job: Job, prefetch: _Prefetcher, buffer: torch.Tensor) -> None:
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)  # asynchronous copies out of the buffer have landed
+    prefetch.recycle(buffer)
+
+
 def _to_host(t: torch.Tensor) -> torch.Tensor:
     """Device -> host without a synchronization per tensor: an async copy into pinned memory."""
     if t.device.type != "cuda":
@@ -406,7 +440,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     stages: dict[str, float] = {"layer": i}
     t = time.monotonic()
     progress.step("read")
-    tensors, stages["read"] = prefetch.get(i)
+    tensors, stages["read"], buffer = prefetch.get(i)
     stages["wait_read"] = time.monotonic() - t
     input_absmax = None
     if calib is not None:
@@ -425,6 +459,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         stages["to_device"] = time.monotonic() - t
     if already_written:  # replayed only to advance the hidden states
         release_layer(decoder_layers(job.skeleton)[i])
+        _recycle(job, prefetch, buffer)
         return stages
     t = time.monotonic()
     progress.step("quantize")
@@ -442,14 +477,16 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         if module in layout.quantized:
             out.update(produced[module])
         else:
-            # A copy, not a view into the layer's read buffer: the view would keep the whole
-            # source layer alive (in host RSS) until the writer is done with this shard.
+            # A copy, not a view: the read buffer is reused for a later layer while the
+            # writer may still be serializing this shard.
             out[name] = tensors[name].clone()
     if calib is not None:
         release_layer(decoder_layers(job.skeleton)[i])
     stages["quantize"] = time.monotonic() - t
     progress.step("write")
     # One shard may be in flight while the next layer computes; a second waits.
+    del tensors
+    _recycle(job, prefetch, buffer)
     stages["wait_write"] = writer.wait(max_pending=1)
     writer.submit(f"layer-{i}", shard_name(i, job.num_layers + 1), out)
     return stages
