@@ -86,7 +86,7 @@ LOCATIONS = ("device", "host", "disk")
 # How the prefetcher pins a layer on CUDA: True while it copies each tensor into its own
 # pinned block (`pin_memory`: a second copy, each rounded up to a power of two); False once
 # it reads into a pool of two page-locked buffers (cudaHostRegister: no copy, no rounding).
-PREFETCH_PINS_EACH_TENSOR = True
+PREFETCH_PINS_EACH_TENSOR = False
 
 # Features the planner may choose that the engine must implement to honour them. The
 # lead flips these when `_process_layer` splits batches / experts; until then a plan

@@ -32,9 +32,10 @@ from streamq.checkpoint.writer import (
 )
 from streamq.config import JobConfig
 from streamq.engine import faults
+from streamq.engine.plan import make_plan
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
 from streamq.engine.state import CACHE_DIR, RunState, open_run
-from streamq.errors import CheckpointError, ConfigError, OutputError
+from streamq.errors import BudgetError, CheckpointError, ConfigError, OutputError
 from streamq.model import capture as capture_mod
 from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
 from streamq.model.layout import LayerLayout, fused_expert_modules, plan_layer
@@ -130,28 +131,6 @@ def load_calibration(config: JobConfig, model_path: Path, hf_config) -> list:
                                     num_samples=d.num_samples, skip_bad_lines=d.skip_bad_lines)
         pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
     return make_batches(samples, d.batch_size, pad_id)
-
-
-def choose_cache_location(job: Job) -> str:
-    """Device if the activations fit next to a layer there, else host memory, else disk."""
-    wanted = job.config.quant.hidden_cache
-    if wanted != "auto":
-        return wanted
-    hidden = job.hf_config.hidden_size
-    elem = torch.finfo(job.dtype).bits // 8
-    need = sum(b.input_ids.numel() for b in job.batches) * hidden * elem
-    largest_layer = max(job.reader.layer_bytes(i) for i in range(job.num_layers))
-    if job.device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(job.device)
-        budget = min(free, job.config.max_gpu_memory or free)
-        if need + 3 * largest_layer < 0.8 * budget:
-            return "device"
-    import psutil
-
-    host_budget = min(psutil.virtual_memory().available, job.config.max_cpu_memory or 2**62)
-    if job.device.type == "cpu":
-        host_budget -= 3 * largest_layer
-    return "host" if need < 0.7 * host_budget else "disk"
 
 
 @dataclass
@@ -354,7 +333,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     start = time.monotonic()
     job = prepare(config)
     out_dir = Path(config.save_path)
-    _check_disk_space(job, out_dir)
+    plan = make_plan(job, startup_seconds=time.monotonic() - start)  # BudgetError (exit 3): nothing written yet
+    _check_disk_space(plan.disk_needed, out_dir)
     state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite, config.job_identity())
     (out_dir / "config.json").unlink(missing_ok=True)  # until the end, nothing looks finished
     state.status = "running"
@@ -368,7 +348,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     calib, begin = None, 0
     cache_root = out_dir / CACHE_DIR
     if config.scheme.static_activations:
-        report.cache_location = choose_cache_location(job)
+        report.cache_location = plan.cache_location
         calib = _Calibrator(job, report.cache_location, cache_root / "live")
         found = latest_checkpoint(cache_root, first_todo)
         if found is not None:
@@ -390,6 +370,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             stages = _process_layer(job, i, done[i], calib, prefetch, writer, progress)
             report.stages.append(stages)
             report.layer_gpu_bytes.append(peak_gpu_bytes(job.device))
+            _enforce_budget(job, i)
             if calib is not None and i + 1 < n and calib.checkpoint_due(i):
                 writer.wait()
                 save_checkpoint(calib.cache, len(job.batches), i + 1, cache_root)
@@ -415,7 +396,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     report.peak_gpu_bytes = peak_gpu_bytes(job.device)
     report.peak_host_bytes = peak_host_rss()
     report.notes = config.notes
-    atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "report": report.__dict__})
+    atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "plan": plan.to_dict(),
+                                              "report": report.__dict__})
     return report
 
 
@@ -484,10 +466,11 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         release_layer(decoder_layers(job.skeleton)[i])
     stages["quantize"] = time.monotonic() - t
     progress.step("write")
-    # One shard may be in flight while the next layer computes; a second waits.
+    # The previous shard must be on disk before this one is queued: one pending output
+    # overlaps the next layer's compute, a second would only hold more host memory.
     del tensors
     _recycle(job, prefetch, buffer)
-    stages["wait_write"] = writer.wait(max_pending=1)
+    stages["wait_write"] = writer.wait(max_pending=0)
     writer.submit(f"layer-{i}", shard_name(i, job.num_layers + 1), out)
     return stages
 
@@ -516,13 +499,26 @@ def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_
     state.save()
 
 
-def _check_disk_space(job: Job, out_dir: Path) -> None:
-    """Refuse up front if the output cannot fit (FP8 layers are about half the source)."""
-    need = sum(job.reader.layer_bytes(i) for i in range(job.num_layers)) * 0.55 + sum(
-        job.reader.tensors[n].nbytes for n in job.reader.other)
+def _check_disk_space(need: int, out_dir: Path) -> None:
+    """Refuse up front if the output cannot fit on its filesystem."""
     probe = out_dir
     while not probe.exists():
         probe = probe.parent
     free = shutil.disk_usage(probe).free
     if need > free:
         raise OutputError(f"{probe}: {fmt_bytes(free)} free, the output needs about {fmt_bytes(need)}")
+
+
+def _enforce_budget(job: Job, index: int) -> None:
+    """Stop cleanly (finished layers stay; rerun resumes) if a measured peak broke the budget."""
+    config = job.config
+    gpu = peak_gpu_bytes(job.device)
+    if config.max_gpu_memory and gpu > config.max_gpu_memory:
+        raise BudgetError(f"layer {index}: peak GPU memory {fmt_bytes(gpu)} exceeded the budget "
+                          f"{fmt_bytes(config.max_gpu_memory)}; finished layers are kept, rerun with a larger "
+                          "--max-gpu-memory to resume")
+    host = current_host_rss()
+    if config.max_cpu_memory and host > config.max_cpu_memory:
+        raise BudgetError(f"layer {index}: host memory {fmt_bytes(host)} exceeded the budget "
+                          f"{fmt_bytes(config.max_cpu_memory)}; finished layers are kept, rerun with a larger "
+                          "--max-cpu-memory to resume")
