@@ -28,8 +28,9 @@ _ALIGN = 64  # read ranges start on 64-byte boundaries of the layer buffer (dtyp
 _MAX_GAP = 1 << 20  # tensors closer than this in a file are read as one range (the gap is read too)
 _CHUNK = 64 << 20
 
-_DTYPE_BYTES = {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "F8_E4M3": 1, "F8_E5M2": 1, "I8": 1, "U8": 1,
-                "I16": 2, "I32": 4, "I64": 8, "BOOL": 1}
+# Bytes per element of every safetensors dtype (plan.py sizes files with the same table).
+DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
+               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def read_safetensors_header(path: Path) -> dict[str, dict]:
     for name, meta in header.items():
         try:  # valid JSON is not yet a valid header: every entry needs dtype, shape, data_offsets
             begin, stop = meta["data_offsets"]
-            expected = _DTYPE_BYTES.get(meta["dtype"], 0)
+            expected = DTYPE_BYTES.get(meta["dtype"], 0)
             numel = 1
             for d in meta["shape"]:
                 numel *= d

@@ -37,6 +37,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from streamq.checkpoint.reader import DTYPE_BYTES
 from streamq.errors import BudgetError
 
 GiB = 2**30
@@ -75,9 +76,7 @@ GPU_HEADROOM = 0.05
 # attention kernels that calibration forwards load ~220 MiB more.
 CUDA_CONTEXT_HOST_BYTES = 200 * MiB
 CUDA_FORWARD_LIBS_HOST_BYTES = 220 * MiB
-# Sizes of safetensors dtypes; order of the enum decides tensor order in a file header.
-DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E5M2": 1, "F8_E4M3": 1, "I16": 2, "U16": 2, "F16": 2,
-               "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "F64": 8, "I64": 8, "U64": 8}
+# Order of the safetensors dtype enum decides tensor order in a file header.
 _DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
                 "F64", "I64", "U64"]
 SAFETENSORS_METADATA = {"format": "pt"}  # what atomic_save_tensors writes into each header
