@@ -39,7 +39,7 @@ from streamq.errors import BudgetError, CheckpointError, ConfigError, OutputErro
 from streamq.model import capture as capture_mod
 from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
 from streamq.model.layout import LayerLayout, fused_expert_modules, plan_layer
-from streamq.model.moe import instrument_experts, restore_experts
+from streamq.model.moe import check_supported, instrument_experts, restore_experts
 from streamq.model.skeleton import (
     build_skeleton,
     compute_dtype,
@@ -106,7 +106,6 @@ def prepare(config: JobConfig) -> Job:
         job.batches = load_calibration(config, reader.path, hf_config)
         for lay in layouts:
             for parent, module in fused_expert_modules(layers[lay.index]).items():
-                from streamq.model.moe import check_supported
                 check_supported(module, lay.prefix + parent)
     return job
 
