@@ -34,7 +34,7 @@ def reference_static(model_path: Path, batches: list, scheme: QuantScheme, fmt: 
     ignore = IgnoreMatcher(scheme.ignore)
     layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore) for i in range(len(layers))]
     observers = []
-    for layout, layer in zip(layouts, layers):
+    for layout, layer in zip(layouts, layers, strict=True):
         obs = LayerObserver()
         obs.watch_linears(layer, [layout.rel(m) for m in layout.quantized if m not in layout.experts])
         for parent, module in fused_expert_modules(layer).items():
@@ -47,7 +47,7 @@ def reference_static(model_path: Path, batches: list, scheme: QuantScheme, fmt: 
 
     source = reader.read(list(reader.tensors))
     expected: dict[str, torch.Tensor] = {}
-    for layout, obs in zip(layouts, observers):
+    for layout, obs in zip(layouts, observers, strict=True):
         stats, weights = {}, {}
         for module, tensor_name in layout.quantized.items():
             weights[module] = source[tensor_name]

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import make_config, run_job
 from safetensors.torch import load_file
 
-from conftest import make_config, run_job
 from streamq.testing.synthetic import write_synthetic
 
 pytestmark = pytest.mark.gpu
@@ -53,8 +53,8 @@ def _peak_gpu(model: Path, out: Path) -> int:
                       batch_size=2)
     cfg["dataset"] = {"name": "RandomTokens", "num_samples": 8, "max_seq_length": 256, "batch_size": 2}
     cfg["compression"]["quantization"]["hidden_cache"] = "host"
-    script = ("import sys, json; sys.path.insert(0, %r); from conftest import run_job; "
-              "r = run_job(json.loads(sys.argv[1])); print(r.peak_gpu_bytes)") % str(REPO / "tests")
+    script = (f"import sys, json; sys.path.insert(0, {str(REPO / 'tests')!r}); from conftest import run_job; "
+              "r = run_job(json.loads(sys.argv[1])); print(r.peak_gpu_bytes)")
     proc = subprocess.run([sys.executable, "-c", script, json.dumps(cfg)], capture_output=True, text=True,
                           cwd=REPO, check=True)
     return int(proc.stdout.strip().splitlines()[-1])

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+from reference import reference_static
 from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
-from reference import reference_static
 from streamq.calib.dataset import load_text_dataset, make_batches
 from streamq.config import parse_config
 from streamq.engine.run import quantize
@@ -101,31 +102,37 @@ def test_cache_location_does_not_change_output(models, tmp_path, location):
 
 
 def test_padding_never_reaches_statistics(models, tmp_path):
-    """Changing what sits in padded positions (the pad token) must not move any scale."""
-    results = []
-    for pad_token in ("<|endoftext|>", None):
-        model = models["qwen3"]
-        variant = tmp_path / f"model-{len(results)}"
-        variant.mkdir()
-        for f in model.iterdir():
-            (variant / f.name).write_bytes(f.read_bytes())
-        if pad_token is None:  # a different pad id: different embeddings in every padded slot
-            cfg = json.loads((variant / "tokenizer_config.json").read_text())
-            tok = AutoTokenizer.from_pretrained(str(model))
-            other = next(t for t in tok.get_vocab() if t != tok.pad_token and not t.startswith("<"))
-            cfg["pad_token"] = other
-            (variant / "tokenizer_config.json").write_text(json.dumps(cfg))
-        out = tmp_path / f"out-{len(results)}"
-        cfg = static_config(variant, out, batch_size=6, max_seq_length=256)
-        quantize(parse_config(cfg), show_progress=False)
-        results.append(read_output(out))
-    assert AutoTokenizer.from_pretrained(str(tmp_path / "model-1")).pad_token_id != \
-        AutoTokenizer.from_pretrained(str(tmp_path / "model-0")).pad_token_id
-    batches = reference_batches(tmp_path / "model-0", 6, max_seq_length=256)
+    """Padded slots holding enormous activations must not move any scale.
+
+    A copy of the model gets a pad-token embedding with all its energy in one channel, so
+    padded positions carry activations far outside the real tokens' range even after
+    the layers' RMSNorm. Were they observed, input scales would jump; the two runs may differ only by kernel rounding, since batched
+    CPU GEMMs of different values are not bit-reproducible across processes.
+    """
+    from safetensors.torch import load_file, save_file
+
+    model = models["qwen3"]
+    loud = tmp_path / "loud-pad"
+    shutil.copytree(model, loud)
+    pad_id = AutoTokenizer.from_pretrained(str(model)).pad_token_id
+    weights = load_file(str(loud / "model.safetensors"))
+    spike = torch.zeros_like(weights["model.embed_tokens.weight"][pad_id])
+    spike[0] = 1000.0  # all energy in one channel: still extreme after RMSNorm (sqrt(hidden) x)
+    weights["model.embed_tokens.weight"][pad_id] = spike
+    save_file(weights, str(loud / "model.safetensors"), metadata={"format": "pt"})
+    batches = reference_batches(model, 6, max_seq_length=256)
     assert (batches[0].attention_mask == 0).any(), "the test needs padding in the batch"
+    assert not any((b.input_ids[b.attention_mask.bool()] == pad_id).any() for b in batches)
+
+    results = []
+    for variant in (model, loud):
+        out = tmp_path / f"out-{len(results)}"
+        quantize(parse_config(static_config(variant, out, batch_size=6, max_seq_length=256)), show_progress=False)
+        results.append(read_output(out))
     scales = [n for n in results[0] if n.endswith("input_scale")]
+    assert scales
     for n in scales:
-        assert torch.equal(results[0][n], results[1][n]), n
+        assert torch.allclose(results[0][n], results[1][n], rtol=1e-2, atol=0), n
 
 
 def test_uncovered_experts_get_the_layers_largest_scale(models, tmp_path):
@@ -137,7 +144,7 @@ def test_uncovered_experts_get_the_layers_largest_scale(models, tmp_path):
     for layer in range(2):
         gate = [tensors[f"model.layers.{layer}.mlp.experts.{e}.gate_proj.input_scale"] for e in range(12)]
         up = [tensors[f"model.layers.{layer}.mlp.experts.{e}.up_proj.input_scale"] for e in range(12)]
-        assert all(torch.equal(g, u) for g, u in zip(gate, up))
+        assert all(torch.equal(g, u) for g, u in zip(gate, up, strict=True))
         largest = max(float(g) for g in gate)
         assert sum(float(g) == largest for g in gate) > 1  # the uncovered ones share the max
     saved = json.loads((out / "streamq_report.json").read_text())["report"]
