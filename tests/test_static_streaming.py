@@ -106,8 +106,9 @@ def test_padding_never_reaches_statistics(models, tmp_path):
 
     A copy of the model gets a pad-token embedding with all its energy in one channel, so
     padded positions carry activations far outside the real tokens' range even after
-    the layers' RMSNorm. Were they observed, input scales would jump; the two runs may differ only by kernel rounding, since batched
-    CPU GEMMs of different values are not bit-reproducible across processes.
+    the layers' RMSNorm. Were they observed, input scales would more than double. The
+    runs are compared at 1%, not bitwise: a bitwise version of this test failed about one
+    run in four on a layer-0 gate_proj scale (last-bit differences, cause not found).
     """
     from safetensors.torch import load_file, save_file
 
