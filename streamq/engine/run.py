@@ -172,10 +172,7 @@ class _Calibrator:
 
     def capture_inputs(self) -> None:
         """Hidden states entering layer 0 for every batch (embedding lookup, model stem)."""
-        for b, batch in enumerate(self.job.batches):
-            hidden, _ = capture_mod.capture(self.job.skeleton, input_ids=batch.input_ids.to(self.job.device),
-                                            attention_mask=batch.attention_mask.to(self.job.device))
-            self.cache.put(b, hidden)
+        capture_mod.capture_batches(self.job.skeleton, self.job.batches, self.cache, self.job.device)
 
     def checkpoint_due(self, index: int) -> bool:
         every = self.job.config.cache_checkpoint_layers

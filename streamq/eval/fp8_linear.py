@@ -53,7 +53,6 @@ def quantize_activation(x: torch.Tensor, mode: str,
         scale = scale_from_absmax(x.abs().amax().to(torch.float32))
     elif mode == DYNAMIC_TOKEN:
         scale = (x.abs().amax(dim=-1, keepdim=True).to(torch.float32) / FP8_MAX).clamp(min=PER_TOKEN_MIN_SCALE)
-        return (x.to(torch.float32) / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8_DTYPE), scale
     else:
         raise ValueError(f"no activation quantization in mode {mode!r}")
     return quantize_fp8(x, scale), scale
@@ -87,10 +86,6 @@ def dequantized_matmul(x: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor)
     w = wq.to(torch.float32) * w_scale.to(torch.float32).reshape(-1, 1) if w_scale.numel() > 1 else \
         wq.to(torch.float32) * w_scale.to(torch.float32).reshape(())
     return (x.to(torch.float32) @ w.t()).to(x.dtype)
-
-
-def safetensors_dtype(name: str) -> torch.dtype:
-    return {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F8_E4M3": FP8_DTYPE}[name]
 
 
 class FP8Linear(nn.Module):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from streamq.checkpoint.reader import CheckpointReader, TensorInfo
+from streamq.checkpoint.reader import TORCH_DTYPES, CheckpointReader, TensorInfo
 from streamq.errors import CheckpointError
 from streamq.eval.fp8_linear import (
     DYNAMIC_TENSOR,
@@ -26,7 +26,6 @@ from streamq.eval.fp8_linear import (
     Expert,
     FP8Experts,
     FP8Linear,
-    safetensors_dtype,
 )
 from streamq.model.layout import fused_expert_modules
 from streamq.model.moe import check_supported
@@ -173,7 +172,7 @@ def _fp8_linear(quant: CheckpointReader, module: str, mode: str) -> FP8Linear:
     inp = quant.tensors.get(f"{module}.input_scale")
     bias = quant.tensors.get(f"{module}.bias")
     return FP8Linear(w.shape[1], w.shape[0], scale, mode, inp.shape if inp is not None else None,
-                     safetensors_dtype(bias.dtype) if bias is not None else None)
+                     TORCH_DTYPES[bias.dtype] if bias is not None else None)
 
 
 def _set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:

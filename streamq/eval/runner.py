@@ -100,10 +100,7 @@ def _capture_stem(skel: nn.Module, reader: CheckpointReader, batches: list, cach
     """Each model's own embedding gives its stream's layer-0 inputs; the embedding is freed after."""
     names = [n for n in reader.other if n.startswith("model.embed_tokens.")]
     materialize_outside_layers(skel, reader.read(names), device)
-    for b, batch in enumerate(batches):
-        hidden, _ = capture_mod.capture(skel, input_ids=batch.input_ids.to(device),
-                                        attention_mask=batch.attention_mask.to(device))
-        cache.put(b, hidden)
+    capture_mod.capture_batches(skel, batches, cache, device)
     skel.model.embed_tokens.to("meta")
 
 

@@ -57,6 +57,14 @@ def capture(model: nn.Module, *, input_ids: torch.Tensor | None = None, inputs_e
     return sink["hidden"], sink["kwargs"]
 
 
+@torch.no_grad()
+def capture_batches(model: nn.Module, batches: list, cache, device: torch.device) -> None:
+    """Hidden states entering layer 0 for every calibration batch, into `cache` (batch index -> tensor)."""
+    for b, batch in enumerate(batches):
+        hidden, _ = capture(model, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
+        cache.put(b, hidden)
+
+
 class LayerKwargs:
     """Per-batch layer kwargs, rebuilt on demand from shapes alone (no embedding needed).
 
