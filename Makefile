@@ -9,7 +9,7 @@ CONFIG  ?= configs/examples/tiny_qwen3_moe_fp8_static.yaml
 ARGS    ?=
 DEMO    := build/demo
 
-.PHONY: help install demo quantize plan test test-fast lint bench clean
+.PHONY: help install demo quantize plan test test-fast lint bench eval-table clean
 
 help:
 	@echo "make install                   create $(VENV) and install streamq (+ test tools)"
@@ -18,6 +18,8 @@ help:
 	@echo "make test                      install and run the test suite"
 	@echo "make lint                      ruff"
 	@echo "make bench                     benchmark against the I/O and compute floor (bench_out/)"
+	@echo "make eval-table                FP8 quality table: bf16 vs fp8_dynamic vs fp8_static, trained fixtures"
+	@echo "                               (build/eval_table/; ARGS='--device cuda --models DIR ...')"
 	@echo "make clean                     remove build outputs"
 
 install: $(VENV)/.installed
@@ -47,6 +49,9 @@ lint: install
 
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
+
+eval-table: install
+	$(PY) scripts/eval_table.py $(ARGS)
 
 clean:
 	rm -rf build bench_out .pytest_cache

@@ -184,3 +184,50 @@ def test_observed_experts_forward_equals_transformers(models):
     assert torch.equal(actual, expected)
     assert obs.absmax["mlp.experts.gate_up"].shape == (12,)
     assert "forward" not in experts.__dict__
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_expert_statistics_captured_in_the_forward_match_a_recomputation(models, implementation, monkeypatch):
+    """grouped_mm / batched_mm: the down projection's input absmax comes from transformers'
+    own `_apply_gate` call; it must equal the statistics pass that recomputes the
+    intermediate expert by expert, padding excluded. eager: that recomputation is used."""
+    from transformers import AutoModelForCausalLM
+
+    from streamq.calib.observers import LayerObserver
+    from streamq.model import moe
+
+    model = AutoModelForCausalLM.from_pretrained(str(models["qwen3_moe"]), dtype=torch.bfloat16).eval()
+    experts = model.model.layers[0].mlp.experts
+    experts.config._experts_implementation = implementation
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.randn(2, 23, experts.gate_up_proj.shape[-1], generator=g).to(torch.bfloat16)
+    hidden[1, 15:] *= 50  # loud padding: it must not reach the statistics
+    mask = torch.ones(2, 23, dtype=torch.bool)
+    mask[1, 15:] = False
+    top_k = model.config.num_experts_per_tok
+    index = torch.stack([torch.randperm(12, generator=g)[:top_k] for _ in range(46)])
+    weights = torch.rand(46, top_k, generator=g).to(torch.bfloat16)
+    flat = hidden.reshape(-1, hidden.shape[-1])
+
+    recompute = LayerObserver()
+    recompute.token_mask = mask
+    with torch.no_grad():
+        moe._observe_routed(experts, flat, index, recompute, "e")
+
+    calls = []
+    real_routed = moe._observe_routed
+    monkeypatch.setattr(moe, "_observe_routed", lambda *a: calls.append(1) or real_routed(*a))
+    obs = LayerObserver()
+    obs.token_mask = mask
+    moe.instrument_experts(experts, "e", obs, all_experts=False)
+    with torch.no_grad():
+        out = experts(flat, index, weights)
+    moe.restore_experts(experts)
+    with torch.no_grad():
+        expected = experts(flat, index, weights)
+    assert torch.equal(out, expected)  # outputs untouched
+    assert calls == ([1] if implementation == "eager" else [])  # which path computed the statistics
+    assert torch.equal(obs.absmax["e.gate_up"], recompute.absmax["e.gate_up"])
+    # Same values up to bf16 rounding of differently ordered GEMMs; padding would be ~50x off.
+    torch.testing.assert_close(obs.absmax["e.down"], recompute.absmax["e.down"], rtol=2e-2, atol=0)
+    assert (obs.absmax["e.down"] > 0).all()

@@ -86,6 +86,14 @@ def markdown(result: dict) -> str:
         outside = a["wall_s"] - sum(t[k] for k in STAGES)
         lines.append(f"| {algo} | {_num(t['read'])} | " + " | ".join(_num(t[k]) for k in STAGES)
                      + f" | {_num(outside)} | {_num(a.get('import_s'))} |")
+    phases = {algo: a.get("phases") or {} for algo, a in result["algos"].items()}
+    names = list(dict.fromkeys(k for p in phases.values() for k in p))
+    if names:
+        lines += ["", "The whole run by phase, seconds (`report.phases`; `layers` is the loop above, "
+                  "`last write` the wait for the final layer's shard):", "",
+                  "| algo | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
+        for algo, p in phases.items():
+            lines.append(f"| {algo} | " + " | ".join(_num(p.get(k, 0.0)) for k in names) + " |")
     lines += ["", "Bytes: " + "; ".join(
         f"{algo} read {fmt_bytes(a['bytes_read'])}, wrote {fmt_bytes(a['bytes_written'])}"
         for algo, a in result["algos"].items()), ""]

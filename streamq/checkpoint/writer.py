@@ -10,12 +10,13 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
-from streamq.checkpoint.reader import INDEX_FILE
+from streamq.checkpoint.reader import INDEX_FILE, TORCH_DTYPES
 from streamq.engine import faults
 
 # Files besides weights and config.json that a served model needs.
@@ -34,12 +35,6 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(16 * 2**20), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _fsync_dir(path: Path) -> None:
@@ -64,15 +59,80 @@ def atomic_write_json(path: Path, obj: dict) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
 
 
+# safetensors' own order of dtypes (its Rust enum); a file lists tensors by dtype, largest
+# first, then by name, so that every tensor stays aligned without padding.
+DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
+               "F64", "I64", "U64"]
+SAFETENSORS_METADATA = {"format": "pt"}
+_ST_NAMES = {dtype: name for name, dtype in TORCH_DTYPES.items()}
+# One thread hashes a shard's bytes in memory while the writer thread puts them on disk.
+_HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-sha256")
+
+
+def safetensors_header(specs: Iterable[tuple[str, str, tuple[int, ...], int]],
+                       metadata: dict | None = SAFETENSORS_METADATA) -> tuple[bytes, list[str]]:
+    """The header bytes (length prefix included) of a safetensors file holding `specs`
+    (name, dtype name, shape, nbytes), and the order the data follows.
+
+    Byte for byte what `safetensors.torch.save_file` writes: compact JSON, metadata first,
+    tensors by dtype (largest first) then name, padded with spaces to a multiple of 8.
+    """
+    ordered = sorted(specs, key=lambda s: (-DTYPE_ORDER.index(s[1]), s[0]))
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, dtype, shape, nbytes in ordered:
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return len(text).to_bytes(8, "little") + text, [s[0] for s in ordered]
+
+
+def _raw_bytes(t: torch.Tensor) -> memoryview:
+    """The tensor's bytes in place (no copy for a contiguous CPU tensor)."""
+    assert t.device.type == "cpu", f"shards are written from host memory, got a tensor on {t.device}"
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+def _write_all(f, data: memoryview) -> None:
+    while data.nbytes:  # raw writes may be partial (Linux caps one write at ~2 GiB)
+        data = data[f.write(data):]
+
+
+def _sha256(parts: list[memoryview]) -> str:
+    h = hashlib.sha256()
+    for part in parts:
+        h.update(part)  # releases the GIL for large buffers: overlaps the writes
+    return h.hexdigest()
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor],
+                      metadata: dict | None = SAFETENSORS_METADATA) -> tuple[int, str]:
+    """Write a safetensors file straight from the tensors' memory; returns (bytes, sha256).
+
+    The checksum is computed from memory in parallel with the write, not by reading the
+    file back, and the bytes are never gathered into one Python object first.
+    """
+    for name, t in tensors.items():
+        if t.dtype not in _ST_NAMES:
+            raise ValueError(f"tensor '{name}': dtype {t.dtype} cannot be written to safetensors")
+    header, order = safetensors_header(
+        ((n, _ST_NAMES[t.dtype], tuple(t.shape), t.numel() * t.element_size()) for n, t in tensors.items()), metadata)
+    parts = [memoryview(header)] + [_raw_bytes(tensors[n]) for n in order]
+    digest = _HASHER.submit(_sha256, parts)
+    with open(path, "wb", buffering=0) as f:
+        for k, part in enumerate(parts):
+            _write_all(f, part)
+            if k == len(parts) // 2:
+                faults.checkpoint("shard-mid-write")
+        os.fsync(f.fileno())
+    return sum(p.nbytes for p in parts), digest.result()
+
+
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, str]:
     """Write a safetensors shard atomically; returns (bytes, sha256) of the final file."""
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
-    with open(tmp, "rb+") as f:
-        os.fsync(f.fileno())
-    os.chmod(tmp, 0o666 & ~_umask())  # safetensors creates 0600 files; match what `open` would
-    digest = sha256_file(tmp)
-    size = tmp.stat().st_size
+    size, digest = write_safetensors(tmp, tensors)
     faults.checkpoint("shard-tmp-written")
     os.replace(tmp, path)
     _fsync_dir(path.parent)

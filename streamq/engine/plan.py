@@ -19,9 +19,8 @@ HOST
   per layer the layer as read (one buffer), the next one (prefetched meanwhile), the
             output dict (FP8 + scales + copied tensors), the outputs of earlier layers
             still waiting for the writer; on CPU also the layer in the compute dtype and
-            the quantize temporaries; on CUDA pinned copies of the layers and of the FP8
-            results instead, each rounded up to a power of two by torch's caching host
-            allocator, which keeps them until the process ends.
+            the quantize temporaries. On CUDA the two read buffers and the two output
+            arenas of `engine/staging.py` instead: page-locked once, reused, kept to the end.
   last      the non-layer tensors (embeddings, lm_head) read for the last shard.
 
 A plan is for budgeting: where the engine's timing decides (a write still pending
@@ -38,6 +37,8 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from streamq.checkpoint.reader import DTYPE_BYTES
+from streamq.checkpoint.writer import SAFETENSORS_METADATA, safetensors_header
+from streamq.engine.staging import output_arena_bytes
 from streamq.errors import BudgetError
 
 GiB = 2**30
@@ -77,15 +78,7 @@ GPU_HEADROOM = 0.05
 CUDA_CONTEXT_HOST_BYTES = 200 * MiB
 CUDA_FORWARD_LIBS_HOST_BYTES = 220 * MiB
 # Order of the safetensors dtype enum decides tensor order in a file header.
-_DTYPE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "U16", "F16", "BF16", "I32", "U32", "F32",
-                "F64", "I64", "U64"]
-SAFETENSORS_METADATA = {"format": "pt"}  # what atomic_save_tensors writes into each header
 LOCATIONS = ("device", "host", "disk")
-
-# How the prefetcher pins a layer on CUDA: True while it copies each tensor into its own
-# pinned block (`pin_memory`: a second copy, each rounded up to a power of two); False once
-# it reads into a pool of two page-locked buffers (cudaHostRegister: no copy, no rounding).
-PREFETCH_PINS_EACH_TENSOR = False
 
 # Features the planner may choose that the engine must implement to honour them. The
 # lead flips these when `_process_layer` splits batches / experts; until then a plan
@@ -133,20 +126,19 @@ class LayerSizes:
 
     index: int
     source_bytes: int  # every tensor of the layer as stored
-    pinned_source_bytes: int  # the same, each tensor rounded up to a power of two (CUDA pinned copies)
     param_bytes: int  # the layer materialized in the compute dtype
     expert_param_bytes: int  # the part of param_bytes held by MoE experts
     quantized_source_bytes: int  # the quantized weights as stored (dynamic moves these to the device)
     copied_bytes: int  # tensors written unchanged (cloned into the output)
     fp8_bytes: int  # FP8 weights + scales produced for the layer
-    pinned_fp8_bytes: int  # the same as pinned host copies (CUDA), each rounded up to a power of two
+    arena_bytes: int  # the page-locked output arena the engine sizes for the layer (CUDA)
     out_file_bytes: int  # the layer's output shard on disk (header included)
     quant_numels: tuple[int, ...]  # elements of each quantized weight, in the engine's order
     source_elem: int  # bytes per element of the quantized weights as stored
 
-    def output_bytes(self, pinned: bool = False) -> int:
-        """The output dict handed to the writer: FP8 weights, scales (pinned on CUDA), copied tensors."""
-        return (self.pinned_fp8_bytes if pinned else self.fp8_bytes) + self.copied_bytes
+    def output_bytes(self) -> int:
+        """The output dict handed to the writer: FP8 weights, scales, copied tensors."""
+        return self.fp8_bytes + self.copied_bytes
 
     @property
     def max_quant_numel(self) -> int:
@@ -210,19 +202,10 @@ def _round_pow2(n: int) -> int:
 
 
 def safetensors_file_bytes(tensors: Iterable[Tensor], metadata: dict | None = None) -> int:
-    """Exact size of the file `safetensors.torch.save_file` writes for these tensors.
-
-    The header is compact JSON (metadata first, then tensors by dtype, largest first, then
-    name) padded with spaces to a multiple of 8, after an 8-byte length.
-    """
-    ordered = sorted(tensors, key=lambda t: (-_DTYPE_ORDER.index(t.dtype), t.name))
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for t in ordered:
-        header[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [offset, offset + t.nbytes]}
-        offset += t.nbytes
-    text = json.dumps(header, separators=(",", ":"))
-    return 8 + (len(text.encode()) + 7) // 8 * 8 + offset
+    """Exact size of the safetensors file the writer makes for these tensors."""
+    tensors = list(tensors)
+    header, _ = safetensors_header(((t.name, t.dtype, t.shape, t.nbytes) for t in tensors), metadata)
+    return len(header) + sum(t.nbytes for t in tensors)
 
 
 def _scale_shape(fmt: str, per_channel: bool, out_features: int) -> tuple[int, ...]:
@@ -252,19 +235,19 @@ def measure_layer(index: int, source: list[Tensor], quantized: dict[str, str], e
                   compute_elem: int, fmt: str, per_channel: bool, static: bool) -> LayerSizes:
     by_name = {t.name: t for t in source}
     qtensors = [by_name[n] for n in quantized.values()]
+    qnames = set(quantized.values())
     outputs = layer_output_tensors(source, quantized, fmt, per_channel, static)
     copied = {t.name for t in source} - set(quantized.values())
     expert_numel = sum(by_name[quantized[m]].numel for m in experts if m in quantized)
     return LayerSizes(
         index=index,
         source_bytes=sum(t.nbytes for t in source),
-        pinned_source_bytes=sum(_round_pow2(t.nbytes) for t in source),
         param_bytes=sum(t.numel for t in source) * compute_elem,
         expert_param_bytes=expert_numel * compute_elem,
         quantized_source_bytes=sum(t.nbytes for t in qtensors),
         copied_bytes=sum(t.nbytes for t in source if t.name in copied),
         fp8_bytes=sum(t.nbytes for t in outputs if t.name not in copied),
-        pinned_fp8_bytes=sum(_round_pow2(t.nbytes) for t in outputs if t.name not in copied),
+        arena_bytes=output_arena_bytes((t.shape, t.nbytes, t.name in qnames) for t in source),
         out_file_bytes=safetensors_file_bytes(outputs, SAFETENSORS_METADATA),
         quant_numels=tuple(t.numel for t in qtensors),
         source_elem=max((DTYPE_BYTES[t.dtype] for t in qtensors), default=2),
@@ -502,40 +485,29 @@ def _host_phases(inputs: Inputs, choice: _Choice, baseline: int, times: _LayerTi
         fixed["embedding"] = inputs.stem_param_bytes
     phases = []
     for i, lay in enumerate(inputs.layers):
-        held = sum(p.output_bytes(pinned=cuda) for p in _pending_writes(inputs, times, i))
-        pending = {"earlier outputs (write pending)": held}
         nxt = inputs.layers[i + 1] if i + 1 < len(inputs.layers) else None
-        if cuda:
-            phases.append(fixed | pending | _host_cuda_layer(lay, nxt))
+        if cuda:  # outputs pending a write live in the arenas
+            phases.append(fixed | {"layer (page-locked read buffer)": lay.source_bytes,
+                                   "next layer (page-locked read buffer)": nxt.source_bytes if nxt else 0,
+                                   "output arenas (page-locked)": _arenas_in_use(inputs, i)})
         else:
+            held = sum(p.output_bytes() for p in _pending_writes(inputs, times, i))
             prefetched = {"next layer (prefetched)": nxt.source_bytes if nxt else 0}
-            phases += _host_cpu_layer(inputs, choice, lay, fixed | pending | prefetched)
+            phases += _host_cpu_layer(inputs, choice, lay,
+                                      fixed | {"earlier outputs (write pending)": held} | prefetched)
     last = {"non-layer tensors (last shard)": inputs.other_bytes}
-    if cuda:  # torch's caching host allocator keeps pinned blocks until the process ends
-        last["pinned blocks kept"] = max((_pinned_in_use(inputs, times, i) for i in range(len(inputs.layers))),
-                                         default=0)
+    if cuda:  # the buffers are released when the run ends, after the last shard
+        sources = sorted((x.source_bytes for x in inputs.layers), reverse=True)
+        last["page-locked buffers kept"] = sum(sources[:2]) + _arenas_in_use(inputs, len(inputs.layers) - 1)
     phases.append(fixed | last)
     return _max_phase(phases)
 
 
-def _pinned_in_use(inputs: Inputs, times: _LayerTimes, i: int) -> int:
-    """Pinned bytes while layer i computes: it, the next one, its FP8 copies, pending outputs."""
-    layers = inputs.layers[i:i + 2]
-    source = sum(x.pinned_source_bytes if PREFETCH_PINS_EACH_TENSOR else x.source_bytes for x in layers)
-    pending = sum(p.pinned_fp8_bytes for p in _pending_writes(inputs, times, i))
-    return source + inputs.layers[i].pinned_fp8_bytes + pending
-
-
-def _host_cuda_layer(lay: LayerSizes, nxt: LayerSizes | None) -> dict[str, int]:
-    """CUDA: the layer pinned, the next one read and copied into pinned blocks, FP8 copied back
-    into pinned blocks (torch's caching host allocator rounds each up to a power of two)."""
-    output = {"output (pinned fp8 + copied)": lay.output_bytes(pinned=True)}
-    if not PREFETCH_PINS_EACH_TENSOR:
-        return {"layer (page-locked buffer)": lay.source_bytes,
-                "next layer (page-locked buffer)": nxt.source_bytes if nxt else 0} | output
-    return {"layer (pinned)": lay.pinned_source_bytes,
-            "next layer (prefetch: read buffer + pinned)": (nxt.source_bytes + nxt.pinned_source_bytes) if nxt else 0,
-            } | output
+def _arenas_in_use(inputs: Inputs, i: int) -> int:
+    """The two output arenas once layer i has begun: layers take them in turn, and each
+    grows to the largest layer it has held (`staging.OutputArenas`)."""
+    sizes = [x.arena_bytes for x in inputs.layers[:i + 1]]
+    return max(sizes[0::2], default=0) + max(sizes[1::2], default=0)
 
 
 def _host_cpu_layer(inputs: Inputs, choice: _Choice, lay: LayerSizes, fixed: dict[str, int]) -> list[dict[str, int]]:

@@ -34,6 +34,7 @@ from streamq.config import JobConfig
 from streamq.engine import faults
 from streamq.engine.plan import make_plan
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
+from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes, page_locked_empty, unregister
 from streamq.engine.state import CACHE_DIR, RunState, open_run
 from streamq.errors import BudgetError, CheckpointError, ConfigError, OutputError
 from streamq.model import capture as capture_mod
@@ -144,6 +145,7 @@ class Report:
     cache_location: str = ""
     uncovered_experts: int = 0
     stages: list[dict] = field(default_factory=list)  # per layer: seconds per stage
+    phases: dict[str, float] = field(default_factory=dict)  # seconds of the whole run, in order
     layer_gpu_bytes: list[int] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -245,7 +247,7 @@ class _Prefetcher:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-read")
         self.futures: dict[int, Future] = {}
         self.free: list[torch.Tensor] = []
-        self.registered: list[int] = []
+        self.registered: list[torch.Tensor] = []
 
     def schedule(self, index: int) -> None:
         if index not in self.futures:
@@ -256,9 +258,11 @@ class _Prefetcher:
         if fitting:
             self.free.remove(fitting[0])
             return fitting[0]
-        buffer = torch.empty(size, dtype=torch.uint8)
-        if self.pin and int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), size, 0)) == 0:
-            self.registered.append(buffer.data_ptr())
+        if not self.pin:
+            return torch.empty(size, dtype=torch.uint8)
+        buffer, registered = page_locked_empty(size)
+        if registered:
+            self.registered.append(buffer)
         return buffer
 
     def _read(self, index: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
@@ -281,8 +285,8 @@ class _Prefetcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.registered:
             torch.cuda.synchronize()
-            for ptr in self.registered:
-                torch.cuda.cudart().cudaHostUnregister(ptr)
+            for buffer in self.registered:
+                unregister(buffer)
             self.registered.clear()
         self.free.clear()
 
@@ -296,9 +300,11 @@ class _Writer:
         self.pending: list[Future] = []
         self.bytes_written = 0
 
-    def submit(self, key: str, file: str, tensors: dict[str, torch.Tensor]) -> Future:
+    def submit(self, key: str, file: str, tensors: dict[str, torch.Tensor], arena: Arena | None = None) -> Future:
         future = self.pool.submit(self._write, key, file, tensors)
         self.pending.append(future)
+        if arena is not None:
+            arena.busy = future
         return future
 
     def _write(self, key: str, file: str, tensors: dict[str, torch.Tensor]) -> float:
@@ -328,16 +334,21 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     """Run a whole job; returns the report (also written to the output directory)."""
     start = time.monotonic()
     job = prepare(config)
+    prepared = time.monotonic()
     out_dir = Path(config.save_path)
-    plan = make_plan(job, startup_seconds=time.monotonic() - start)  # BudgetError (exit 3): nothing written yet
+    plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
     _check_disk_space(plan.disk_needed, out_dir)
     state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite, config.job_identity())
     (out_dir / "config.json").unlink(missing_ok=True)  # until the end, nothing looks finished
     state.status = "running"
     state.save()
     report = Report()
+    clock = _PhaseClock(report.phases, start)
+    clock.mark("prepare", prepared)
+    clock.mark("plan and open output")
     if job.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(job.device)
+        clock.mark("CUDA init")
     n = job.num_layers
     done = [state.shard_ok(f"layer-{i}") for i in range(n)]
     first_todo = next((i for i in range(n) if not done[i]), n)
@@ -352,18 +363,20 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             load_checkpoint(calib.cache, len(job.batches), found[1])
         else:
             calib.capture_inputs()
+        clock.mark("calibration inputs")
     todo = [i for i in range(n) if not done[i]] if calib is None else list(range(begin, n))
     report.layers_skipped = n - sum(1 for i in todo if not done[i])
     progress = LayerProgress(len(todo), f"{config.quant.name} {job.reader.path.name}", show_progress)
     prefetch = _Prefetcher(job.reader, pin=job.device.type == "cuda")
     writer = _Writer(state, out_dir)
+    arenas = OutputArenas() if job.device.type == "cuda" else None
     try:
         if todo:
             prefetch.schedule(todo[0])  # first, so the next layer's read queues behind it
         for pos, i in enumerate(todo):
             if pos + 1 < len(todo):
                 prefetch.schedule(todo[pos + 1])
-            stages = _process_layer(job, i, done[i], calib, prefetch, writer, progress)
+            stages = _process_layer(job, i, done[i], calib, prefetch, writer, arenas, progress)
             report.stages.append(stages)
             report.layer_gpu_bytes.append(peak_gpu_bytes(job.device))
             _enforce_budget(job, i)
@@ -372,19 +385,25 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
                 save_checkpoint(calib.cache, len(job.batches), i + 1, cache_root)
             progress.layer_done(i, job.reader.layer_bytes(i),
                                 "(replayed)" if done[i] else f"host {fmt_bytes(current_host_rss())}")
+        clock.mark("layers")
         writer.wait()
+        clock.mark("last write")
         progress.close()
         weight_map = {t: info["file"] for info in state.shards.values() for t in info["tensors"]}
         _finish(job, state, out_dir, n + 1, weight_map, report)
         shutil.rmtree(cache_root, ignore_errors=True)
+        clock.mark("non-layer shard, index, config")
     finally:
         progress.close()
         prefetch.close()
         writer.close()
+        if arenas is not None:
+            arenas.close()
         if calib is not None:
             report.uncovered_experts = calib.uncovered
             calib.cache.close()
             release_outside_layers(job.skeleton)
+    clock.mark("teardown")
     report.bytes_written += writer.bytes_written
     report.wall_s = time.monotonic() - start
     report.layers = n
@@ -397,22 +416,32 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     return report
 
 
+class _PhaseClock:
+    """Seconds between successive marks, for the report's breakdown of the whole run."""
+
+    def __init__(self, phases: dict[str, float], start: float):
+        self.phases, self.last = phases, start
+
+    def mark(self, name: str, now: float | None = None) -> None:
+        now = time.monotonic() if now is None else now
+        self.phases[name] = self.phases.get(name, 0.0) + now - self.last
+        self.last = now
+
+
 def _recycle(job: Job, prefetch: _Prefetcher, buffer: torch.Tensor) -> None:
     if job.device.type == "cuda":
         torch.cuda.synchronize(job.device)  # asynchronous copies out of the buffer have landed
     prefetch.recycle(buffer)
 
 
-def _to_host(t: torch.Tensor) -> torch.Tensor:
-    """Device -> host without a synchronization per tensor: an async copy into pinned memory."""
-    if t.device.type != "cuda":
-        return t
-    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-    return host.copy_(t, non_blocking=True)
+def _output_arena_bytes(job: Job, i: int) -> int:
+    layout, infos = job.layouts[i], job.reader.tensors
+    quantized = set(layout.quantized.values())
+    return output_arena_bytes((infos[n].shape, infos[n].nbytes, n in quantized) for n in job.reader.layers[i])
 
 
 def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator | None, prefetch: _Prefetcher,
-                   writer: _Writer, progress: LayerProgress) -> dict[str, float]:
+                   writer: _Writer, arenas: OutputArenas | None, progress: LayerProgress) -> dict[str, float]:
     """One layer: read (prefetched), calibrate, quantize, hand to the writer. Returns stage seconds."""
     layout, config = job.layouts[i], job.config
     stages: dict[str, float] = {"layer": i}
@@ -441,11 +470,14 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         return stages
     t = time.monotonic()
     progress.step("quantize")
+    # CUDA: results are copied (asynchronously) into a page-locked arena that the writer
+    # serializes from; on the CPU they already are host tensors.
+    arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None else None
     produced: dict[str, dict[str, torch.Tensor]] = {}
     for module, q in iter_quantized(weights, config.scheme, input_absmax):
         # Off the device one at a time: the layer's FP8 copy never sits on the GPU whole.
         tensors_out = formats.linear_tensors(module, q, config.quant.save_name)
-        produced[module] = {k: _to_host(v) for k, v in tensors_out.items()}
+        produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
     del weights
     if job.device.type == "cuda":
         torch.cuda.synchronize(job.device)  # the asynchronous copies must land before the writer reads them
@@ -457,7 +489,8 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         else:
             # A copy, not a view: the read buffer is reused for a later layer while the
             # writer may still be serializing this shard.
-            out[name] = tensors[name].clone()
+            src = tensors[name]
+            out[name] = src.clone() if arena is None else arena.take(src.shape, src.dtype).copy_(src)
     if calib is not None:
         release_layer(decoder_layers(job.skeleton)[i])
     stages["quantize"] = time.monotonic() - t
@@ -467,7 +500,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     del tensors
     _recycle(job, prefetch, buffer)
     stages["wait_write"] = writer.wait(max_pending=0)
-    writer.submit(f"layer-{i}", shard_name(i, job.num_layers + 1), out)
+    writer.submit(f"layer-{i}", shard_name(i, job.num_layers + 1), out, arena)
     return stages
 
 

@@ -3,8 +3,14 @@
 transformers holds all experts of a layer in one module with 3D weights, so Linear
 hooks cannot see expert inputs. During calibration the experts' forward is wrapped, on
 that instance only: the model's own forward computes the output (routing and results
-unchanged), then a statistics pass over the same routing records, per expert, the input
-absmax of its gate/up and of its down projection.
+unchanged), and per expert the input absmax of its gate/up and of its down projection is
+recorded from the same routing.
+
+The down projection's input is the gated intermediate act(gate) * up. The grouped and
+batched implementations of transformers make it in one call, `_apply_gate`, over all
+routed rows in an order known from the routing alone; streamq takes its row absmax there,
+for free. Other implementations (the eager loop) get a statistics pass that recomputes
+the intermediate.
 """
 
 from __future__ import annotations
@@ -26,13 +32,41 @@ def check_supported(module: nn.Module, name: str) -> None:
                               "calibrate yet (transposed, biased, ungated or interleaved experts)")
 
 
+# Experts implementations whose `_apply_gate` sees every routed row at once, and how the
+# rows are ordered: "sorted" by expert (torch.sort of the flat routing, as transformers
+# does), or "flat" (token-major, top_k rows per token).
+_GATE_ROW_ORDER = {"grouped_mm": "sorted", "batched_mm": "flat"}
+
+
+def _implementation(module: nn.Module) -> str | None:
+    impl = getattr(getattr(module, "config", None), "_experts_implementation", None)
+    return impl if isinstance(impl, str) else None
+
+
 def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                              top_k_weights: torch.Tensor) -> torch.Tensor:
-    """The model's own experts forward (whatever implementation its config selects),
-    followed by a statistics-only pass over the same routing."""
-    out = type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    """The model's own experts forward (whatever implementation its config selects), with
+    the statistics of the same routing recorded alongside."""
     obs: LayerObserver = self._streamq_observer
-    _observe_routed(self, hidden_states, top_k_index, obs, self._streamq_name)
+    order = _GATE_ROW_ORDER.get(_implementation(self)) if hasattr(type(self), "_apply_gate") else None
+    captured: list[torch.Tensor] = []
+    if order is not None:
+        apply_gate = type(self)._apply_gate
+
+        def capturing_apply_gate(gate_up_out: torch.Tensor) -> torch.Tensor:
+            inter = apply_gate(self, gate_up_out)
+            captured.append(inter.abs().amax(dim=-1).to(torch.float32))
+            return inter
+
+        self._apply_gate = capturing_apply_gate
+    try:
+        out = type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+    finally:
+        self.__dict__.pop("_apply_gate", None)
+    if len(captured) == 1 and captured[0].shape[0] == top_k_index.numel():
+        _observe_captured(self, hidden_states, top_k_index, captured[0], order, obs, self._streamq_name)
+    else:  # an implementation that computes the intermediate elsewhere: recompute it
+        _observe_routed(self, hidden_states, top_k_index, obs, self._streamq_name)
     if self._streamq_all_experts:
         _observe_all_experts(self, hidden_states, obs, self._streamq_name, obs.row_absmax(hidden_states))
     return out
@@ -49,6 +83,42 @@ def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor)
         return None
 
 
+def _observe_gate_up(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                     obs: LayerObserver, key: str) -> torch.Tensor:
+    """Per expert: absmax of the real tokens routed to it. Returns the per-token absmax."""
+    num_experts, top_k = self.gate_up_proj.shape[0], top_k_index.shape[1]
+    token_absmax = obs.row_absmax(hidden_states)  # [N], 0 on padding
+    ids = top_k_index.reshape(-1).clamp(max=num_experts)  # num_experts: "no expert" slot
+    routed = torch.zeros(num_experts + 1, dtype=torch.float32, device=hidden_states.device)
+    routed.scatter_reduce_(0, ids, token_absmax.repeat_interleave(top_k), "amax")
+    obs.fold(f"{key}.gate_up", routed[:num_experts])
+    return token_absmax
+
+
+def _fold_down(obs: LayerObserver, key: str, num_experts: int, ids: torch.Tensor, row_absmax: torch.Tensor,
+               row_real: torch.Tensor) -> None:
+    """Per expert: absmax of the gated intermediate over its real rows."""
+    row_absmax = torch.where(row_real, row_absmax, torch.zeros_like(row_absmax))
+    down = torch.zeros(num_experts + 1, dtype=torch.float32, device=row_absmax.device)
+    down.scatter_reduce_(0, ids.clamp(max=num_experts), row_absmax, "amax")
+    obs.fold(f"{key}.down", down[:num_experts])
+
+
+@torch.no_grad()
+def _observe_captured(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      inter_absmax: torch.Tensor, order: str, obs: LayerObserver, key: str) -> None:
+    """Statistics from the intermediate's row absmax captured inside the forward."""
+    num_experts, top_k = self.gate_up_proj.shape[0], top_k_index.shape[1]
+    token_absmax = _observe_gate_up(self, hidden_states, top_k_index, obs, key)
+    ids = top_k_index.reshape(-1)
+    if order == "sorted":  # the same call as transformers' grouped forward, so the same permutation
+        ids, perm = torch.sort(ids)
+        rows = perm // top_k
+    else:
+        rows = torch.arange(ids.numel(), device=ids.device) // top_k
+    _fold_down(obs, key, num_experts, ids, inter_absmax, token_absmax[rows] > 0)
+
+
 @torch.no_grad()
 def _observe_routed(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                     obs: LayerObserver, key: str) -> None:
@@ -56,12 +126,8 @@ def _observe_routed(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     intermediate activation act(gate) * up (down input). Rows are sorted by expert so the
     intermediates come from one grouped GEMM on CUDA instead of a loop of small ones."""
     num_experts, top_k = self.gate_up_proj.shape[0], top_k_index.shape[1]
-    token_absmax = obs.row_absmax(hidden_states)  # [N], 0 on padding
+    token_absmax = _observe_gate_up(self, hidden_states, top_k_index, obs, key)
     ids = top_k_index.reshape(-1).clamp(max=num_experts)  # num_experts: "no expert" slot
-    routed = torch.zeros(num_experts + 1, dtype=torch.float32, device=hidden_states.device)
-    routed.scatter_reduce_(0, ids, token_absmax.repeat_interleave(top_k), "amax")
-    obs.fold(f"{key}.gate_up", routed[:num_experts])
-
     ids_sorted, perm = torch.sort(ids, stable=True)
     rows = perm // top_k
     counts = torch.bincount(ids_sorted, minlength=num_experts + 1)[:num_experts]
@@ -74,11 +140,8 @@ def _observe_routed(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     used = inter.shape[0]
     gate, up = inter.chunk(2, dim=-1)
     inter_absmax = (self.act_fn(gate) * up).abs().amax(dim=-1).to(torch.float32)
-    real = token_absmax[rows[:used]] > 0  # padding rows (and all-zero tokens) add nothing
-    inter_absmax = torch.where(real, inter_absmax, torch.zeros_like(inter_absmax))
-    down = torch.zeros(num_experts + 1, dtype=torch.float32, device=hidden_states.device)
-    down.scatter_reduce_(0, ids_sorted[:used], inter_absmax, "amax")
-    obs.fold(f"{key}.down", down[:num_experts])
+    # padding rows (and all-zero tokens) add nothing
+    _fold_down(obs, key, num_experts, ids_sorted[:used], inter_absmax, token_absmax[rows[:used]] > 0)
 
 
 @torch.no_grad()

@@ -1,0 +1,286 @@
+"""The FP8 quality table (issue #6): bf16 vs fp8_dynamic vs fp8_static on the trained fixtures.
+
+For each model directory (default: the two trained fixtures, tests/fixtures/trained/dense and
+moe), quantize it with streamq twice, fp8_dynamic and fp8_static (`save_name: fp8`,
+per-tensor weights and activations; fp8_static calibrated on the 16 records of
+tests/fixtures/trained/calib.jsonl, 128 tokens, batch 4, as tests/fixtures/trained/README.md
+states), into --workdir; then run `streamq eval` on each quantized copy against its original
+(tests/fixtures/trained/eval.jsonl, --num-samples records of 128 tokens, batch 1) and
+collect perplexity of both models, KL(bf16 || fp8), top-1 agreement and the per-layer
+relative errors. `--device` goes to both quantize (global.device) and eval.
+
+Writes OUT/eval_table.md and OUT/eval_table.json (plus each eval's own report under
+OUT/reports/) and prints the Markdown table, headed by the machine, the software versions,
+whether the FP8 matmuls were real (`torch._scaled_mm`) or simulated, and the command that
+reproduces it.
+
+Usage (from the repository root):
+  python scripts/eval_table.py [--models DIR [DIR ...]] [--device auto|cpu|cuda|cuda:N]
+      [--num-samples 32] [--threads N] [--workdir build/eval_table] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
+
+from streamq.errors import StreamqError  # noqa: E402
+
+TRAINED = ROOT / "tests" / "fixtures" / "trained"
+DEFAULT_MODELS = (TRAINED / "dense", TRAINED / "moe")
+CALIB, EVAL_DATA = TRAINED / "calib.jsonl", TRAINED / "eval.jsonl"
+SCHEMES = ("fp8_dynamic", "fp8_static")
+# What tests/fixtures/trained/README.md says its CPU table used.
+CALIB_SAMPLES, CALIB_BATCH, SEQ_LEN = 16, 4, 128
+EVAL_BATCH = 1  # streamq eval's default: dynamic scales per sequence, no padding
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="eval_table.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", nargs="+", type=Path, default=list(DEFAULT_MODELS), metavar="DIR",
+                   help="bf16 checkpoints to quantize and evaluate (default: the trained fixtures dense, moe)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (quantize and eval)")
+    p.add_argument("--num-samples", type=int, default=32, help="eval records (of eval.jsonl's 32), 128 tokens each")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
+    p.add_argument("--workdir", type=Path, default=Path("build/eval_table"),
+                   help="quantized checkpoints go here (MODEL-SCHEME/), replaced on every run")
+    p.add_argument("--out", type=Path, default=None, help="eval_table.md/.json and reports/ (default: WORKDIR)")
+    return p
+
+
+def _shown(path: Path) -> str:
+    """A path as the reproduce command shows it: relative to the repository root when inside it."""
+    resolved = path.resolve()
+    try:
+        return str(resolved.relative_to(ROOT))
+    except ValueError:
+        return str(resolved)
+
+
+def reproduce_command(args: argparse.Namespace, device: str) -> str:
+    """The command line, run from the repository root; `--device auto` shown as what it resolved to."""
+    cmd = ["python", "scripts/eval_table.py"]
+    if [m.resolve() for m in args.models] != [m.resolve() for m in DEFAULT_MODELS]:
+        cmd += ["--models", *(_shown(m) for m in args.models)]
+    cmd += ["--device", device if args.device == "auto" else args.device, "--num-samples", str(args.num_samples)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    cmd += ["--workdir", _shown(args.workdir), "--out", _shown(args.out)]
+    return shlex.join(cmd)
+
+
+def machine_info(device) -> dict:
+    import torch
+    import transformers
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu, capability = None, None
+    if device.type == "cuda":
+        gpu = torch.cuda.get_device_name(device)
+        capability = "{}.{}".format(*torch.cuda.get_device_capability(device))
+    elif torch.cuda.is_available():
+        gpu = f"{torch.cuda.get_device_name(0)} (not used)"
+    return {"hostname": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count(), "gpu": gpu,
+            "compute_capability": capability, "cuda": torch.version.cuda, "python": platform.python_version(),
+            "torch": torch.__version__, "transformers": transformers.__version__, "device": str(device),
+            "torch_threads": torch.get_num_threads()}
+
+
+def job_config(model: Path, save: Path, scheme: str, device: str) -> dict:
+    """The AngelSlim-style config dict (what a YAML file parses to) of one quantize run."""
+    cfg = {"global": {"save_path": str(save.resolve()), "device": device},
+           "model": {"name": model.name, "model_path": str(model.resolve())},
+           "compression": {"name": "PTQ", "quantization": {
+               "name": scheme, "bits": 8, "save_name": "fp8",
+               "quant_method": {"weight": "per-tensor", "activation": "per-tensor"}}}}
+    if scheme == "fp8_static":
+        cfg["dataset"] = {"name": "TextDataset", "data_path": str(CALIB), "num_samples": CALIB_SAMPLES,
+                          "max_seq_length": SEQ_LEN, "batch_size": CALIB_BATCH}
+    return cfg
+
+
+def _names(models: list[Path]) -> list[str]:
+    """Row labels: the directory names, made unique."""
+    names: list[str] = []
+    for m in models:
+        name = m.resolve().name
+        names.append(name if name not in names else f"{name}-{len(names)}")
+    return names
+
+
+def _log(msg: str) -> None:
+    print(f"eval_table: {msg}", file=sys.stderr, flush=True)
+
+
+def run_table(args: argparse.Namespace) -> dict:
+    from streamq.config import check_device, parse_config
+    from streamq.engine.run import quantize, resolve_device
+    from streamq.eval.runner import EvalOptions, evaluate
+
+    check_device(args.device, "--device")
+    device = resolve_device(args.device)
+    machine = machine_info(device)
+    reports_dir = args.out / "reports"
+    reports_dir.mkdir(parents=True, exist_ok=True)
+    rows: list[dict] = []
+    notes: list[str] = []
+    for model, name in zip(args.models, _names(args.models), strict=True):
+        evals = {}
+        for scheme in SCHEMES:
+            save = args.workdir / f"{name}-{scheme}"
+            _log(f"quantize {name} {scheme} -> {save}")
+            qrep = quantize(parse_config(job_config(model, save, scheme, args.device), f"eval_table {name} {scheme}"),
+                            overwrite=True, show_progress=False)
+            _log(f"eval {name} {scheme} ({args.num_samples} samples, device {device})")
+            report = evaluate(EvalOptions(str(model.resolve()), str(save.resolve()), str(EVAL_DATA),
+                                          num_samples=args.num_samples, max_seq_length=SEQ_LEN,
+                                          batch_size=EVAL_BATCH, device=args.device))
+            report_path = reports_dir / f"{name}-{scheme}.json"
+            report.write_json(report_path)
+            evals[scheme] = (report_path, json.loads(report_path.read_text()), qrep)
+        first = evals[SCHEMES[0]][1]
+        for scheme in SCHEMES[1:]:
+            other = evals[scheme][1]["ppl_original"]
+            if other != first["ppl_original"]:
+                notes.append(f"{name}: bf16 perplexity differs between the two evals: {first['ppl_original']!r} "
+                             f"({SCHEMES[0]}) vs {other!r} ({scheme}); the table shows the first")
+        rows.append({"model": name, "model_path": str(model.resolve()), "scheme": "bf16",
+                     "perplexity": first["ppl_original"], "ppl_change": None, "kl": None, "top1_agreement": None,
+                     "layer_rel_errors": None, "tokens": first["tokens"], "samples": first["samples"]})
+        for scheme in SCHEMES:
+            path, d, qrep = evals[scheme]
+            rows.append({"model": name, "model_path": str(model.resolve()), "scheme": scheme,
+                         "perplexity": d["ppl_quantized"], "ppl_change": d["ppl_change"], "kl": d["kl"],
+                         "top1_agreement": d["top1_agreement"],
+                         "layer_rel_errors": [r["rel_error"] for r in d["layers"]],
+                         "layer_stream_errors": [r["stream_error"] for r in d["layers"]],
+                         "outliers": [o["message"] for o in d["outliers"]],
+                         "tokens": d["tokens"], "samples": d["samples"], "scaled_mm": d["scaled_mm"],
+                         "quant_format": d["quant_format"], "checkpoint": str(Path(d["quantized"])),
+                         "eval_report": str(path), "eval_wall_s": d["wall_s"], "quantize_wall_s": qrep.wall_s,
+                         "uncovered_experts": qrep.uncovered_experts})
+            notes += [f"{name} {scheme}: outlier {o['message']}" for o in d["outliers"]]
+    mm = {r["scaled_mm"] for r in rows if "scaled_mm" in r}
+    fp8_matmuls = ("real (torch._scaled_mm)" if mm == {True} else
+                   "simulated (exact float32 emulation of the FP8 GEMM)" if mm == {False} else
+                   "mixed (see scaled_mm per row)")
+    return {
+        "command": reproduce_command(args, str(device)),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": machine,
+        "fp8_matmuls": fp8_matmuls,
+        "quantize": {"save_name": "fp8", "weight": "per-tensor", "activation": "per-tensor",
+                     "calibration": {"name": "TextDataset", "data_path": _shown(CALIB), "num_samples": CALIB_SAMPLES,
+                                     "max_seq_length": SEQ_LEN, "batch_size": CALIB_BATCH}},
+        "eval": {"data": _shown(EVAL_DATA), "num_samples": args.num_samples, "max_seq_length": SEQ_LEN,
+                 "batch_size": EVAL_BATCH},
+        "rows": rows,
+        "notes": notes,
+    }
+
+
+def _sci(x: float) -> str:
+    """1.59e-3 rather than 1.59e-03, as the fixtures README writes it."""
+    if not math.isfinite(x) or x == 0:
+        return str(x)
+    mantissa, exp = f"{x:.2e}".split("e")
+    return f"{mantissa}e{int(exp)}"
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    gpu = m["gpu"] or "none"
+    if m["compute_capability"]:
+        gpu += f" (compute capability {m['compute_capability']}, CUDA {m['cuda']})"
+    ev, cal = result["eval"], result["quantize"]["calibration"]
+    tokens = sorted({r["tokens"] for r in result["rows"]})
+    lines = [
+        "# FP8 quality: bf16 vs fp8_dynamic vs fp8_static",
+        "",
+        f"- machine: {m['cpu']} ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}); GPU: {gpu}",
+        f"- software: python {m['python']}, torch {m['torch']}, transformers {m['transformers']}",
+        f"- device: {m['device']} (quantize and eval); FP8 matmuls: {result['fp8_matmuls']}",
+        f"- quantize: save_name fp8, per-tensor weights and activations; fp8_static calibrated on "
+        f"{cal['data_path']} ({cal['num_samples']} samples, {cal['max_seq_length']} tokens, batch {cal['batch_size']})",
+        f"- eval: {ev['data']}, {ev['num_samples']} samples x {ev['max_seq_length']} tokens, batch {ev['batch_size']} "
+        f"({'/'.join(map(str, tokens))} predicted tokens per model)",
+        f"- reproduce: `{result['command']}`",
+        "",
+        "| model | scheme | perplexity | change | KL(bf16 \\|\\| fp8), nats/token | top-1 agreement "
+        "| per-layer relative error |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in result["rows"]:
+        if r["scheme"] == "bf16":
+            lines.append(f"| {r['model']} | bf16 | {r['perplexity']:.3f} | | | | |")
+            continue
+        errors = ", ".join(f"{e:.3f}" for e in r["layer_rel_errors"])
+        lines.append(f"| {r['model']} | {r['scheme']} | {r['perplexity']:.3f} | {100 * r['ppl_change']:+.2f}% "
+                     f"| {_sci(r['kl'])} | {100 * r['top1_agreement']:.1f}% | {errors} |")
+    if result["notes"]:
+        lines += ["", "Notes:", *(f"- {n}" for n in result["notes"])]
+    return "\n".join(lines) + "\n"
+
+
+def _finite(obj):
+    """JSON has no inf/nan: write them as null (the reports/ files keep eval's own encoding)."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.num_samples < 1:
+        parser.error("--num-samples must be at least 1")
+    if args.threads < 0:
+        parser.error("--threads must be at least 1 (or 0: torch's default)")
+    for m in args.models:
+        if not (m / "config.json").is_file():
+            parser.error(f"--models: {m} has no config.json")
+    args.out = args.out if args.out is not None else args.workdir
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    try:
+        result = run_table(args)
+    except StreamqError as e:
+        print(f"eval_table: error: {e}", file=sys.stderr)
+        return e.exit_code
+    args.out.mkdir(parents=True, exist_ok=True)
+    table = markdown(result)
+    (args.out / "eval_table.json").write_text(json.dumps(_finite(result), indent=1) + "\n")
+    (args.out / "eval_table.md").write_text(table)
+    print(table, end="")
+    print(f"\nresults: {args.out / 'eval_table.md'}, {args.out / 'eval_table.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,104 @@
+"""Page-locked host memory that the layer loop reuses instead of allocating per tensor.
+
+On CUDA every byte crossing PCIe should come from or land in page-locked memory, or the
+copy is synchronous. Pinning is slow (the kernel touches every page), and torch's pinned
+allocator rounds each block up to a power of two, so streamq pins a few large buffers once
+and carves tensors out of them:
+
+- the prefetcher reads each layer into one of two registered read buffers;
+- a layer's outputs (FP8 weights, scales, unchanged tensors) are copied into one of two
+  output arenas, and the writer serializes the shard straight from that arena.
+
+Two of each suffice because the loop keeps at most one layer being read ahead and one
+shard being written while the current layer computes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from concurrent.futures import Future
+
+import torch
+
+ALIGN = 64  # every slot starts on a 64-byte boundary: any dtype view is aligned
+
+
+def _aligned(n: int) -> int:
+    return (n + ALIGN - 1) // ALIGN * ALIGN
+
+
+def output_arena_bytes(tensors: Iterable[tuple[tuple[int, ...], int, bool]]) -> int:
+    """Bytes that always hold one layer's outputs, from its source tensors as
+    (shape, stored bytes, quantized): a quantized weight becomes FP8 (1 byte per element),
+    a weight scale (at most one float32 per output row) and an input scale; every other
+    tensor is copied as stored."""
+    total = 0
+    for shape, nbytes, quantized in tensors:
+        if quantized:
+            total += _aligned(math.prod(shape)) + _aligned(4 * shape[0]) + _aligned(4)
+        else:
+            total += _aligned(nbytes)
+    return total
+
+
+def page_locked_empty(nbytes: int) -> tuple[torch.Tensor, bool]:
+    """A uint8 host buffer registered with CUDA (no power-of-two rounding); (buffer, registered).
+    Registration can fail (locked-memory limits); the buffer then still works, synchronously."""
+    buffer = torch.empty(nbytes, dtype=torch.uint8)
+    ok = nbytes > 0 and int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)) == 0
+    return buffer, ok
+
+
+def unregister(buffer: torch.Tensor) -> None:
+    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
+
+
+class Arena:
+    """One layer's outputs: a bump allocator over a page-locked buffer."""
+
+    def __init__(self, buffer: torch.Tensor, registered: bool):
+        self.buffer, self.registered = buffer, registered
+        self.used = 0
+        self.busy: Future | None = None  # the write that reads from this arena
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialized tensor in the arena (a fresh pinned one if the arena is full)."""
+        nbytes = math.prod(shape) * dtype.itemsize
+        if self.used + nbytes > self.buffer.numel():  # only if output_arena_bytes undercounts
+            return torch.empty(tuple(shape), dtype=dtype, pin_memory=self.registered)
+        view = self.buffer[self.used:self.used + nbytes].view(dtype).view(tuple(shape))
+        self.used = _aligned(self.used + nbytes)
+        return view
+
+    def to_host(self, t: torch.Tensor) -> torch.Tensor:
+        """An asynchronous copy of a device tensor into the arena (the caller synchronizes)."""
+        return self.take(t.shape, t.dtype).copy_(t, non_blocking=True)
+
+
+class OutputArenas:
+    """Two arenas used in turn; an arena is reused only once the write reading it is done."""
+
+    def __init__(self, count: int = 2, pin: bool = True):
+        self.arenas: list[Arena | None] = [None] * count
+        self.turn, self.pin = 0, pin
+
+    def begin(self, nbytes: int) -> Arena:
+        k, self.turn = self.turn, (self.turn + 1) % len(self.arenas)
+        arena = self.arenas[k]
+        if arena is not None and arena.busy is not None:
+            arena.busy.result()  # normally long done: the loop waits for each write before the next
+        if arena is None or arena.buffer.numel() < nbytes:
+            if arena is not None and arena.registered:
+                unregister(arena.buffer)
+            buffer, registered = page_locked_empty(nbytes) if self.pin else (torch.empty(nbytes, dtype=torch.uint8),
+                                                                              False)
+            self.arenas[k] = arena = Arena(buffer, registered)
+        arena.used, arena.busy = 0, None
+        return arena
+
+    def close(self) -> None:
+        for arena in self.arenas:
+            if arena is not None and arena.registered:
+                unregister(arena.buffer)
+        self.arenas = [None] * len(self.arenas)
