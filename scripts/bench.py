@@ -272,6 +272,7 @@ def run_bench(args: argparse.Namespace, algos: list[str]) -> dict:
             "stage_totals": render.stage_totals(rep["stages"]), "layer_gpu_bytes": rep["layer_gpu_bytes"],
             "rss_samples": res["rss_samples"], "import_s": res["import_s"],
             "uncovered_experts": rep.get("uncovered_experts", 0), "phases": rep.get("phases", {}),
+            "plan": res.get("plan", {}),
         }
 
     for algo, a in algo_results.items():

@@ -67,3 +67,12 @@ def test_peak_gpu_memory_is_flat_in_depth(tmp_path):
         peaks[layers] = _peak_gpu(model, tmp_path / f"o{layers}")
     print(f"peak GPU bytes: 2 layers {peaks[2]}, 6 layers {peaks[6]}")
     assert abs(peaks[6] - peaks[2]) <= 0.02 * peaks[2]
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm", "eager"])
+def test_captured_expert_statistics_on_cuda(tiny_models, implementation, monkeypatch):
+    """The row order of transformers' grouped forward on CUDA (its torch.sort) is the one
+    streamq assumes when it reads the gated intermediate's statistics."""
+    from test_static_streaming import check_captured_expert_statistics
+
+    check_captured_expert_statistics(tiny_models["qwen3_moe"], implementation, monkeypatch, torch.device("cuda"))

@@ -191,13 +191,17 @@ def test_expert_statistics_captured_in_the_forward_match_a_recomputation(models,
     """grouped_mm / batched_mm: the down projection's input absmax comes from transformers'
     own `_apply_gate` call; it must equal the statistics pass that recomputes the
     intermediate expert by expert, padding excluded. eager: that recomputation is used."""
+    check_captured_expert_statistics(models["qwen3_moe"], implementation, monkeypatch, torch.device("cpu"))
+
+
+def check_captured_expert_statistics(model_path: Path, implementation: str, monkeypatch, device: torch.device) -> None:
     from transformers import AutoModelForCausalLM
 
     from streamq.calib.observers import LayerObserver
     from streamq.model import moe
 
-    model = AutoModelForCausalLM.from_pretrained(str(models["qwen3_moe"]), dtype=torch.bfloat16).eval()
-    experts = model.model.layers[0].mlp.experts
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16).eval()
+    experts = model.model.layers[0].mlp.experts.to(device)
     experts.config._experts_implementation = implementation
     g = torch.Generator().manual_seed(1)
     hidden = torch.randn(2, 23, experts.gate_up_proj.shape[-1], generator=g).to(torch.bfloat16)
@@ -207,7 +211,7 @@ def test_expert_statistics_captured_in_the_forward_match_a_recomputation(models,
     top_k = model.config.num_experts_per_tok
     index = torch.stack([torch.randperm(12, generator=g)[:top_k] for _ in range(46)])
     weights = torch.rand(46, top_k, generator=g).to(torch.bfloat16)
-    flat = hidden.reshape(-1, hidden.shape[-1])
+    flat, index, weights, mask = (t.to(device) for t in (hidden.reshape(-1, hidden.shape[-1]), index, weights, mask))
 
     recompute = LayerObserver()
     recompute.token_mask = mask

@@ -86,6 +86,13 @@ def markdown(result: dict) -> str:
         outside = a["wall_s"] - sum(t[k] for k in STAGES)
         lines.append(f"| {algo} | {_num(t['read'])} | " + " | ".join(_num(t[k]) for k in STAGES)
                      + f" | {_num(outside)} | {_num(a.get('import_s'))} |")
+    for algo, a in result["algos"].items():
+        plan = a.get("plan") or {}
+        if plan.get("predicted_peak_host_bytes"):
+            gpu = _vs(plan["predicted_peak_gpu_bytes"], a["peak_gpu_bytes"])
+            host = _vs(plan["predicted_peak_host_bytes"], a["peak_host_rss_bytes"])
+            lines.append(f"- plan vs measured, {algo}: peak GPU {gpu}, peak host {host}, "
+                         f"time {_num(plan['estimated_seconds'])} s vs {_num(a['wall_s'])} s")
     phases = {algo: a.get("phases") or {} for algo, a in result["algos"].items()}
     names = list(dict.fromkeys(k for p in phases.values() for k in p))
     if names:
@@ -98,6 +105,11 @@ def markdown(result: dict) -> str:
         f"{algo} read {fmt_bytes(a['bytes_read'])}, wrote {fmt_bytes(a['bytes_written'])}"
         for algo, a in result["algos"].items()), ""]
     return "\n".join(lines)
+
+
+def _vs(predicted: int, measured: int) -> str:
+    change = f" ({100 * (predicted - measured) / measured:+.1f}%)" if measured else ""
+    return f"{fmt_bytes(predicted)} predicted, {fmt_bytes(measured)} measured{change}"
 
 
 def plot(result: dict, path: Path) -> None:

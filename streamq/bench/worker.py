@@ -128,8 +128,11 @@ def run(mode: str, params: dict) -> dict:
         import_s = preimport_model_code(config.model.model_path, config.model.trust_remote_code)
         with RssSampler(params.get("rss_interval_s", 0.05)) as sampler:
             report = quantize(config, overwrite=True, show_progress=False)
+        saved = json.loads((Path(config.save_path) / "streamq_report.json").read_text())
         return {"report": dict(report.__dict__), "rss_samples": sampler.samples, "import_s": import_s,
-                "peak_host_rss_bytes": peak_host_rss(), "machine": _machine(str(resolve_device(config.device)))}
+                "peak_host_rss_bytes": peak_host_rss(), "machine": _machine(str(resolve_device(config.device))),
+                "plan": {k: saved["plan"].get(k) for k in ("predicted_peak_gpu_bytes", "predicted_peak_host_bytes",
+                                                          "estimated_seconds", "cache_location")}}
     if mode == "compute":
         from streamq.bench.floors import compute_floor
 
