@@ -30,15 +30,23 @@ class HiddenStateCache:
         if self.location == "device":
             self._mem[batch] = hidden.to(self.device)
         elif self.location == "host":
+            # Asynchronous into pinned memory: no synchronization per batch, so the GPU never
+            # idles while Python launches the next batch. Ordered on the stream before the
+            # next layer's copy back; `sync` before the host itself reads the cache.
             old = self._mem.get(batch)
             if old is not None and old.shape == hidden.shape and old.dtype == hidden.dtype:
-                old.copy_(hidden)  # reuse the pinned buffer
+                old.copy_(hidden, non_blocking=self._pin)  # reuse the pinned buffer
             else:
                 host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self._pin)
-                host.copy_(hidden)
+                host.copy_(hidden, non_blocking=self._pin)
                 self._mem[batch] = host
         else:
             save_file({"h": hidden.contiguous().cpu()}, str(self.disk_dir / f"batch-{batch:06d}.safetensors"))
+
+    def sync(self) -> None:
+        """Wait for the asynchronous copies into host memory."""
+        if self._pin:
+            torch.cuda.synchronize(self.device)
 
     def get(self, batch: int) -> torch.Tensor:
         if self.location == "disk":

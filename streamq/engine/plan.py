@@ -486,16 +486,18 @@ def _host_phases(inputs: Inputs, choice: _Choice, baseline: int, times: _LayerTi
     phases = []
     for i, lay in enumerate(inputs.layers):
         nxt = inputs.layers[i + 1] if i + 1 < len(inputs.layers) else None
+        # The non-layer shard is written first; it may be pending all through layer 0.
+        first = {"non-layer tensors (first shard, write pending)": inputs.other_bytes} if i == 0 else {}
         if cuda:  # outputs pending a write live in the arenas
-            phases.append(fixed | {"layer (page-locked read buffer)": lay.source_bytes,
-                                   "next layer (page-locked read buffer)": nxt.source_bytes if nxt else 0,
-                                   "output arenas (page-locked)": _arenas_in_use(inputs, i)})
+            phases.append(fixed | first | {"layer (page-locked read buffer)": lay.source_bytes,
+                                           "next layer (page-locked read buffer)": nxt.source_bytes if nxt else 0,
+                                           "output arenas (page-locked)": _arenas_in_use(inputs, i)})
         else:
             held = sum(p.output_bytes() for p in _pending_writes(inputs, times, i))
             prefetched = {"next layer (prefetched)": nxt.source_bytes if nxt else 0}
             phases += _host_cpu_layer(inputs, choice, lay,
-                                      fixed | {"earlier outputs (write pending)": held} | prefetched)
-    last = {"non-layer tensors (last shard)": inputs.other_bytes}
+                                      fixed | first | {"earlier outputs (write pending)": held} | prefetched)
+    last: dict[str, int] = {}
     if cuda:  # the buffers are released when the run ends, after the last shard
         sources = sorted((x.source_bytes for x in inputs.layers), reverse=True)
         last["page-locked buffers kept"] = sum(sources[:2]) + _arenas_in_use(inputs, len(inputs.layers) - 1)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from streamq.config import JobConfig
 from streamq.engine import faults
 from streamq.engine.plan import make_plan
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
-from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes, page_locked_empty, unregister
+from streamq.engine.staging import Arena, OutputArenas, host_buffer, output_arena_bytes, page_lock, unregister
 from streamq.engine.state import CACHE_DIR, RunState, open_run
 from streamq.errors import BudgetError, CheckpointError, ConfigError, OutputError
 from streamq.model import capture as capture_mod
@@ -53,6 +54,7 @@ from streamq.quant.scheme import IgnoreMatcher, iter_quantized
 
 log = logging.getLogger("streamq")
 REPORT_FILE = "streamq_report.json"
+REST_KEY = "rest"  # the shard of the non-layer tensors, written first, named last
 
 
 def resolve_device(name: str) -> torch.device:
@@ -169,6 +171,8 @@ class _Calibrator:
                                    and not n.startswith("model.layers.")])
         materialize_outside_layers(job.skeleton, tensors, job.device)
         self.kwargs = capture_mod.LayerKwargs(job.skeleton, job.hf_config.hidden_size, job.dtype, job.device)
+        # On the device once, not per batch and layer: a pageable copy would synchronize.
+        self.masks = [b.attention_mask.to(job.device).bool() for b in job.batches]
         self.uncovered = 0
         self.last_checkpoint = time.monotonic()
 
@@ -196,9 +200,8 @@ class _Calibrator:
                 instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
         try:
             for b, batch in enumerate(self.job.batches):
-                mask = batch.attention_mask.to(self.job.device)
-                obs.token_mask = mask.bool()
-                kwargs = self.kwargs.for_batch(b, mask)[layout.index]
+                obs.token_mask = self.masks[b]
+                kwargs = self.kwargs.for_batch(b, batch.attention_mask)[layout.index]
                 out = layer(self.cache.get(b), **kwargs)
                 self.cache.put(b, out[0] if isinstance(out, tuple) else out)
                 faults.checkpoint("calibrate-batch")
@@ -206,6 +209,7 @@ class _Calibrator:
             obs.close()
             for module in fused.values():
                 restore_experts(module)
+            self.cache.sync()
         return self._input_absmax(obs, layout) if observe else {}
 
     def _input_absmax(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
@@ -248,28 +252,29 @@ class _Prefetcher:
         self.futures: dict[int, Future] = {}
         self.free: list[torch.Tensor] = []
         self.registered: list[torch.Tensor] = []
+        self.lock = threading.Lock()  # free/registered: the read thread takes, the loop gives back
 
     def schedule(self, index: int) -> None:
         if index not in self.futures:
             self.futures[index] = self.pool.submit(self._read, index)
 
     def _buffer(self, size: int) -> torch.Tensor:
-        fitting = [b for b in self.free if b.numel() >= size]
-        if fitting:
-            self.free.remove(fitting[0])
-            return fitting[0]
-        if not self.pin:
-            return torch.empty(size, dtype=torch.uint8)
-        buffer, registered = page_locked_empty(size)
-        if registered:
-            self.registered.append(buffer)
-        return buffer
+        with self.lock:
+            fitting = [b for b in self.free if b.numel() >= size]
+            if fitting:
+                self.free.remove(fitting[0])
+                return fitting[0]
+        return host_buffer(size)
 
     def _read(self, index: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
         t0 = time.monotonic()
         names = self.reader.layers[index]
         buffer = self._buffer(self.reader.read_size(names))
         tensors = self.reader.read(names, buffer=buffer)
+        # Page-locked after the first read into it: its pages exist by then (staging.py).
+        if self.pin and not any(b is buffer for b in self.registered) and page_lock(buffer):
+            with self.lock:
+                self.registered.append(buffer)
         return tensors, time.monotonic() - t0, buffer
 
     def get(self, index: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
@@ -278,8 +283,15 @@ class _Prefetcher:
 
     def recycle(self, buffer: torch.Tensor) -> None:
         """The layer read into `buffer` is done (and no copy from it is still in flight)."""
-        if len(self.free) < self.POOL:
+        with self.lock:
             self.free.append(buffer)
+            if len(self.free) <= self.POOL:
+                return
+            smallest = min(self.free, key=lambda b: b.numel())  # layers differ: keep the largest
+            self.free.remove(smallest)
+            if any(b is smallest for b in self.registered):
+                unregister(smallest)
+                self.registered = [b for b in self.registered if b is not smallest]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
@@ -371,6 +383,10 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     writer = _Writer(state, out_dir)
     arenas = OutputArenas() if job.device.type == "cuda" else None
     try:
+        if not state.shard_ok(REST_KEY):
+            # The non-layer tensors (embeddings, final norm, lm_head) go first: their write
+            # overlaps the first layer instead of adding to the end of the run.
+            writer.submit(REST_KEY, shard_name(n, n + 1), job.reader.read(sorted(job.reader.other)))
         if todo:
             prefetch.schedule(todo[0])  # first, so the next layer's read queues behind it
         for pos, i in enumerate(todo):
@@ -390,9 +406,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         clock.mark("last write")
         progress.close()
         weight_map = {t: info["file"] for info in state.shards.values() for t in info["tensors"]}
-        _finish(job, state, out_dir, n + 1, weight_map, report)
+        _finish(job, state, out_dir, n + 1, weight_map)
         shutil.rmtree(cache_root, ignore_errors=True)
-        clock.mark("non-layer shard, index, config")
+        clock.mark("index and config")
     finally:
         progress.close()
         prefetch.close()
@@ -504,16 +520,8 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     return stages
 
 
-def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_map: dict[str, str],
-            report: Report) -> None:
-    """The rest (embeddings, final norm, lm_head), aux files, index, and config.json last."""
-    key, file = "rest", shard_name(total_shards - 1, total_shards)
-    if not state.shard_ok(key):
-        rest = job.reader.read(sorted(job.reader.other))
-        size, digest = atomic_save_tensors(out_dir / file, rest)
-        state.record(key, file, size, digest, sorted(rest))
-        report.bytes_written += size
-    weight_map.update({t: file for t in state.shards[key]["tensors"]})
+def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_map: dict[str, str]) -> None:
+    """Aux files, the index, and config.json last, once every shard is recorded."""
     copy_aux_files(job.reader.path, out_dir)
     total = sum((out_dir / info["file"]).stat().st_size for info in state.shards.values())
     expected = {shard_name(i, total_shards) for i in range(total_shards)}

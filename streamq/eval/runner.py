@@ -140,9 +140,8 @@ class _SideBySide:
         layer_err, stream_err = _RelError(), _RelError()
         try:
             for b, batch in enumerate(self.batches):
-                mask = batch.attention_mask.to(self.device)
-                kwargs = self.kwargs.for_batch(b, mask)[i]
-                real = mask.bool()
+                real = batch.attention_mask.to(self.device).bool()
+                kwargs = self.kwargs.for_batch(b, batch.attention_mask)[i]
                 h = self.orig.get(b)
                 out_o = _tensor(lo(h, **kwargs))
                 layer_err.add(_tensor(lq(h, **kwargs)), out_o, real)
@@ -153,6 +152,8 @@ class _SideBySide:
         finally:
             release_layer(lo)
             release_layer(lq)
+            self.orig.sync()
+            self.quant.sync()
         return LayerResult(i, layer_err.value(), stream_err.value())
 
     @torch.no_grad()

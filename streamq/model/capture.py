@@ -78,7 +78,10 @@ class LayerKwargs:
         self._value: list[dict] = []
 
     def for_batch(self, batch_id: int, attention_mask: torch.Tensor) -> list[dict]:
-        key = (batch_id, tuple(attention_mask.shape))
+        """Kwargs of every layer for this batch. Batches without padding share one set, so
+        pass the host mask: checking it costs no device synchronization."""
+        full = attention_mask.device.type == "cpu" and bool(attention_mask.all())
+        key = ("full" if full else batch_id, tuple(attention_mask.shape))
         if key != self._key:
             b, t = attention_mask.shape
             embeds = torch.zeros(b, t, self.hidden_size, dtype=self.dtype, device=self.device)
