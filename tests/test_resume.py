@@ -72,8 +72,10 @@ def baselines(models, tmp_path_factory) -> dict[tuple[str, str], dict[str, str]]
 
 
 KILL_POINTS = {
-    "fp8_dynamic": ["shard-tmp-written:2", "layer-recorded:1", "layer-recorded:3", "before-config:1"],
-    "fp8_static": ["calibrate-batch:3", "calibrate-batch:9", "shard-tmp-written:2", "layer-recorded:2",
+    "fp8_dynamic": ["shard-mid-write:2", "shard-tmp-written:2", "layer-recorded:1", "layer-recorded:3",
+                    "before-config:1"],
+    "fp8_static": ["calibrate-batch:3", "calibrate-batch:9", "shard-mid-write:3", "shard-tmp-written:2",
+                   "layer-recorded:2",
                    "cache-checkpoint-batch:2", "before-config:1"],
 }
 
@@ -97,11 +99,12 @@ def test_kill_and_resume_is_byte_identical(models, baselines, tmp_path, model_na
 
 
 def test_resume_uses_cache_checkpoint(models, baselines, tmp_path):
-    """Killed once layer 2's shard is recorded (before the cache checkpoint for layer 3):
-    the resume restores the checkpoint taken after layer 1 and replays only layer 2, not 0-2."""
+    """Killed once layer 2's shard is recorded (the 4th record: the non-layer shard is
+    written first), before the cache checkpoint for layer 3: the resume restores the
+    checkpoint taken after layer 1 and replays only layer 2, not 0-2."""
     out = tmp_path / "out"
     config = write_config(tmp_path / "job.yaml", models["dense"], out, "fp8_static", checkpoint_layers=1)
-    assert run_cli(config, "layer-recorded:3").returncode == -9
+    assert run_cli(config, "layer-recorded:4").returncode == -9
     ckpts = sorted(p.name for p in (out / ".streamq_cache").glob("checkpoint-layer-*"))
     assert ckpts, "a cache checkpoint should exist"
     assert run_cli(config).returncode == 0
