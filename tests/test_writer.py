@@ -100,3 +100,19 @@ def test_output_arenas_alternate_and_wait_for_the_write_that_reads_them():
     assert arenas.begin(need) is a and a.used == 0 and a.busy is None
     over = a.take((need + 1,), torch.uint8)  # full: a fresh tensor, not a view past the end
     assert over.numel() == need + 1 and over.data_ptr() != a.buffer.data_ptr()
+
+
+def test_pinned_cache_chunks_hold_batches_apart_and_match_the_planners_count(monkeypatch):
+    from streamq.calib import cache
+
+    monkeypatch.setattr(cache, "CHUNK_BYTES", 4096)
+    chunks = cache._PinnedChunks()
+    shapes = [(3, 100), (3, 100), (2, 500), (1, 1100), (4, 7), (3, 100)]  # float32: 1200, 1200, 4000, 4400, ...
+    views = [chunks.take(s, torch.float32) for s in shapes]
+    for k, v in enumerate(views):
+        v.fill_(k)
+    assert all(bool((v == k).all()) for k, v in enumerate(views))  # no batch overwrote another
+    taken = sum(b.numel() for b, _ in chunks.buffers)
+    assert taken == cache.pinned_cache_bytes([4 * s[0] * s[1] for s in shapes])
+    chunks.close()
+    assert chunks.buffers == []

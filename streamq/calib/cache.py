@@ -7,13 +7,70 @@ or in files on disk when neither has room.
 
 from __future__ import annotations
 
+import math
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from streamq.pinned import locked_buffer, unregister
+
 LOCATIONS = ("device", "host", "disk")
+CHUNK_BYTES = 1 << 30  # host cache on CUDA: page-locked 1 GiB chunks, carved into batches
+_ALIGN = 64
+
+
+def _aligned(n: int) -> int:
+    return (n + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def pinned_cache_bytes(batch_bytes: list[int]) -> int:
+    """Page-locked bytes `_PinnedChunks` takes for batches of these sizes, put in order."""
+    total, room = 0, 0
+    for n in batch_bytes:
+        if n > CHUNK_BYTES:  # a batch larger than a chunk gets a buffer of its own
+            total += n
+        elif _aligned(n) <= room:
+            room -= _aligned(n)
+        else:
+            total += CHUNK_BYTES
+            room = CHUNK_BYTES - _aligned(n)
+    return total
+
+
+class _PinnedChunks:
+    """Batches of the host cache carved out of a few large page-locked chunks: one
+    `cudaHostAlloc` per batch would cost more than the copies it speeds up."""
+
+    def __init__(self) -> None:
+        self.buffers: list[tuple[torch.Tensor, bool]] = []  # (buffer, registered), kept alive
+        self.chunk: torch.Tensor | None = None
+        self.room = 0
+
+    def take(self, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        nbytes = math.prod(shape) * dtype.itemsize
+        if nbytes > CHUNK_BYTES:
+            return self._new(nbytes)[:nbytes].view(dtype).view(tuple(shape))
+        if self.chunk is None or _aligned(nbytes) > self.room:
+            self.chunk, self.room = self._new(CHUNK_BYTES), CHUNK_BYTES
+        at = CHUNK_BYTES - self.room
+        self.room -= _aligned(nbytes)
+        return self.chunk[at:at + nbytes].view(dtype).view(tuple(shape))
+
+    def _new(self, nbytes: int) -> torch.Tensor:
+        buffer, registered = locked_buffer(nbytes)
+        self.buffers.append((buffer, registered))
+        return buffer
+
+    def close(self) -> None:
+        if any(registered for _, registered in self.buffers):
+            torch.cuda.synchronize()
+            for buffer, registered in self.buffers:
+                if registered:
+                    unregister(buffer)
+        self.buffers.clear()
+        self.chunk, self.room = None, 0
 
 
 class HiddenStateCache:
@@ -22,6 +79,7 @@ class HiddenStateCache:
         self.location, self.device, self.disk_dir = location, device, disk_dir
         self._mem: dict[int, torch.Tensor] = {}
         self._pin = location == "host" and device.type == "cuda"
+        self._chunks = _PinnedChunks() if self._pin else None
         if location == "disk":
             assert disk_dir is not None
             disk_dir.mkdir(parents=True, exist_ok=True)
@@ -37,7 +95,8 @@ class HiddenStateCache:
             if old is not None and old.shape == hidden.shape and old.dtype == hidden.dtype:
                 old.copy_(hidden, non_blocking=self._pin)  # reuse the pinned buffer
             else:
-                host = torch.empty(hidden.shape, dtype=hidden.dtype, pin_memory=self._pin)
+                host = self._chunks.take(hidden.shape, hidden.dtype) if self._chunks is not None \
+                    else torch.empty(hidden.shape, dtype=hidden.dtype)
                 host.copy_(hidden, non_blocking=self._pin)
                 self._mem[batch] = host
         else:
@@ -56,6 +115,8 @@ class HiddenStateCache:
     def close(self) -> None:
         """Drop the live cache; checkpoints (siblings of disk_dir) survive for a resume."""
         self._mem.clear()
+        if self._chunks is not None:
+            self._chunks.close()
         if self.location == "disk" and self.disk_dir is not None:
             shutil.rmtree(self.disk_dir, ignore_errors=True)
 

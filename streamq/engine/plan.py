@@ -36,6 +36,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
+from streamq.calib.cache import pinned_cache_bytes
 from streamq.checkpoint.reader import DTYPE_BYTES
 from streamq.checkpoint.writer import SAFETENSORS_METADATA, safetensors_header
 from streamq.engine.staging import output_arena_bytes
@@ -195,10 +196,6 @@ class BatchShape:
     @property
     def tokens(self) -> int:
         return self.rows * self.seq_len
-
-
-def _round_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length() if n > 1 else n
 
 
 def safetensors_file_bytes(tensors: Iterable[Tensor], metadata: dict | None = None) -> int:
@@ -416,7 +413,7 @@ class _Choice:
 
 def _cache_bytes(inputs: Inputs, pinned: bool) -> int:
     per = [b.tokens * inputs.shape.hidden * inputs.compute_elem for b in inputs.batches]
-    return sum(_round_pow2(x) for x in per) if pinned else sum(per)
+    return pinned_cache_bytes(per) if pinned else sum(per)
 
 
 def _micro(batch: BatchShape, rows: int) -> BatchShape:

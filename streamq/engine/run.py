@@ -35,7 +35,7 @@ from streamq.config import JobConfig
 from streamq.engine import faults
 from streamq.engine.plan import make_plan
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
-from streamq.engine.staging import Arena, OutputArenas, host_buffer, output_arena_bytes, page_lock, unregister
+from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes
 from streamq.engine.state import CACHE_DIR, RunState, open_run
 from streamq.errors import BudgetError, CheckpointError, ConfigError, OutputError
 from streamq.model import capture as capture_mod
@@ -50,6 +50,7 @@ from streamq.model.skeleton import (
     materialize_outside_layers,
     release_outside_layers,
 )
+from streamq.pinned import host_buffer, page_lock, unregister
 from streamq.quant.scheme import IgnoreMatcher, iter_quantized
 
 log = logging.getLogger("streamq")

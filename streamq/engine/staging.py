@@ -12,21 +12,18 @@ and carves tensors out of them:
 Two of each suffice because the loop keeps at most one layer being read ahead and one
 shard being written while the current layer computes.
 
-Page-locking costs time once per buffer, and while `cudaHostRegister` runs every other
-CUDA call of the process waits. Measured on an H100 host for 4.7 GB: 2.35 s to register
-untouched 4 KiB pages, 0.45 s to touch huge pages + 0.31 s to register them. So buffers
-are anonymous mappings advised to use transparent huge pages, and are registered only
-after their pages exist (a read buffer after its first read, an arena after a fill).
+The buffers come from `streamq.pinned` (huge pages, locked once their pages exist).
 """
 
 from __future__ import annotations
 
 import math
-import mmap
 from collections.abc import Iterable
 from concurrent.futures import Future
 
 import torch
+
+from streamq.pinned import host_buffer, locked_buffer, unregister
 
 ALIGN = 64  # every slot starts on a 64-byte boundary: any dtype view is aligned
 
@@ -47,30 +44,6 @@ def output_arena_bytes(tensors: Iterable[tuple[tuple[int, ...], int, bool]]) -> 
         else:
             total += _aligned(nbytes)
     return total
-
-
-def host_buffer(nbytes: int) -> torch.Tensor:
-    """A large uint8 host buffer, on transparent huge pages where the OS offers them."""
-    if nbytes > 0 and hasattr(mmap, "MADV_HUGEPAGE"):
-        try:
-            mapping = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-            mapping.madvise(mmap.MADV_HUGEPAGE)
-            return torch.frombuffer(mapping, dtype=torch.uint8)  # the tensor keeps the mapping alive
-        except (OSError, ValueError):
-            pass
-    return torch.empty(nbytes, dtype=torch.uint8)
-
-
-def page_lock(buffer: torch.Tensor) -> bool:
-    """Register a host buffer with CUDA (no power-of-two rounding, unlike torch's pinned
-    allocator). It can fail (locked-memory limits); the buffer then still works, with
-    synchronous copies."""
-    nbytes = buffer.numel()
-    return nbytes > 0 and int(torch.cuda.cudart().cudaHostRegister(buffer.data_ptr(), nbytes, 0)) == 0
-
-
-def unregister(buffer: torch.Tensor) -> None:
-    torch.cuda.cudart().cudaHostUnregister(buffer.data_ptr())
 
 
 class Arena:
@@ -110,11 +83,7 @@ class OutputArenas:
         if arena is None or arena.buffer.numel() < nbytes:
             if arena is not None and arena.registered:
                 unregister(arena.buffer)
-            buffer, registered = host_buffer(nbytes), False
-            if self.pin:
-                buffer.fill_(0)  # fault the pages in before locking them
-                registered = page_lock(buffer)
-            self.arenas[k] = arena = Arena(buffer, registered)
+            self.arenas[k] = arena = Arena(*(locked_buffer(nbytes) if self.pin else (host_buffer(nbytes), False)))
         arena.used, arena.busy = 0, None
         return arena
 
