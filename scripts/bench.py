@@ -183,14 +183,7 @@ def dataset(args: argparse.Namespace) -> dict:
 
 
 def host_info() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = worker.cpu_name()
     info = {"hostname": platform.node(), "cpu": cpu, "cpu_count": os.cpu_count()}
     try:
         import psutil

@@ -35,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
+from streamq.bench import worker  # noqa: E402
 from streamq.errors import StreamqError  # noqa: E402
 
 TRAINED = ROOT / "tests" / "fixtures" / "trained"
@@ -84,14 +85,7 @@ def machine_info(device) -> dict:
     import torch
     import transformers
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = worker.cpu_name()
     gpu, capability = None, None
     if device.type == "cuda":
         gpu = torch.cuda.get_device_name(device)

@@ -8,6 +8,7 @@ read-only for tests: a test that wants to damage a checkpoint copies it first
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 from pathlib import Path
 from typing import Any
@@ -114,3 +115,12 @@ def quantized(tiny_models, tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def load_script(name: str):
+    """A module from scripts/ (they are not a package), e.g. load_script("bench")."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"streamq_script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

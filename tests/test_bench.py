@@ -8,28 +8,21 @@ positive finite ratios, and byte counts that match the files on disk.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
 from pathlib import Path
 
 import pytest
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("streamq_bench_script", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope="module")
 def bench():
-    return _load_bench()
+    return load_script("bench")
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,6 @@ Both quantize runs and both evals really happen; the test checks the files the s
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import io
 import json
 import math
@@ -15,17 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ROOT / "tests" / "fixtures" / "trained" / "dense"
 SAMPLES = 8
-
-
-def _load_script():
-    spec = importlib.util.spec_from_file_location("streamq_eval_table_script", ROOT / "scripts" / "eval_table.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +30,9 @@ def table_run(tmp_path_factory):
     try:
         # Tiny matmuls: one thread is faster than two on a busy shared machine.
         with contextlib.redirect_stdout(printed):
-            rc = _load_script().main(["--models", str(DENSE), "--device", "cpu", "--num-samples", str(SAMPLES),
-                                      "--threads", "1", "--workdir", str(workdir), "--out", str(out)])
+            rc = load_script("eval_table").main(["--models", str(DENSE), "--device", "cpu",
+                                                 "--num-samples", str(SAMPLES), "--threads", "1",
+                                                 "--workdir", str(workdir), "--out", str(out)])
     finally:
         torch.set_num_threads(threads)
     assert rc == 0

@@ -55,6 +55,17 @@ class RssSampler:
         self.samples.append((time.monotonic() - self.t0, self.proc.memory_info().rss))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _machine(device_name: str | None) -> dict:
     import torch
 
