@@ -252,7 +252,7 @@ class _Prefetcher:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-read")
         self.futures: dict[int, Future] = {}
         self.free: list[torch.Tensor] = []
-        self.registered: list[torch.Tensor] = []
+        self.registered: dict[int, torch.Tensor] = {}  # data_ptr -> page-locked buffer
         self.lock = threading.Lock()  # free/registered: the read thread takes, the loop gives back
 
     def schedule(self, index: int) -> None:
@@ -272,10 +272,10 @@ class _Prefetcher:
         names = self.reader.layers[index]
         buffer = self._buffer(self.reader.read_size(names))
         tensors = self.reader.read(names, buffer=buffer)
-        # Page-locked after the first read into it: its pages exist by then (staging.py).
-        if self.pin and not any(b is buffer for b in self.registered) and page_lock(buffer):
+        # Page-locked after the first read into it: its pages exist by then (streamq.pinned).
+        if self.pin and buffer.data_ptr() not in self.registered and page_lock(buffer):
             with self.lock:
-                self.registered.append(buffer)
+                self.registered[buffer.data_ptr()] = buffer
         return tensors, time.monotonic() - t0, buffer
 
     def get(self, index: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
@@ -290,15 +290,14 @@ class _Prefetcher:
                 return
             smallest = min(self.free, key=lambda b: b.numel())  # layers differ: keep the largest
             self.free.remove(smallest)
-            if any(b is smallest for b in self.registered):
+            if self.registered.pop(smallest.data_ptr(), None) is not None:
                 unregister(smallest)
-                self.registered = [b for b in self.registered if b is not smallest]
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self.registered:
             torch.cuda.synchronize()
-            for buffer in self.registered:
+            for buffer in self.registered.values():
                 unregister(buffer)
             self.registered.clear()
         self.free.clear()
