@@ -205,6 +205,13 @@ def test_missing_config(outputs, tmp_path):
     assert_reported(problems(out), "config.json", "missing")
 
 
+def edit_config(out, change) -> None:
+    """Rewrite the output's config.json after `change(config_dict)`."""
+    config = json.loads((out / "config.json").read_text())
+    change(config)
+    (out / "config.json").write_text(json.dumps(config))
+
+
 @pytest.mark.parametrize("change, needle", [
     (lambda qc: qc.pop("activation_scheme"), "activation_scheme"),
     (lambda qc: qc.update(activation_scheme="dynamic"), "dynamic activations, but an input_scale is stored"),
@@ -214,9 +221,7 @@ def test_missing_config(outputs, tmp_path):
 ])
 def test_wrong_fp8_config_block(outputs, tmp_path, change, needle):
     source, out = damaged(outputs, "moe-static-fp8", tmp_path)
-    config = json.loads((out / "config.json").read_text())
-    change(config["quantization_config"])
-    (out / "config.json").write_text(json.dumps(config))
+    edit_config(out, lambda config: change(config["quantization_config"]))
     assert_reported(problems(out), needle)
 
 
@@ -229,25 +234,19 @@ def test_wrong_fp8_config_block(outputs, tmp_path, change, needle):
 ])
 def test_wrong_compressed_tensors_block(outputs, tmp_path, change, needle):
     source, out = damaged(outputs, "qwen3-static-ct", tmp_path)
-    config = json.loads((out / "config.json").read_text())
-    change(config["quantization_config"])
-    (out / "config.json").write_text(json.dumps(config))
+    edit_config(out, lambda config: change(config["quantization_config"]))
     assert_reported(problems(out), needle)
 
 
 def test_no_quantization_config(outputs, tmp_path):
     source, out = damaged(outputs, "llama-dynamic-fp8", tmp_path)
-    config = json.loads((out / "config.json").read_text())
-    del config["quantization_config"]
-    (out / "config.json").write_text(json.dumps(config))
+    edit_config(out, lambda config: config.pop("quantization_config"))
     assert_reported(problems(out), "config.json", "no quantization_config")
 
 
 def test_config_changed_against_source(outputs, tmp_path):
     source, out = damaged(outputs, "llama-dynamic-fp8", tmp_path)
-    config = json.loads((out / "config.json").read_text())
-    config["rope_theta"] = 1.0
-    (out / "config.json").write_text(json.dumps(config))
+    edit_config(out, lambda config: config.update(rope_theta=1.0))
     assert problems(out) == []
     assert_reported(problems(out, source), "config.json", "differs from the source", "rope_theta")
 
