@@ -126,7 +126,8 @@ def _log(msg: str) -> None:
 
 def run_table(args: argparse.Namespace) -> dict:
     from streamq.config import check_device, parse_config
-    from streamq.engine.run import quantize, resolve_device
+    from streamq.engine.job import resolve_device
+    from streamq.engine.run import quantize
     from streamq.eval.runner import EvalOptions, evaluate
 
     check_device(args.device, "--device")

@@ -18,9 +18,10 @@ from transformers import AutoModelForCausalLM
 from streamq.calib.observers import LayerObserver
 from streamq.checkpoint import formats
 from streamq.checkpoint.reader import CheckpointReader
+from streamq.model.ignore import IgnoreMatcher
 from streamq.model.layout import fused_expert_modules, plan_layer
 from streamq.model.moe import instrument_experts
-from streamq.quant.scheme import IgnoreMatcher, QuantScheme, quantize_weights
+from streamq.quant.scheme import QuantScheme, quantize_weights
 
 
 @torch.no_grad()

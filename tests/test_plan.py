@@ -32,8 +32,9 @@ from safetensors.torch import save_file
 
 from streamq.cli import main as cli_main
 from streamq.config import parse_config
+from streamq.engine.job import prepare
 from streamq.engine.plan import GPU_HEADROOM, Tensor, make_plan, safetensors_file_bytes
-from streamq.engine.run import prepare, quantize
+from streamq.engine.run import quantize
 from streamq.errors import BudgetError
 from streamq.testing.synthetic import build_config, tensor_specs
 from streamq.testing.tiny_models import CALIB_FILE, build_tiny_model

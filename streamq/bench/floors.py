@@ -90,7 +90,7 @@ def compute_floor(config) -> dict:
     """
     import torch
 
-    from streamq.engine.run import prepare
+    from streamq.engine.job import prepare
     from streamq.model import capture as capture_mod
     from streamq.model.layer import materialize_layer, release_layer
     from streamq.model.skeleton import decoder_layers, materialize_outside_layers, release_outside_layers

@@ -134,7 +134,8 @@ def run(mode: str, params: dict) -> dict:
 
     config = parse_config(params["config"], f"bench {mode}")
     if mode == "quantize":
-        from streamq.engine.run import quantize, resolve_device
+        from streamq.engine.job import resolve_device
+        from streamq.engine.run import quantize
 
         import_s = preimport_model_code(config.model.model_path, config.model.trust_remote_code)
         with RssSampler(params.get("rss_interval_s", 0.05)) as sampler:

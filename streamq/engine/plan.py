@@ -1,6 +1,6 @@
 """Memory and time plan of a job, from shapes alone: no weight is read.
 
-Everything comes from what `streamq.engine.run.prepare` already has: the safetensors
+Everything comes from what `streamq.engine.job.prepare` already has: the safetensors
 headers (name, dtype, shape of every tensor, grouped by layer), the layer layouts
 (which tensors are quantized), the transformers config and the calibration batches.
 
@@ -681,7 +681,7 @@ def _tensors(reader: Any, names: Iterable[str]) -> list[Tensor]:
 
 
 def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
-    """Everything the plan needs from a `streamq.engine.run.Job` (no weight is read)."""
+    """Everything the plan needs from a `streamq.engine.job.Job` (no weight is read)."""
     config, reader = job.config, job.reader
     static = config.scheme.static_activations
     elem = _elem(job.dtype)
@@ -765,7 +765,7 @@ def make_plan(job: Any, max_gpu_memory: int | None = None, max_cpu_memory: int |
               assumptions: Assumptions | None = None, startup_seconds: float = 0.0,
               allow_micro_batch: bool = ENGINE_SUPPORTS_MICRO_BATCH,
               allow_expert_groups: bool = ENGINE_SUPPORTS_EXPERT_GROUPS) -> Plan:
-    """Plan a prepared job (`streamq.engine.run.prepare(config)`); raises BudgetError if nothing fits.
+    """Plan a prepared job (`streamq.engine.job.prepare(config)`); raises BudgetError if nothing fits.
 
     Budgets default to the config's (`global.max_gpu_memory` / `max_cpu_memory`), then to
     what the machine has free. `device_type` plans for another device than the job's
@@ -824,7 +824,7 @@ def plan_command(config_path: str, overrides: dict[str, Any], as_json: bool = Fa
     import torch
 
     from streamq.config import load_config
-    from streamq.engine.run import prepare
+    from streamq.engine.job import prepare
 
     config = load_config(config_path, overrides)
     target = None

@@ -82,7 +82,7 @@ def _tensor(out: torch.Tensor | tuple) -> torch.Tensor:
 
 def _load_batches(opts: EvalOptions, path: Path, hf_config) -> list:
     """Tokenized, padded eval batches: the quantize engine's own calibration loader."""
-    from streamq.engine.run import load_calibration
+    from streamq.engine.job import load_calibration
 
     data = Path(opts.data) if opts.data else DEFAULT_DATA
     if not data.is_file():
@@ -201,7 +201,7 @@ def evaluate(opts: EvalOptions) -> EvalReport:
     start = time.monotonic()
     pair = open_pair(opts.original, opts.quantized)
     check_device(opts.device, "--device")
-    from streamq.engine.run import resolve_device
+    from streamq.engine.job import resolve_device
 
     device = resolve_device(opts.device)
     hf_config = load_model_config(pair.original.path)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from streamq.errors import CheckpointError
-from streamq.quant.scheme import IgnoreMatcher
+from streamq.model.ignore import IgnoreMatcher
 
 # Linears that route tokens; vLLM keeps them in high precision.
 ROUTER_LEAVES = ("gate", "router", "shared_expert_gate")

@@ -1,0 +1,100 @@
+"""A job, checked and prepared before the output directory is touched.
+
+`prepare` validates the source checkpoint, the architecture and the calibration data and
+builds the meta skeleton and per-layer layouts; it reads no weights. Both the planner and
+the layer loop start from its `Job`, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from streamq.checkpoint.reader import CheckpointReader
+from streamq.config import JobConfig
+from streamq.errors import CheckpointError, ConfigError
+from streamq.model.ignore import IgnoreMatcher
+from streamq.model.layout import LayerLayout, fused_expert_modules, plan_layer
+from streamq.model.moe import check_supported
+from streamq.model.skeleton import build_skeleton, compute_dtype, decoder_layers, load_model_config
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"global.device is '{name}' but no CUDA device is available")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"global.device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist")
+    return device
+
+
+@dataclass
+class Job:
+    """Everything checked and derived before the output directory is touched."""
+
+    config: JobConfig
+    reader: CheckpointReader
+    hf_config: object
+    skeleton: nn.Module
+    dtype: torch.dtype
+    layouts: list[LayerLayout]
+    device: torch.device
+    batches: list = field(default_factory=list)  # calibration batches (static only)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.layouts)
+
+    @property
+    def ignored(self) -> list[str]:
+        """Linears left unquantized, for the format's ignore list (lm_head always)."""
+        names = ["lm_head"] + [m for lay in self.layouts for m in lay.ignored]
+        return sorted(set(names), key=names.index)
+
+
+def prepare(config: JobConfig) -> Job:
+    """Validate source, architecture and calibration data; read no weights."""
+    reader = CheckpointReader(config.model.model_path)
+    hf_config = load_model_config(reader.path, config.model.trust_remote_code)
+    dtype = compute_dtype(hf_config, config.model.torch_dtype)
+    skeleton = build_skeleton(hf_config, dtype, config.model.trust_remote_code)
+    layers = decoder_layers(skeleton)
+    if reader.num_layers != len(layers) or set(reader.layers) != set(range(len(layers))):
+        raise CheckpointError(f"{reader.path}: config.json declares {len(layers)} decoder layers, the "
+                              f"safetensors hold layers {sorted(reader.layers)[:3]}... ({len(reader.layers)} in all)")
+    ignore = IgnoreMatcher(tuple(config.quant.ignore_layers))
+    layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore) for i in range(len(layers))]
+    job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
+    if config.scheme.static_activations:
+        job.batches = load_calibration(config, reader.path, hf_config)
+        for lay in layouts:
+            for parent, module in fused_expert_modules(layers[lay.index]).items():
+                check_supported(module, lay.prefix + parent)
+    return job
+
+
+def load_calibration(config: JobConfig, model_path: Path, hf_config) -> list:
+    from streamq.calib.dataset import load_text_dataset, make_batches, random_token_samples
+
+    d = config.dataset
+    assert d is not None
+    if d.name == "RandomTokens":
+        samples = random_token_samples(hf_config.vocab_size, d.num_samples, d.max_seq_length, d.seed)
+        pad_id = 0
+    else:
+        from transformers import AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(model_path),
+                                                      trust_remote_code=config.model.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{model_path}: no usable tokenizer for TextDataset calibration ({e})") from None
+        samples = load_text_dataset(d.data_path, tokenizer, max_seq_length=d.max_seq_length,
+                                    num_samples=d.num_samples, skip_bad_lines=d.skip_bad_lines)
+        pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    return make_batches(samples, d.batch_size, pad_id)
