@@ -70,7 +70,7 @@ def prepare(config: JobConfig) -> Job:
     ignore = IgnoreMatcher(tuple(config.quant.ignore_layers))
     layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore) for i in range(len(layers))]
     job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
-    if config.scheme.static_activations:
+    if config.scheme.needs_calibration:
         job.batches = load_calibration(config, reader.path, hf_config)
         for lay in layouts:
             for parent, module in fused_expert_modules(layers[lay.index]).items():
