@@ -1,0 +1,1 @@
+"""Checkpoint tensor layouts: pure pack / unpack functions for quantized weight formats."""
