@@ -50,18 +50,18 @@ def smooth_layer(ctx, stats, alpha: float) -> dict[str, torch.Tensor]:
     """SmoothQuant every group of the layer in `ctx` from per-channel input maxima in
     `stats` (full module name -> float32 [in]). Updates `ctx.weights` (float32) and returns
     the rescaled norm weights by tensor name, in their source dtype."""
-    from streamq.quant.smooth import apply_smoothing, smoothquant_scales
+    from streamq.quant.smooth import apply_smoothing, group_weight_absmax, smoothquant_scales
 
     changed = {}
     prefix = ctx.layout.prefix
     for group in smoothing_groups(ctx.layer, ctx.layout):
         act = stats.values[prefix + group.observed]
         members = [prefix + t for t in group.targets]
-        w_absmax = torch.stack([ctx.weights[m].abs().amax(dim=0).to(torch.float32) for m in members]).amax(dim=0)
+        w_absmax = group_weight_absmax([ctx.weights[m] for m in members])
         s = smoothquant_scales(act.to(w_absmax.device), w_absmax, alpha)
         norm_name = f"{prefix}{group.source}.weight"
         norm = ctx.tensors[norm_name]
-        new_norm, new_weights = apply_smoothing(norm.to(s.device), [ctx.weights[m] for m in members], s)
+        new_norm, _, new_weights = apply_smoothing(norm.to(s.device), [ctx.weights[m] for m in members], s)
         changed[norm_name] = new_norm.to(norm.dtype)
         for m, w in zip(members, new_weights, strict=True):
             ctx.weights[m] = w
