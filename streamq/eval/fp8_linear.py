@@ -159,6 +159,8 @@ class FP8Experts(nn.Module):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         first = self.expert(0).gate_proj
+        if not isinstance(first, FP8Linear):
+            return self._forward_modules(hidden_states, top_k_index, top_k_weights)
         use_mm, out_dtype = first.use_scaled_mm, hidden_states.dtype
         with torch.no_grad():
             expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
@@ -204,6 +206,27 @@ class FP8Experts(nn.Module):
                                  use_mm)
             else:
                 out = dequantized_matmul(part, down.weight, down.weight_scale)
+            out = out * top_k_weights[token_idx, top_k_pos, None]
+            final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
+        return final_hidden_states
+
+    def _forward_modules(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                         top_k_weights: torch.Tensor) -> torch.Tensor:
+        """Experts of the other quantized kinds (`streamq.eval.quant_linear`): each projection is its
+        own module. Their inputs are quantized per token (or per token group) or not at all, so
+        quantizing each expert's rows on their own gives what quantizing the layer's rows at once does."""
+        with torch.no_grad():
+            expert_mask = torch.nn.functional.one_hot(top_k_index, num_classes=self.num_experts + 1).permute(2, 1, 0)
+            expert_hit = torch.greater(expert_mask.sum(dim=(-1, -2)), 0).nonzero()
+        final_hidden_states = torch.zeros_like(hidden_states)
+        for expert_idx in expert_hit:
+            e = int(expert_idx[0])
+            if e == self.num_experts:
+                continue
+            top_k_pos, token_idx = torch.where(expert_mask[e])
+            ex = self.expert(e)
+            x = hidden_states[token_idx]
+            out = ex.down_proj(self.act_fn(ex.gate_proj(x)) * ex.up_proj(x))
             out = out * top_k_weights[token_idx, top_k_pos, None]
             final_hidden_states.index_add_(0, token_idx, out.to(final_hidden_states.dtype))
         return final_hidden_states

@@ -61,7 +61,7 @@ class EvalReport:
     quantized: str
     quant_format: str
     device: str
-    scaled_mm: bool  # real FP8 matmuls (else the exact simulation)
+    scaled_mm: bool  # real low-precision matmuls (torch._scaled_mm, torch._int_mm), else a simulation
     samples: int
     tokens: int  # predicted positions (a real token followed by a real token)
     layers: list[LayerResult] = field(default_factory=list)
@@ -72,6 +72,7 @@ class EvalReport:
     wall_s: float = 0.0
     outlier_factor: float = DEFAULT_OUTLIER_FACTOR
     outlier_floor: float = DEFAULT_OUTLIER_FLOOR
+    matmul: str = ""  # how the quantized matmuls ran, e.g. "torch._int_mm", "simulated FP8 matmuls"
 
     @property
     def outliers(self) -> list[Outlier]:
@@ -96,7 +97,7 @@ class EvalReport:
         errors = [r.rel_error for r in self.layers]
         lines = [f"original:  {self.original}", f"quantized: {self.quantized} ({self.quant_format})",
                  f"{self.samples} samples, {self.tokens} predicted tokens, device {self.device}, "
-                 f"{'torch._scaled_mm' if self.scaled_mm else 'simulated FP8 matmuls'}", "",
+                 f"{self.matmul or ('torch._scaled_mm' if self.scaled_mm else 'simulated FP8 matmuls')}", "",
                  f"{'layer':>5}  {'rel_error':>10}  {'x others':>8}  {'stream_error':>12}"]
         for r in self.layers:
             # The same reference the outlier rule uses: the median of the other layers.

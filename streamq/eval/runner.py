@@ -24,8 +24,8 @@ from streamq.calib.cache import HiddenStateCache
 from streamq.checkpoint.reader import CheckpointReader
 from streamq.config import DatasetConfig, ModelConfig, check_device
 from streamq.errors import CheckpointError, DatasetError
-from streamq.eval.fp8_linear import enable_scaled_mm, scaled_mm_supported
-from streamq.eval.pair import CheckpointPair, open_pair, swap_in_fp8
+from streamq.eval.pair import CheckpointPair, open_pair, swap_in_quantized
+from streamq.eval.quant_linear import enable_fast_matmuls
 from streamq.eval.report import DEFAULT_OUTLIER_FACTOR, DEFAULT_OUTLIER_FLOOR, EvalReport, LayerResult
 from streamq.model import capture as capture_mod
 from streamq.model.layer import materialize_layer, release_layer
@@ -115,7 +115,7 @@ def _materialize_head(skel: nn.Module, reader: CheckpointReader, tied: bool, dev
     else:
         raise CheckpointError(f"{reader.path}: no lm_head.weight and tie_word_embeddings is false")
     materialize_layer(skel.lm_head, LayerLayout(index=-1, prefix="lm_head."), tensors, device)
-    enable_scaled_mm(skel.lm_head, device)
+    enable_fast_matmuls(skel.lm_head, device)
 
 
 class _SideBySide:
@@ -136,7 +136,7 @@ class _SideBySide:
         lo, lq = decoder_layers(self.skel_o)[i], decoder_layers(self.skel_q)[i]
         materialize_layer(lo, LayerLayout(i, prefix), self.pair.original.read_layer(i, "cpu"), self.device)
         materialize_layer(lq, LayerLayout(i, prefix), self.pair.quantized.read_layer(i, "cpu"), self.device)
-        enable_scaled_mm(lq, self.device)
+        enable_fast_matmuls(lq, self.device)
         layer_err, stream_err = _RelError(), _RelError()
         try:
             for b, batch in enumerate(self.batches):
@@ -210,14 +210,16 @@ def evaluate(opts: EvalOptions) -> EvalReport:
     if len(decoder_layers(skel_o)) != pair.num_layers:
         raise CheckpointError(f"{pair.original.path}: config.json declares {len(decoder_layers(skel_o))} decoder "
                               f"layers, the safetensors hold {pair.num_layers}")
-    swapped = swap_in_fp8(skel_q, "", pair)
+    swapped = swap_in_quantized(skel_q, "", pair)
     if swapped != len(pair.quantized_modules):
-        raise CheckpointError(f"{pair.quantized.path}: {len(pair.quantized_modules)} FP8 weights but only {swapped} "
-                              "belong to Linear layers or MoE experts eval can run")
+        raise CheckpointError(f"{pair.quantized.path}: {len(pair.quantized_modules)} quantized weights but only "
+                              f"{swapped} belong to Linear layers or MoE experts eval can run")
+    kind = pair.fmt.kind
+    matmul = kind.matmul(device) if kind is not None and swapped else "no quantized Linears"
     batches = _load_batches(opts, pair.original.path, hf_config)
     report = EvalReport(original=str(pair.original.path), quantized=str(pair.quantized.path),
                         quant_format=pair.fmt.describe(), device=str(device),
-                        scaled_mm=scaled_mm_supported(device) and swapped > 0,
+                        scaled_mm=matmul in ("torch._scaled_mm", "torch._int_mm"), matmul=matmul,
                         samples=sum(b.input_ids.shape[0] for b in batches), tokens=0,
                         outlier_factor=opts.outlier_factor, outlier_floor=opts.outlier_floor)
     run = _SideBySide(pair, skel_o, skel_q, batches, device, dtype, hf_config.hidden_size)

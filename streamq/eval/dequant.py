@@ -1,0 +1,88 @@
+"""Reading quantized weights back: unpacking and dequantization for eval.
+
+Pure tensor functions, one per on-disk layout eval runs:
+
+- INT8 (compressed-tensors `int-quantized`): `weight` int8 [out, in] times `weight_scale`
+  ([out, 1] per channel, [1] or [] per tensor).
+- Block FP8 (vLLM `weight_block_size`, compressed-tensors `strategy: block`): `weight`
+  e4m3 [out, in] times its block's scale, [ceil(out/r), ceil(in/c)].
+- INT4 (compressed-tensors `pack-quantized`): `weight_packed` int32 [out, ceil(in/8)],
+  element i of a row in word i // 8 at bits 4 * (i % 8), stored as code + 8 (codes in
+  [-8, 7]); `weight_scale` [out, ceil(in/g)] in the model dtype; asymmetric checkpoints add
+  `weight_zero_point` int32 [ceil(out/8), ceil(in/g)], zero point + 8 packed the same way
+  along dim 0. The value is (code - zero_point) * scale.
+
+The int4 unpacking here is eval's own (checked against the `compressed-tensors` package in
+tests/test_eval_quant.py); `streamq.formats.int4_packing` is the writer's.
+"""
+
+from __future__ import annotations
+
+import torch
+
+NIBBLES = 8  # 4-bit values per int32 word
+INT4_OFFSET = 8  # stored nibble = signed code + 8
+
+
+def unpack_int4(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [..., ceil(n/8)] -> signed codes int8 [..., n] in [-8, 7] (packed along the last dim)."""
+    if words.dtype != torch.int32:
+        raise ValueError(f"packed int4 values must be int32, got {words.dtype}")
+    if words.shape[-1] != -(-n // NIBBLES):
+        raise ValueError(f"{n} packed values need {-(-n // NIBBLES)} int32 words per row, got {words.shape[-1]}")
+    shifts = 4 * torch.arange(NIBBLES, dtype=torch.int32, device=words.device)
+    # Arithmetic shift then mask: the sign bits a negative word drags in are masked away.
+    nibbles = (words.unsqueeze(-1) >> shifts) & 0xF
+    return (nibbles.reshape(*words.shape[:-1], -1)[..., :n] - INT4_OFFSET).to(torch.int8)
+
+
+def unpack_int4_rows(words: torch.Tensor, rows: int) -> torch.Tensor:
+    """int32 [ceil(rows/8), cols] packed along dim 0 -> signed int8 [rows, cols] (zero points)."""
+    return unpack_int4(words.t().contiguous(), rows).t().contiguous()
+
+
+def group_columns(scale: torch.Tensor, in_features: int, group_size: int) -> torch.Tensor:
+    """A per-group tensor [out, ceil(in/g)] repeated to one value per element [out, in]."""
+    return scale.repeat_interleave(group_size, dim=1)[:, :in_features]
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, in_features: int, group_size: int,
+                    zero_point: torch.Tensor | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`pack-quantized` tensors -> the weight [out, in] in `dtype` (default: the scale's dtype).
+
+    (code - zero_point) * scale is computed in float32, where it is exact (a 5-bit integer
+    times a scale of at most 24 significant bits), and rounded once to `dtype`: the value a
+    kernel that dequantizes in the model dtype (one rounding of the same product) gets.
+    """
+    out_features = packed.shape[0]
+    codes = unpack_int4(packed, in_features).to(torch.float32)
+    if scale.shape != (out_features, -(-in_features // group_size)):
+        raise ValueError(f"weight_scale has shape {tuple(scale.shape)}; expected "
+                         f"{(out_features, -(-in_features // group_size))} for groups of {group_size}")
+    if zero_point is not None:
+        zp = unpack_int4_rows(zero_point, out_features).to(torch.float32)
+        if zp.shape != scale.shape:
+            raise ValueError(f"weight_zero_point unpacks to {tuple(zp.shape)}, the scale is {tuple(scale.shape)}")
+        codes = codes - group_columns(zp, in_features, group_size)
+    w = codes * group_columns(scale.to(torch.float32), in_features, group_size)
+    return w.to(dtype or scale.dtype)
+
+
+def expand_blocks(scale: torch.Tensor, shape: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
+    """A per-block scale [ceil(out/r), ceil(in/c)] repeated to one value per element [out, in]."""
+    if scale.shape != (-(-shape[0] // rows), -(-shape[1] // cols)):
+        raise ValueError(f"block scale has shape {tuple(scale.shape)}; expected "
+                         f"{(-(-shape[0] // rows), -(-shape[1] // cols))} for {shape} in {rows}x{cols} blocks")
+    return scale.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)[: shape[0], : shape[1]]
+
+
+def dequantize_fp8_blocks(wq: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """e4m3 [out, in] times its block's scale, float32 (exact: an e4m3 value has 4 significant bits)."""
+    return wq.to(torch.float32) * expand_blocks(scale.to(torch.float32), tuple(wq.shape), rows, cols)
+
+
+def dequantize_int8(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """int8 [out, in] times a per-channel ([out, 1]) or per-tensor ([1] / []) scale, float32 (exact)."""
+    s = scale.to(torch.float32)
+    s = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(())
+    return wq.to(torch.float32) * s
