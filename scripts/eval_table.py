@@ -1,22 +1,30 @@
-"""The FP8 quality table (issue #6): bf16 vs fp8_dynamic vs fp8_static on the trained fixtures.
+"""The quantization quality table (issues #6, #10): bf16 vs every scheme on the trained fixtures.
 
 For each model directory (default: the two trained fixtures, tests/fixtures/trained/dense and
-moe), quantize it with streamq twice, fp8_dynamic and fp8_static (`save_name: fp8`,
-per-tensor weights and activations; fp8_static calibrated on the 16 records of
+moe), quantize it with streamq once per scheme into --workdir:
+
+- fp8_dynamic, fp8_static: `save_name: fp8`, per-tensor weights and activations;
+- int8_dynamic: W8A8 INT8, compressed-tensors `int-quantized` (per-channel weights, dynamic
+  per-token inputs); int8_dynamic+smooth: the same after SmoothQuant
+  (`quant_helpers: [smooth]`, `smooth_alpha: 0.5`);
+- fp8_blockwise: vLLM fp8 with 128x128 weight blocks, inputs per token in groups of 128;
+
+(the calibrated ones, fp8_static and int8_dynamic+smooth, on the 16 records of
 tests/fixtures/trained/calib.jsonl, 128 tokens, batch 4, as tests/fixtures/trained/README.md
-states), into --workdir; then run `streamq eval` on each quantized copy against its original
+states); then run `streamq eval` on each quantized copy against its original
 (tests/fixtures/trained/eval.jsonl, --num-samples records of 128 tokens, batch 1) and
-collect perplexity of both models, KL(bf16 || fp8), top-1 agreement and the per-layer
+collect perplexity of both models, KL(bf16 || quantized), top-1 agreement and the per-layer
 relative errors. `--device` goes to both quantize (global.device) and eval.
 
 Writes OUT/eval_table.md and OUT/eval_table.json (plus each eval's own report under
 OUT/reports/) and prints the Markdown table, headed by the machine, the software versions,
-whether the FP8 matmuls were real (`torch._scaled_mm`) or simulated, and the command that
-reproduces it.
+how the quantized matmuls ran (real `torch._scaled_mm` / `torch._int_mm`, or simulated), and
+the command that reproduces it.
 
 Usage (from the repository root):
-  python scripts/eval_table.py [--models DIR [DIR ...]] [--device auto|cpu|cuda|cuda:N]
-      [--num-samples 32] [--threads N] [--workdir build/eval_table] [--out DIR]
+  python scripts/eval_table.py [--models DIR [DIR ...]] [--schemes S [S ...]]
+      [--device auto|cpu|cuda|cuda:N] [--num-samples 32] [--threads N]
+      [--workdir build/eval_table] [--out DIR]
 """
 
 from __future__ import annotations
@@ -41,7 +49,18 @@ from streamq.errors import StreamqError  # noqa: E402
 TRAINED = ROOT / "tests" / "fixtures" / "trained"
 DEFAULT_MODELS = (TRAINED / "dense", TRAINED / "moe")
 CALIB, EVAL_DATA = TRAINED / "calib.jsonl", TRAINED / "eval.jsonl"
-SCHEMES = ("fp8_dynamic", "fp8_static")
+# Row label -> compression.quantization of its quantize run (and whether it calibrates).
+SCHEME_CONFIGS = {
+    "fp8_dynamic": ({"name": "fp8_dynamic", "bits": 8, "save_name": "fp8",
+                     "quant_method": {"weight": "per-tensor", "activation": "per-tensor"}}, False),
+    "fp8_static": ({"name": "fp8_static", "bits": 8, "save_name": "fp8",
+                    "quant_method": {"weight": "per-tensor", "activation": "per-tensor"}}, True),
+    "int8_dynamic": ({"name": "int8_dynamic", "bits": 8, "quant_method": {}}, False),
+    "int8_dynamic+smooth": ({"name": "int8_dynamic", "bits": 8, "quant_method": {}, "quant_helpers": ["smooth"],
+                             "smooth_alpha": 0.5}, True),
+    "fp8_blockwise": ({"name": "fp8_blockwise", "bits": 8, "save_name": "fp8"}, False),
+}
+SCHEMES = tuple(SCHEME_CONFIGS)
 # What tests/fixtures/trained/README.md says its CPU table used.
 CALIB_SAMPLES, CALIB_BATCH, SEQ_LEN = 16, 4, 128
 EVAL_BATCH = 1  # streamq eval's default: dynamic scales per sequence, no padding
@@ -51,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval_table.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", type=Path, default=list(DEFAULT_MODELS), metavar="DIR",
                    help="bf16 checkpoints to quantize and evaluate (default: the trained fixtures dense, moe)")
+    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES, metavar="SCHEME",
+                   help=f"rows to produce, in this order (default: all: {' '.join(SCHEMES)})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (quantize and eval)")
     p.add_argument("--num-samples", type=int, default=32, help="eval records (of eval.jsonl's 32), 128 tokens each")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
@@ -74,6 +95,8 @@ def reproduce_command(args: argparse.Namespace, device: str) -> str:
     cmd = ["python", "scripts/eval_table.py"]
     if [m.resolve() for m in args.models] != [m.resolve() for m in DEFAULT_MODELS]:
         cmd += ["--models", *(_shown(m) for m in args.models)]
+    if list(args.schemes) != list(SCHEMES):
+        cmd += ["--schemes", *args.schemes]
     cmd += ["--device", device if args.device == "auto" else args.device, "--num-samples", str(args.num_samples)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -100,12 +123,11 @@ def machine_info(device) -> dict:
 
 def job_config(model: Path, save: Path, scheme: str, device: str) -> dict:
     """The AngelSlim-style config dict (what a YAML file parses to) of one quantize run."""
+    quantization, calibrated = SCHEME_CONFIGS[scheme]
     cfg = {"global": {"save_path": str(save.resolve()), "device": device},
            "model": {"name": model.name, "model_path": str(model.resolve())},
-           "compression": {"name": "PTQ", "quantization": {
-               "name": scheme, "bits": 8, "save_name": "fp8",
-               "quant_method": {"weight": "per-tensor", "activation": "per-tensor"}}}}
-    if scheme == "fp8_static":
+           "compression": {"name": "PTQ", "quantization": json.loads(json.dumps(quantization))}}
+    if calibrated:
         cfg["dataset"] = {"name": "TextDataset", "data_path": str(CALIB), "num_samples": CALIB_SAMPLES,
                           "max_seq_length": SEQ_LEN, "batch_size": CALIB_BATCH}
     return cfg
@@ -137,10 +159,11 @@ def run_table(args: argparse.Namespace) -> dict:
     reports_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     notes: list[str] = []
+    schemes = list(args.schemes)
     for model, name in zip(args.models, _names(args.models), strict=True):
         evals = {}
-        for scheme in SCHEMES:
-            save = args.workdir / f"{name}-{scheme}"
+        for scheme in schemes:
+            save = args.workdir / f"{name}-{_slug(scheme)}"
             _log(f"quantize {name} {scheme} -> {save}")
             qrep = quantize(parse_config(job_config(model, save, scheme, args.device), f"eval_table {name} {scheme}"),
                             overwrite=True, show_progress=False)
@@ -148,19 +171,19 @@ def run_table(args: argparse.Namespace) -> dict:
             report = evaluate(EvalOptions(str(model.resolve()), str(save.resolve()), str(EVAL_DATA),
                                           num_samples=args.num_samples, max_seq_length=SEQ_LEN,
                                           batch_size=EVAL_BATCH, device=args.device))
-            report_path = reports_dir / f"{name}-{scheme}.json"
+            report_path = reports_dir / f"{name}-{_slug(scheme)}.json"
             report.write_json(report_path)
             evals[scheme] = (report_path, json.loads(report_path.read_text()), qrep)
-        first = evals[SCHEMES[0]][1]
-        for scheme in SCHEMES[1:]:
+        first = evals[schemes[0]][1]
+        for scheme in schemes[1:]:
             other = evals[scheme][1]["ppl_original"]
             if other != first["ppl_original"]:
-                notes.append(f"{name}: bf16 perplexity differs between the two evals: {first['ppl_original']!r} "
-                             f"({SCHEMES[0]}) vs {other!r} ({scheme}); the table shows the first")
+                notes.append(f"{name}: bf16 perplexity differs between evals: {first['ppl_original']!r} "
+                             f"({schemes[0]}) vs {other!r} ({scheme}); the table shows the first")
         rows.append({"model": name, "model_path": str(model.resolve()), "scheme": "bf16",
                      "perplexity": first["ppl_original"], "ppl_change": None, "kl": None, "top1_agreement": None,
                      "layer_rel_errors": None, "tokens": first["tokens"], "samples": first["samples"]})
-        for scheme in SCHEMES:
+        for scheme in schemes:
             path, d, qrep = evals[scheme]
             rows.append({"model": name, "model_path": str(model.resolve()), "scheme": scheme,
                          "perplexity": d["ppl_quantized"], "ppl_change": d["ppl_change"], "kl": d["kl"],
@@ -169,20 +192,21 @@ def run_table(args: argparse.Namespace) -> dict:
                          "layer_stream_errors": [r["stream_error"] for r in d["layers"]],
                          "outliers": [o["message"] for o in d["outliers"]],
                          "tokens": d["tokens"], "samples": d["samples"], "scaled_mm": d["scaled_mm"],
+                         "matmul": d.get("matmul", ""),
                          "quant_format": d["quant_format"], "checkpoint": str(Path(d["quantized"])),
                          "eval_report": str(path), "eval_wall_s": d["wall_s"], "quantize_wall_s": qrep.wall_s,
                          "uncovered_experts": qrep.uncovered_experts})
             notes += [f"{name} {scheme}: outlier {o['message']}" for o in d["outliers"]]
     mm = {r["scaled_mm"] for r in rows if "scaled_mm" in r}
-    fp8_matmuls = ("real (torch._scaled_mm)" if mm == {True} else
-                   "simulated (exact float32 emulation of the FP8 GEMM)" if mm == {False} else
-                   "mixed (see scaled_mm per row)")
+    kinds = list(dict.fromkeys(r["matmul"] for r in rows if r.get("matmul")))  # in row order
+    matmuls = "; ".join(kinds) if kinds else ("real" if mm == {True} else "simulated")
     return {
         "command": reproduce_command(args, str(device)),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "machine": machine,
-        "fp8_matmuls": fp8_matmuls,
-        "quantize": {"save_name": "fp8", "weight": "per-tensor", "activation": "per-tensor",
+        "matmuls": matmuls,
+        "quantize": {"schemes": {s: SCHEME_CONFIGS[s][0] for s in schemes},
+                     "calibrated": [s for s in schemes if SCHEME_CONFIGS[s][1]],
                      "calibration": {"name": "TextDataset", "data_path": _shown(CALIB), "num_samples": CALIB_SAMPLES,
                                      "max_seq_length": SEQ_LEN, "batch_size": CALIB_BATCH}},
         "eval": {"data": _shown(EVAL_DATA), "num_samples": args.num_samples, "max_seq_length": SEQ_LEN,
@@ -190,6 +214,11 @@ def run_table(args: argparse.Namespace) -> dict:
         "rows": rows,
         "notes": notes,
     }
+
+
+def _slug(scheme: str) -> str:
+    """A row label as a directory name: int8_dynamic+smooth -> int8_dynamic-smooth."""
+    return scheme.replace("+", "-")
 
 
 def _sci(x: float) -> str:
@@ -200,6 +229,15 @@ def _sci(x: float) -> str:
     return f"{mantissa}e{int(exp)}"
 
 
+SCHEME_NOTES = {
+    "fp8_dynamic": "fp8_dynamic: vLLM fp8, per-tensor weights and activations",
+    "fp8_static": "fp8_static: the same with static input scales",
+    "int8_dynamic": "int8_dynamic: compressed-tensors int-quantized, per-channel weights, dynamic per-token inputs",
+    "int8_dynamic+smooth": "int8_dynamic+smooth: the same after SmoothQuant (alpha 0.5)",
+    "fp8_blockwise": "fp8_blockwise: vLLM fp8, 128x128 weight blocks, inputs per token in groups of 128",
+}
+
+
 def markdown(result: dict) -> str:
     m = result["machine"]
     gpu = m["gpu"] or "none"
@@ -207,19 +245,23 @@ def markdown(result: dict) -> str:
         gpu += f" (compute capability {m['compute_capability']}, CUDA {m['cuda']})"
     ev, cal = result["eval"], result["quantize"]["calibration"]
     tokens = sorted({r["tokens"] for r in result["rows"]})
+    schemes = list(result["quantize"]["schemes"])
+    calibrated = result["quantize"]["calibrated"]
+    described = [SCHEME_NOTES[s] for s in schemes if s in SCHEME_NOTES]
     lines = [
-        "# FP8 quality: bf16 vs fp8_dynamic vs fp8_static",
+        f"# Quantization quality: bf16 vs {' vs '.join(schemes)}",
         "",
         f"- machine: {m['cpu']} ({m['cpu_count']} CPUs, torch threads {m['torch_threads']}); GPU: {gpu}",
         f"- software: python {m['python']}, torch {m['torch']}, transformers {m['transformers']}",
-        f"- device: {m['device']} (quantize and eval); FP8 matmuls: {result['fp8_matmuls']}",
-        f"- quantize: save_name fp8, per-tensor weights and activations; fp8_static calibrated on "
-        f"{cal['data_path']} ({cal['num_samples']} samples, {cal['max_seq_length']} tokens, batch {cal['batch_size']})",
+        f"- device: {m['device']} (quantize and eval); quantized matmuls: {result['matmuls']}",
+        f"- quantize: {'; '.join(described)}"
+        + (f"; {' and '.join(calibrated)} calibrated on {cal['data_path']} ({cal['num_samples']} samples, "
+           f"{cal['max_seq_length']} tokens, batch {cal['batch_size']})" if calibrated else ""),
         f"- eval: {ev['data']}, {ev['num_samples']} samples x {ev['max_seq_length']} tokens, batch {ev['batch_size']} "
         f"({'/'.join(map(str, tokens))} predicted tokens per model)",
         f"- reproduce: `{result['command']}`",
         "",
-        "| model | scheme | perplexity | change | KL(bf16 \\|\\| fp8), nats/token | top-1 agreement "
+        "| model | scheme | perplexity | change | KL(bf16 \\|\\| quantized), nats/token | top-1 agreement "
         "| per-layer relative error |",
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]

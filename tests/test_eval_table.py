@@ -1,7 +1,8 @@
 """scripts/eval_table.py (`make eval-table`) end to end, small: the dense fixture, CPU, 8 eval samples.
 
-Both quantize runs and both evals really happen; the test checks the files the script writes
-(the table's three rows with finite numbers, FP8 within 1% of bf16) and its header.
+Every quantize run and eval really happens (fp8_dynamic, fp8_static, int8_dynamic with and
+without SmoothQuant, fp8_blockwise); the test checks the files the script writes (a row per
+scheme with finite numbers, each within 1% of bf16) and its header.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from conftest import load_script
 ROOT = Path(__file__).resolve().parents[1]
 DENSE = ROOT / "tests" / "fixtures" / "trained" / "dense"
 SAMPLES = 8
+SCHEMES = ["fp8_dynamic", "fp8_static", "int8_dynamic", "int8_dynamic+smooth", "fp8_blockwise"]
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +45,7 @@ def test_table_rows_and_quality(table_run):
     workdir, out, printed = table_run
     result = json.loads((out / "eval_table.json").read_text())
     rows = result["rows"]
-    assert [(r["model"], r["scheme"]) for r in rows] == [("dense", "bf16"), ("dense", "fp8_dynamic"),
-                                                        ("dense", "fp8_static")]
+    assert [(r["model"], r["scheme"]) for r in rows] == [("dense", s) for s in ["bf16", *SCHEMES]]
     bf16 = rows[0]
     assert math.isfinite(bf16["perplexity"]) and 1 < bf16["perplexity"] < 100  # trained (uniform: 2048)
     for r in rows[1:]:
@@ -55,9 +56,18 @@ def test_table_rows_and_quality(table_run):
         assert 0 < r["kl"] < 0.01 and 0.9 < r["top1_agreement"] <= 1.0, r
         assert len(r["layer_rel_errors"]) == 4 and all(0 < e < 0.1 for e in r["layer_rel_errors"]), r
         assert r["samples"] == SAMPLES and r["tokens"] > SAMPLES * 100
-        assert r["scaled_mm"] is False  # CPU: simulated
-        assert (workdir / f"dense-{r['scheme']}" / "config.json").is_file()
-        assert (out / "reports" / f"dense-{r['scheme']}.json").is_file()
+        assert r["scaled_mm"] is False and r["matmul"].startswith("simulated")  # CPU: simulated
+        slug = r["scheme"].replace("+", "-")
+        assert (workdir / f"dense-{slug}" / "config.json").is_file()
+        assert (out / "reports" / f"dense-{slug}.json").is_file()
+    formats = {r["scheme"]: r["quant_format"] for r in rows[1:]}
+    assert formats["int8_dynamic"] == formats["int8_dynamic+smooth"] == \
+        "compressed-tensors, INT8 weights, activations dynamic-token"
+    assert formats["fp8_blockwise"] == "fp8, FP8 weights in 128x128 blocks, activations dynamic-token-group"
+    assert formats["fp8_static"] == "fp8, activations static"
+    # SmoothQuant changed the int8 checkpoint (rescaled norms and weights), so its numbers differ.
+    by_scheme = {r["scheme"]: r for r in rows}
+    assert by_scheme["int8_dynamic+smooth"]["kl"] != by_scheme["int8_dynamic"]["kl"]
     assert result["machine"]["device"] == "cpu"
     assert result["machine"]["torch"] == torch.__version__
     assert result["notes"] == []
@@ -67,9 +77,11 @@ def test_markdown_header_and_command(table_run):
     _, out, printed = table_run
     md = (out / "eval_table.md").read_text()
     assert md in printed
-    assert "FP8 matmuls: simulated" in md
+    assert "quantized matmuls: simulated FP8 matmuls; simulated INT8 matmuls (exact); simulated block-FP8 " \
+        "matmuls" in md
     assert f"torch {torch.__version__}" in md and "transformers " in md
-    assert "| dense | fp8_static |" in md and "| dense | fp8_dynamic |" in md and "| dense | bf16 |" in md
+    for scheme in ["bf16", *SCHEMES]:
+        assert f"| dense | {scheme} |" in md
     command = next(line for line in md.splitlines() if line.startswith("- reproduce: "))
     assert "--models tests/fixtures/trained/dense" in command and f"--num-samples {SAMPLES}" in command
     assert "--device cpu" in command

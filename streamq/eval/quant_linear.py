@@ -84,9 +84,9 @@ class LinearKind:
         if self.weights == "int8":
             if self.mode == WEIGHT_ONLY:
                 return "dequantized INT8 weights, float32 matmul"
-            return "torch._int_mm" if int_mm_supported(device) else "exact INT8 matmuls (simulated)"
+            return "torch._int_mm" if int_mm_supported(device) else "simulated INT8 matmuls (exact)"
         if self.weights == "fp8-block":
-            return ("simulated block-FP8 matmuls (float32)" if self.mode != WEIGHT_ONLY
+            return ("simulated block-FP8 matmuls" if self.mode != WEIGHT_ONLY
                     else "dequantized FP8 weights, float32 matmul")
         return "dequantized INT4 weights, matmul in the model dtype"
 
