@@ -53,6 +53,7 @@ from streamq.model.skeleton import (
 from streamq.model.smoothing import smoothing_groups
 from streamq.pinned import host_buffer, page_lock, unregister
 from streamq.schemes.base import LayerStats
+from streamq.verify import verify_checkpoint
 
 log = logging.getLogger("streamq")
 REPORT_FILE = "streamq_report.json"
@@ -505,6 +506,14 @@ def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_
     write_index(out_dir, weight_map, total)
     faults.checkpoint("before-config")
     write_config(job.reader.path, out_dir, job.config.format.config_block(job.config.scheme.spec, job.ignored))
+    # The same checks `streamq verify --source` makes (the run's own bookkeeping aside):
+    # a run never ends with success for an output it would reject.
+    result = verify_checkpoint(out_dir, job.reader.path, manifest=False)
+    if not result.ok:
+        (out_dir / "config.json").unlink(missing_ok=True)
+        shown = "; ".join(str(p) for p in result.problems[:3])
+        raise OutputError(f"{out_dir}: the output fails verification ({len(result.problems)} problem(s): {shown}); "
+                          "the run is not marked complete")
     state.status = "complete"
     state.save()
 
