@@ -96,9 +96,7 @@ def quantize_elementwise(x: torch.Tensor, scale: torch.Tensor, zero_point: torch
     return torch.round(scaled).clamp(INT4_MIN, INT4_MAX).to(CODE_DTYPE)
 
 
-def dequantize_elementwise(
-    codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None
-) -> torch.Tensor:
+def dequantize_elementwise(codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> torch.Tensor:
     """(code - zp) * scale in float32; scale and zero_point broadcastable to codes."""
     assert codes.dtype == CODE_DTYPE, codes.dtype
     q = codes.to(torch.float32)
@@ -116,9 +114,7 @@ def _check_params(w_shape: torch.Size, scale: torch.Tensor, zero_point: torch.Te
         assert not zero_point.is_floating_point(), zero_point.dtype
 
 
-def quantize(
-    w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int
-) -> torch.Tensor:
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, group_size: int) -> torch.Tensor:
     """Codes int8 [..., out, in] in [-8, 7] of w [..., out, in] (any float dtype)."""
     _check_params(w.shape, scale, zero_point, group_size)
     x = _grouped(w, group_size)
