@@ -144,7 +144,7 @@ def to_gptq(
     groups = int4.num_groups(in_f, group_size)
     assert in_f % NIBBLES == 0 and out_f % NIBBLES == 0, f"GPTQ needs in and out multiples of 8, got {(out_f, in_f)}"
     assert tuple(scale.shape) == (out_f, groups), (tuple(scale.shape), (out_f, groups))
-    qweight = pack_nibbles(codes.to(torch.int64).T + OFFSET).T.contiguous()  # pack along in
+    qweight = pack_nibbles(codes.to(torch.int64) + OFFSET).T.contiguous()  # [out, in/8] -> [in/8, out]
     zeros = torch.full((groups, out_f), GPTQ_SYMMETRIC_ZERO - 1, dtype=torch.int64, device=codes.device)
     return {
         "qweight": qweight,
