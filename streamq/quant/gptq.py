@@ -16,7 +16,11 @@ facts", matching llm-compressor):
   it) is RTN too, never zeros.
 
 Everything is float32 on any device; the experts are one batched problem (bmm /
-cholesky_ex over the leading dimension), with no Python loop over experts.
+cholesky_ex over the leading dimension), with no Python loop over experts. Host syncs:
+one per damping attempt and one at the end (the reasons list), none per column. Peak
+memory is about four copies of the float32 weight (input, working copy, per-column
+scales, per-column zero points when asymmetric) plus two int8 code tensors and the
+[E or 1, in, in] factor.
 """
 
 from __future__ import annotations
@@ -185,7 +189,8 @@ class HessianAccumulator:
         if token_mask is not None:
             mask = token_mask.reshape(-1)
             assert mask.numel() == rows.shape[0], (mask.numel(), rows.shape[0])
-            rows = rows * mask.to(torch.float32)[:, None]
+            # where, not a product: a non-finite padding row must not leak in as NaN.
+            rows = torch.where(mask[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
             self.count += mask.sum()
         else:
             self.count += rows.shape[0]
