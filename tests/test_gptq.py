@@ -58,10 +58,10 @@ def reference_gptq(
     scale32, zp32 = reference_params(w, symmetric)
     w = w.to(dtype).clone()
     h = h.to(dtype).clone()
+    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if actorder else torch.arange(n)
     dead = torch.diag(h) == 0
     h[dead, dead] = 1.0
     w[:, dead] = 0.0
-    perm = torch.argsort(torch.diag(h), descending=True, stable=True) if actorder else torch.arange(n)
     w = w[:, perm]
     h = h[perm][:, perm]
     h = h + damp * torch.diag(h).mean() * torch.eye(n, dtype=dtype)

@@ -8,7 +8,8 @@ facts", matching llm-compressor):
 
 - group scales/zero points come from the ORIGINAL weight before the solve ("static
   groups"), for the original column groups, with or without `actorder`;
-- `actorder` (static) visits columns in decreasing diag(H) (stable sort) order; no g_idx;
+- `actorder` (static) visits columns in decreasing diag(H) (stable sort) order; no g_idx
+  (llm-compressor's `actorder: weight`/`static`);
 - dead columns (diag H = 0): H[i, i] = 1 and W[:, i] = 0;
 - damping `damp_percent * mean(diag H)` per expert; where a Cholesky fails the damping
   grows by `damp_step` per retry, and after `max_tries` that expert is quantized
@@ -121,18 +122,20 @@ def gptq_quantize(
     diag = torch.diagonal(h, dim1=-2, dim2=-1)  # view into h: [hb, n]
     empty = (diag == 0).all(dim=-1)  # H is PSD, so a zero diagonal means H = 0
     dead = diag == 0
+    # Visiting order from the diagonal before the dead fix (dead columns last), as
+    # llm-compressor; dead columns are decoupled (zero row and column), so their place
+    # in the order changes no code.
+    perm = torch.argsort(diag, dim=-1, descending=True, stable=True) if actorder else None  # [hb, n]
     diag.masked_fill_(dead, 1.0)
     work = w.masked_fill(dead[:, None, :], 0.0)
     # Per-column scale/zero point in visiting order (gather of the original groups).
     group_of_col = torch.arange(n, device=w.device) // group_size
-    if actorder:
-        perm = torch.argsort(diag, dim=-1, descending=True, stable=True)  # [hb, n]
+    if perm is not None:
         work = torch.gather(work, 2, perm[:, None, :].expand(e, out, n))
         h = torch.gather(h, 1, perm[:, :, None].expand(hb, n, n))
         h = torch.gather(h, 2, perm[:, None, :].expand(hb, n, n))
         cols = group_of_col[perm]  # [hb, n]
     else:
-        perm = None
         cols = group_of_col.expand(hb, n)
     u, ok, damp = _inverse_hessian_factor(h, damp_percent, damp_step, max_tries)
     ok = ok & ~empty
