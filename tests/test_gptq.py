@@ -240,6 +240,14 @@ def test_hessian_accumulator_mask_and_merge() -> None:
     a.merge(b)
     torch.testing.assert_close(a.result(), expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(gptq.HessianAccumulator(24).result(), torch.zeros(24, 24))
+    lazy = gptq.HessianAccumulator()  # observer protocol: sized by the first batch
+    assert lazy.result() is None
+    assert lazy.merge(gptq.HessianAccumulator()).result() is None
+    lazy.update(x, mask)
+    torch.testing.assert_close(gptq.HessianAccumulator().merge(lazy).result(), expected, rtol=1e-5, atol=1e-5)
+    padding_only = gptq.HessianAccumulator()
+    padding_only.update(torch.full((3, 24), float("nan")), torch.zeros(3, dtype=torch.bool))
+    assert torch.equal(padding_only.result(), torch.zeros(24, 24))
 
 
 def test_expert_hessian_accumulator_matches_per_expert_loop() -> None:

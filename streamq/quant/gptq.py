@@ -30,6 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
+from streamq.calib.observers import masked_rows
 from streamq.quant import int4
 
 # Reasons an expert was not GPTQ-solved (RTN_* go with rtn=True).
@@ -175,37 +176,48 @@ def gptq_quantize(
 class HessianAccumulator:
     """sum X^T X and the token count of one Linear input; H = 2 * sum / n at the end.
 
-    Keeping the plain sum (not a running mean) makes `merge` across processes or
-    batches an addition. Real tokens only: `token_mask` rows that are False add nothing.
+    The observer protocol of `streamq.calib.observers` (`update(x, mask)`, `merge(other)`
+    returning self, `result()`; constructible without arguments, sized by the first
+    batch). Keeping the plain sum (not a running mean) makes `merge` across processes or
+    batches an addition. Real tokens only: rows whose mask is False add nothing.
     Statistics stay on the device as float32 (count int64), so `update` never syncs.
     """
 
-    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
-        self.in_features = in_features
+    def __init__(self, in_features: int | None = None, device: torch.device | str | None = None) -> None:
+        self.sum: torch.Tensor | None = None  # float32 [in, in]
+        self.count: torch.Tensor | None = None  # int64 []
+        if in_features is not None:
+            self._allocate(in_features, torch.device(device) if device is not None else torch.device("cpu"))
+
+    def _allocate(self, in_features: int, device: torch.device) -> None:
         self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
         self.count = torch.zeros((), dtype=torch.int64, device=device)
 
-    def update(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        """x: [..., in] any float dtype; token_mask: bool with x.shape[:-1] elements (or None)."""
-        assert x.shape[-1] == self.in_features, (tuple(x.shape), self.in_features)
-        rows = x.reshape(-1, self.in_features).to(torch.float32)
-        if token_mask is not None:
-            mask = token_mask.reshape(-1)
-            assert mask.numel() == rows.shape[0], (mask.numel(), rows.shape[0])
-            # where, not a product: a non-finite padding row must not leak in as NaN.
-            rows = torch.where(mask[:, None], rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
-            self.count += mask.sum()
-        else:
-            self.count += rows.shape[0]
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """x: [..., in] any float dtype; mask: bool with x.shape[:-1] elements, or None."""
+        if self.sum is None:
+            self._allocate(x.shape[-1], x.device)
+        assert x.shape[-1] == self.sum.shape[0], (tuple(x.shape), tuple(self.sum.shape))
+        # where, not a product: a non-finite padding row must not leak in as NaN.
+        rows = masked_rows(x, mask).to(torch.float32)
+        self.count += rows.shape[0] if mask is None else mask.sum()
         self.sum.addmm_(rows.T, rows)
 
-    def merge(self, other: HessianAccumulator) -> None:
-        assert other.in_features == self.in_features
+    def merge(self, other: HessianAccumulator) -> HessianAccumulator:
+        if other.sum is None:
+            return self
+        if self.sum is None:
+            self._allocate(other.sum.shape[0], other.sum.device)
+        assert other.sum.shape == self.sum.shape, (tuple(other.sum.shape), tuple(self.sum.shape))
         self.sum += other.sum.to(self.sum.device)
         self.count += other.count.to(self.count.device)
+        return self
 
-    def result(self) -> torch.Tensor:
-        """H = 2 * sum / n, float32 [in, in]; all zero when no token was seen."""
+    def result(self) -> torch.Tensor | None:
+        """H = 2 * sum / n, float32 [in, in]; all zero when only padding was seen, None
+        when nothing was."""
+        if self.sum is None:
+            return None
         n = self.count.to(torch.float32).clamp(min=1.0)
         return self.sum * (2.0 / n)
 
@@ -213,7 +225,7 @@ class HessianAccumulator:
 class ExpertHessianAccumulator:
     """One HessianAccumulator per expert, fed by routed rows without a loop over experts.
 
-    `update(x [rows, in], expert_ids [rows] or [rows, k], token_mask)`: row r goes to
+    `update(x [rows, in], expert_ids [rows] or [rows, k], mask)`: row r goes to
     every expert in expert_ids[r] (top-k routing repeats the row). Rows are sorted by
     expert and scattered into a zero-padded [E, chunk, in] block, then one bmm adds
     X_e^T X_e for all experts at once; padding rows are zero and add nothing.
@@ -228,13 +240,15 @@ class ExpertHessianAccumulator:
         self.sum = torch.zeros(num_experts, in_features, in_features, dtype=torch.float32, device=device)
         self.count = torch.zeros(num_experts, dtype=torch.int64, device=device)
 
-    def update(self, x: torch.Tensor, expert_ids: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+    def update(self, x: torch.Tensor, expert_ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """x: [..., in]; expert_ids: int [rows] or [rows, k] (rows = x's token count);
+        mask: bool [rows] (real tokens), or None. One host sync (the longest expert)."""
         e, n = self.num_experts, self.in_features
         rows = x.reshape(-1, n).to(torch.float32)
         ids = expert_ids.reshape(rows.shape[0], -1).to(torch.int64)  # [R, k]
         k = ids.shape[1]
-        if token_mask is not None:
-            mask = token_mask.reshape(-1)
+        if mask is not None:
+            mask = mask.reshape(-1)
             assert mask.numel() == rows.shape[0], (mask.numel(), rows.shape[0])
             ids = torch.where(mask[:, None], ids, torch.full_like(ids, e))  # bucket e = dropped
         ids = ids.reshape(-1)
@@ -255,10 +269,11 @@ class ExpertHessianAccumulator:
             block[sorted_ids[sel], pos[sel] - p0] = rows[src[sel]]
             self.sum.baddbmm_(block.transpose(1, 2), block)
 
-    def merge(self, other: ExpertHessianAccumulator) -> None:
+    def merge(self, other: ExpertHessianAccumulator) -> ExpertHessianAccumulator:
         assert (other.num_experts, other.in_features) == (self.num_experts, self.in_features)
         self.sum += other.sum.to(self.sum.device)
         self.count += other.count.to(self.count.device)
+        return self
 
     def result(self) -> torch.Tensor:
         """H_e = 2 * sum_e / n_e, float32 [E, in, in]; zero for an expert no token reached."""
