@@ -13,6 +13,15 @@ exactly the values `dequantize` returns here:
   int in [-8, 7]; code = clamp(round(w / scale + zp), -8, 7);
 - value = (code - zp) * scale.
 
+Differences from compressed-tensors, none of which changes what a loader reconstructs
+from the stored tensors: we always compute in float32 (its `compress` divides a bfloat16
+weight by a bfloat16 scale in bfloat16, which rounds about 0.7% of codes differently);
+the scale can be rounded to its storage dtype before the codes are computed
+(`scale_dtype`; llm-compressor's GPTQ quantizes against the float32 scale and then
+stores it rounded to the model dtype); the asymmetric zero point is computed from that
+stored scale; an all-zero asymmetric group gets zero point -8 (compressed-tensors
+computes 0/0 there).
+
 Rounding is torch.round (half to even). A group whose values are all 0 gets the
 machine epsilon of the scale dtype as its scale (compressed-tensors does the same),
 never 0. All functions take weights of shape [..., out, in]: any leading batch
