@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from streamq.calib import hessian
 from streamq.quant import gptq, int4
 
 G = 32  # group size
@@ -228,24 +229,24 @@ def test_hessian_accumulator_mask_and_merge() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(4, 10, 24, generator=gen, dtype=torch.bfloat16)
     mask = torch.rand(4, 10, generator=gen) > 0.3
-    whole = gptq.HessianAccumulator(24)
+    whole = hessian.HessianAccumulator(24)
     whole.update(x, mask)
     real = x[mask].to(torch.float32)
     expected = 2.0 * real.T @ real / real.shape[0]
     torch.testing.assert_close(whole.result(), expected, rtol=1e-5, atol=1e-5)
     assert whole.count.item() == int(mask.sum())
-    a, b = gptq.HessianAccumulator(24), gptq.HessianAccumulator(24)
+    a, b = hessian.HessianAccumulator(24), hessian.HessianAccumulator(24)
     a.update(x[:2], mask[:2])
     b.update(x[2:], mask[2:])
     a.merge(b)
     torch.testing.assert_close(a.result(), expected, rtol=1e-5, atol=1e-5)
-    assert torch.equal(gptq.HessianAccumulator(24).result(), torch.zeros(24, 24))
-    lazy = gptq.HessianAccumulator()  # observer protocol: sized by the first batch
+    assert torch.equal(hessian.HessianAccumulator(24).result(), torch.zeros(24, 24))
+    lazy = hessian.HessianAccumulator()  # observer protocol: sized by the first batch
     assert lazy.result() is None
-    assert lazy.merge(gptq.HessianAccumulator()).result() is None
+    assert lazy.merge(hessian.HessianAccumulator()).result() is None
     lazy.update(x, mask)
-    torch.testing.assert_close(gptq.HessianAccumulator().merge(lazy).result(), expected, rtol=1e-5, atol=1e-5)
-    padding_only = gptq.HessianAccumulator()
+    torch.testing.assert_close(hessian.HessianAccumulator().merge(lazy).result(), expected, rtol=1e-5, atol=1e-5)
+    padding_only = hessian.HessianAccumulator()
     padding_only.update(torch.full((3, 24), float("nan")), torch.zeros(3, dtype=torch.bool))
     assert torch.equal(padding_only.result(), torch.zeros(24, 24))
 
@@ -256,9 +257,9 @@ def test_expert_hessian_accumulator_matches_per_expert_loop() -> None:
     x = torch.randn(rows, n, generator=gen)
     ids = torch.randint(0, e - 1, (rows, k), generator=gen)  # expert e-1 never chosen
     mask = torch.rand(rows, generator=gen) > 0.2
-    acc = gptq.ExpertHessianAccumulator(e, n, chunk_rows=24)  # chunks of 4 padded rows
+    acc = hessian.ExpertHessianAccumulator(e, n, chunk_rows=24)  # chunks of 4 padded rows
     acc.update(x[:30], ids[:30], mask[:30])
-    other = gptq.ExpertHessianAccumulator(e, n)
+    other = hessian.ExpertHessianAccumulator(e, n)
     other.update(x[30:], ids[30:], mask[30:])
     acc.merge(other)
     h = acc.result()

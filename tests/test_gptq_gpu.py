@@ -8,6 +8,7 @@ import time
 import pytest
 import torch
 
+from streamq.calib import hessian
 from streamq.formats import int4_packing as P
 from streamq.quant import gptq, int4
 
@@ -49,7 +50,7 @@ def test_gptq_cuda_matches_cpu(actorder: bool) -> None:
 def test_expert_hessians_on_cuda() -> None:
     gen = torch.Generator().manual_seed(2)
     x, ids = torch.randn(300, 64, generator=gen), torch.randint(0, 8, (300, 2), generator=gen)
-    cpu, gpu = gptq.ExpertHessianAccumulator(8, 64), gptq.ExpertHessianAccumulator(8, 64, device="cuda")
+    cpu, gpu = hessian.ExpertHessianAccumulator(8, 64), hessian.ExpertHessianAccumulator(8, 64, device="cuda")
     cpu.update(x, ids)
     gpu.update(x.cuda(), ids.cuda())
     torch.testing.assert_close(cpu.result(), gpu.result().cpu(), rtol=1e-4, atol=1e-4)
