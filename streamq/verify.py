@@ -256,7 +256,7 @@ def check_quantized(entries: dict[str, HeaderEntry], declared: Declared, add_pro
             continue
         if any(ignore_entry_matches(entry, module) for entry in declared.ignored):
             add_problem("is quantized but quantization_config lists it as ignored", marker.file, module)
-        expected = {t.suffix: t for t in fmt.specs(spec, *shape)}
+        expected = {t.suffix: t for t in fmt.specs(spec, *shape, scale_dtype=marker.dtype)}
         for suffix, t in expected.items():
             name = f"{module}.{suffix}"
             entry = entries.get(name)
@@ -343,7 +343,8 @@ def check_layers(names: set[str], config: dict, add_problem) -> None:
         if m:
             layers[int(m.group("idx"))] = f"{m.group('prefix')}.{m.group('idx')}"
         e = EXPERT_RE.match(name)
-        if e and name.endswith(".weight") and name.split(".")[-2] in EXPERT_PROJS:
+        # Any tensor of the projection counts (`weight`, or a packed format's `weight_packed`).
+        if e and name.split(".")[-2] in EXPERT_PROJS:
             experts.setdefault(f"{e.group('layer')}.{e.group('parent')}", set()).add(int(e.group("idx")))
     declared = config.get("num_hidden_layers")
     if isinstance(declared, int):
@@ -362,12 +363,12 @@ def check_layers(names: set[str], config: dict, add_problem) -> None:
                 lost = sorted(set(range(n)) - found)
                 if lost:
                     add_problem(f"{len(lost)} of {n} experts missing under '{parent}': {_ranges(lost)}", INDEX_FILE)
+    modules = {name.rpartition(".")[0] for name in names}
     for parent, found in sorted(experts.items()):
         for e in sorted(found):
             for proj in EXPERT_PROJS:
-                name = f"{parent}.{e}.{proj}.weight"
-                if name not in names:
-                    add_problem(f"expert {e} of '{parent}' has no {proj}", INDEX_FILE, name)
+                if f"{parent}.{e}.{proj}" not in modules:
+                    add_problem(f"expert {e} of '{parent}' has no {proj}", INDEX_FILE, f"{parent}.{e}.{proj}.weight")
 
 
 def _ranges(values: list[int]) -> str:
@@ -400,7 +401,7 @@ def check_against_source(entries: dict[str, HeaderEntry], unavailable: set[str],
     for name, info in reader.tensors.items():
         module = name[: -len(".weight")] if name.endswith(".weight") else None
         if module in modules and declared is not None and len(info.shape) == 2:
-            specs = declared.format.specs(declared.spec, *info.shape)
+            specs = declared.format.specs(declared.spec, *info.shape, scale_dtype=info.dtype)
             expected.update(f"{module}.{t.suffix}" for t in specs)
             weight = next(t for t in specs if t.role == WEIGHT)
             got = entries.get(f"{module}.{weight.suffix}")
