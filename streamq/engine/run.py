@@ -126,6 +126,7 @@ class _Calibrator:
         fused = fused_expert_modules(layer)
         kind = scheme.observer_kind()
         shared: dict[str, str] = {}  # module -> the module whose observer it shares
+        blocks: dict[str, list[tuple]] = {}
         if observe:
             watch = {}
             if kind is not None:
@@ -139,6 +140,12 @@ class _Calibrator:
                 for group in smoothing_groups(layer, layout):
                     watch[group.observed] = smoothing
             obs.watch_linears(layer, watch)
+            blocks = {name: [] for name in scheme.recorded_blocks(layer, layout)}
+            for name, records in blocks.items():
+                def record(_mod, args, kwargs, output, _records=records):
+                    _records.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs),
+                                     output.detach() if torch.is_tensor(output) else output))
+                obs._handles.append(layer.get_submodule(name).register_forward_hook(record, with_kwargs=True))
             if kind is not None:
                 obs.expert_kind = kind
                 for parent, module in fused.items():
@@ -168,7 +175,7 @@ class _Calibrator:
         for module in shared:
             if values.get(module) is None:
                 raise CheckpointError(f"Linear '{module}' received no input during calibration")
-        return LayerStats(values)
+        return LayerStats(values, blocks, self.masks)
 
     def _expert_hessians(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
         out = {}

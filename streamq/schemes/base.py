@@ -16,7 +16,7 @@ the tensor math lives in `streamq.quant` and is imported when a layer is quantiz
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from streamq.errors import ConfigError
@@ -46,10 +46,16 @@ class QuantizedLinear:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Statistics of one layer's replay, by full module name (what `observers` asked for)."""
+    """Statistics of one layer's replay, by full module name (what `observers` asked for).
+
+    blocks: relative module name -> one (args, kwargs, output) per calibration batch, for
+    the modules `recorded_blocks` named (a search that reruns a block on its own inputs);
+    masks: bool [B, T] real-token mask per batch, in the same order.
+    """
 
     values: dict[str, Any]
-    uncovered_experts: int = 0
+    blocks: dict[str, list[tuple]] = field(default_factory=dict)
+    masks: list = field(default_factory=list)
 
 
 class Scheme:
@@ -96,6 +102,11 @@ class Scheme:
     def smoothing_kind(self) -> str | None:
         """A per-channel statistic the transform needs on the smoothing groups' inputs, or None."""
         return None
+
+    def recorded_blocks(self, layer: Any, layout: Any) -> list[str]:
+        """Modules of the layer (relative names) whose inputs and outputs of every
+        calibration batch the transform needs (AWQ's per-block loss); default none."""
+        return []
 
     def transform(self, layer_ctx: Any, stats: LayerStats) -> dict[str, torch.Tensor]:
         """Rescale the layer before quantizing; returns the non-quantized tensors it changed
