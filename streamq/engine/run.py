@@ -512,9 +512,12 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     for note in getattr(scheme, "fallbacks", ()):
         log.warning("layer %d: %s", i, note)
     if scheme.propagates_quantized:
-        t2 = time.monotonic()
+        stages["quantize"] = time.monotonic() - t
+        t = time.monotonic()
+        progress.step("propagate")
         calib.run_layer(layer, layout, observe=False, advance=True)
-        stages["propagate"] = time.monotonic() - t2
+        stages["propagate"] = time.monotonic() - t
+        t = time.monotonic()
     if redo:
         ctx.weights.clear()
         release_layer(layer)
@@ -537,7 +540,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         out[name] = src.to("cpu").clone() if arena is None else arena.take(src.shape, src.dtype).copy_(src)
     if calib is not None:
         release_layer(decoder_layers(job.skeleton)[i])
-    stages["quantize"] = time.monotonic() - t
+    stages["quantize"] = stages.get("quantize", 0.0) + time.monotonic() - t
     progress.step("write")
     # The previous shard must be on disk before this one is queued: one pending output
     # overlaps the next layer's compute, a second would only hold more host memory.

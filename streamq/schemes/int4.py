@@ -23,7 +23,9 @@ from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of,
 
 # Bytes of float32 work the batched expert solve may hold at once (weights, Hessians and
 # their factors, about four copies of the chunk's weights and two of its Hessians).
-EXPERT_SOLVE_BYTES = 4 << 30
+# 12 GiB holds 36 of Qwen3-235B-A22B's experts: four launch-bound column loops per layer
+# instead of eleven.
+EXPERT_SOLVE_BYTES = 12 << 30
 
 
 def _group_size(q: dict[str, Any], source: str) -> int:
@@ -178,16 +180,27 @@ class Int4Gptq(_W4A16):
 
         self.fallbacks.clear()
         experts = {} if layout is None else {m: ref for m, ref in layout.experts.items() if m in weights}
-        for name, w in weights.items():
-            if name in experts:
-                continue
-            self._check_shape(name, w)
-            out_dtype = _scale_dtype(w)
-            r = self._solve(w.to(torch.float32).unsqueeze(0), stats.values[name])
+        # Modules with one Hessian (q/k/v, a dense gate/up) are solved as one stack of rows:
+        # GPTQ treats every output row on its own, so stacking changes no code, only the
+        # number of launch-bound column loops.
+        stacks: dict[int, list[str]] = {}
+        for name in weights:
+            if name not in experts:
+                self._check_shape(name, weights[name])
+                stacks.setdefault(id(stats.values[name]), []).append(name)
+        for names in stacks.values():
+            rows = [weights[n].shape[0] for n in names]
+            w = torch.cat([weights[n] for n in names]).to(torch.float32).unsqueeze(0)
+            r = self._solve(w, stats.values[names[0]])
+            del w
             if bool(r.rtn[0]):
-                self.fallbacks.append(f"{name}: {r.reasons[0]}")
-            zp = None if r.zero_point is None else r.zero_point[0]
-            yield name, QuantizedLinear(r.codes[0], r.scale[0].to(out_dtype), zero_point=zp)
+                self.fallbacks.append(f"{', '.join(names)}: {r.reasons[0]}")
+            start = 0
+            for n, count in zip(names, rows, strict=True):
+                sl = slice(start, start + count)
+                start += count
+                zp = None if r.zero_point is None else r.zero_point[0, sl]
+                yield n, QuantizedLinear(r.codes[0, sl], r.scale[0, sl].to(_scale_dtype(weights[n])), zero_point=zp)
         by_parent: dict[str, dict[tuple[int, str], str]] = {}
         for module, ref in experts.items():
             by_parent.setdefault(layout.prefix + ref.parent, {})[(ref.index, ref.proj)] = module
