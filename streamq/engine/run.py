@@ -320,6 +320,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
     plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
+    for note in plan.notes:
+        if note.startswith("warning: "):
+            log.warning("%s", note)
     _check_disk_space(plan.disk_needed, out_dir)
     state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite, config.job_identity())
     (out_dir / "config.json").unlink(missing_ok=True)  # until the end, nothing looks finished
