@@ -39,6 +39,7 @@ from typing import Any
 from streamq.calib.cache import pinned_cache_bytes
 from streamq.checkpoint.reader import DTYPE_BYTES
 from streamq.checkpoint.writer import SAFETENSORS_METADATA, safetensors_header
+from streamq.engine import tp_check
 from streamq.engine.staging import output_arena_bytes
 from streamq.errors import BudgetError
 
@@ -215,7 +216,8 @@ def layer_output_tensors(source: list[Tensor], quantized: dict[str, str], fmt: A
             out.append(t)
             continue
         module = t.name[: -len(".weight")]
-        out.extend(Tensor(f"{module}.{ts.suffix}", ts.dtype, ts.shape) for ts in fmt.specs(spec, *t.shape))
+        out.extend(Tensor(f"{module}.{ts.suffix}", ts.dtype, ts.shape)
+                   for ts in fmt.specs(spec, *t.shape, scale_dtype=t.dtype))
     return out
 
 
@@ -769,7 +771,9 @@ def make_plan(job: Any, max_gpu_memory: int | None = None, max_cpu_memory: int |
     host_budget, host_label = _host_budget(max_cpu_memory or job.config.max_cpu_memory, baseline)
     best = choose(inputs, gpu_budget, host_budget, baseline, a, gpu_label, host_label,
                   allow_micro_batch, allow_expert_groups)
-    return _to_plan(inputs, best, baseline, gpu_budget, host_budget, a)
+    plan = _to_plan(inputs, best, baseline, gpu_budget, host_budget, a)
+    plan.notes.extend(f"warning: {w}" for w in tp_check.plan_warnings(job))  # block FP8 vs vLLM's TP splits
+    return plan
 
 
 def _to_plan(inputs: Inputs, best: _Evaluated, baseline: int, gpu_budget: int | None, host_budget: int | None,

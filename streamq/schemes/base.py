@@ -16,7 +16,7 @@ the tensor math lives in `streamq.quant` and is imported when a layer is quantiz
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from streamq.errors import ConfigError
@@ -46,10 +46,16 @@ class QuantizedLinear:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Statistics of one layer's replay, by full module name (what `observers` asked for)."""
+    """Statistics of one layer's replay, by full module name (what `observers` asked for).
+
+    blocks: relative module name -> one (args, kwargs, output) per calibration batch, for
+    the modules `recorded_blocks` named (a search that reruns a block on its own inputs);
+    masks: bool [B, T] real-token mask per batch, in the same order.
+    """
 
     values: dict[str, Any]
-    uncovered_experts: int = 0
+    blocks: dict[str, list[tuple]] = field(default_factory=dict)
+    masks: list = field(default_factory=list)
 
 
 class Scheme:
@@ -80,6 +86,9 @@ class Scheme:
 
     @property
     def propagates_quantized(self) -> bool:
+        """The next layer sees this layer's quantized outputs: after `quantize`, the engine
+        writes each yielded module's `dequantize`d weight into the layer and replays it.
+        `quantize` must therefore read a module's weight before yielding it, never after."""
         return False
 
     @property
@@ -94,13 +103,24 @@ class Scheme:
         """A per-channel statistic the transform needs on the smoothing groups' inputs, or None."""
         return None
 
+    def recorded_blocks(self, layer: Any, layout: Any) -> list[str]:
+        """Modules of the layer (relative names) whose inputs and outputs of every
+        calibration batch the transform needs (AWQ's per-block loss); default none."""
+        return []
+
     def transform(self, layer_ctx: Any, stats: LayerStats) -> dict[str, torch.Tensor]:
         """Rescale the layer before quantizing; returns the non-quantized tensors it changed
         (by tensor name, in the source dtype) and updates `layer_ctx.weights` in place."""
         return {}
 
-    def quantize(self, weights: dict[str, torch.Tensor], stats: LayerStats | None
+    def quantize(self, weights: dict[str, torch.Tensor], stats: LayerStats | None, layout: Any = None
                  ) -> Iterator[tuple[str, QuantizedLinear]]:
+        """Quantize the Linears of one layer (module -> [out, in], source values), one at a
+        time. `layout` (a `streamq.model.layout.LayerLayout`) says which are MoE experts."""
+        raise NotImplementedError
+
+    def dequantize(self, q: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+        """The weight a loader reconstructs from `q`, [out, in] in `dtype` (propagation)."""
         raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:
@@ -112,7 +132,7 @@ class Scheme:
 
 SCHEMES: dict[str, type[Scheme]] = {}
 # Names AngelSlim configs use that no module implements yet.
-PLANNED: tuple[str, ...] = ("int4_gptq", "int4_awq")
+PLANNED: tuple[str, ...] = ("int4_awq",)
 
 
 def register(cls: type[Scheme]) -> type[Scheme]:
@@ -150,4 +170,4 @@ def check_bits(cls: type[Scheme], q: dict[str, Any], source: str) -> None:
 
 def _load_builtin() -> None:
     # The built-in schemes register themselves on import.
-    from streamq.schemes import fp8, int8  # noqa: F401
+    from streamq.schemes import fp8, int4, int8  # noqa: F401
