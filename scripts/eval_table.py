@@ -8,8 +8,10 @@ moe), quantize it with streamq once per scheme into --workdir:
   per-token inputs); int8_dynamic+smooth: the same after SmoothQuant
   (`quant_helpers: [smooth]`, `smooth_alpha: 0.5`);
 - fp8_blockwise: vLLM fp8 with 128x128 weight blocks, inputs per token in groups of 128;
+- only when named in --schemes: int4_rtn and int4_gptq, W4A16 compressed-tensors
+  `pack-quantized` (symmetric, groups of 128);
 
-(the calibrated ones, fp8_static and int8_dynamic+smooth, on the 16 records of
+(the calibrated ones, fp8_static, int8_dynamic+smooth and int4_gptq, on the 16 records of
 tests/fixtures/trained/calib.jsonl, 128 tokens, batch 4, as tests/fixtures/trained/README.md
 states); then run `streamq eval` on each quantized copy against its original
 (tests/fixtures/trained/eval.jsonl, --num-samples records of 128 tokens, batch 1) and
@@ -59,8 +61,13 @@ SCHEME_CONFIGS = {
     "int8_dynamic+smooth": ({"name": "int8_dynamic", "bits": 8, "quant_method": {}, "quant_helpers": ["smooth"],
                              "smooth_alpha": 0.5}, True),
     "fp8_blockwise": ({"name": "fp8_blockwise", "bits": 8, "save_name": "fp8"}, False),
+    # W4A16 (compressed-tensors pack-quantized, symmetric, groups of 128): only with --schemes.
+    "int4_rtn": ({"name": "int4_rtn", "bits": 4, "quant_method": {"weight": "per-group", "group_size": 128}}, False),
+    "int4_gptq": ({"name": "int4_gptq", "bits": 4, "quant_method": {"weight": "per-group", "group_size": 128}},
+                  True),
 }
 SCHEMES = tuple(SCHEME_CONFIGS)
+DEFAULT_SCHEMES = ("fp8_dynamic", "fp8_static", "int8_dynamic", "int8_dynamic+smooth", "fp8_blockwise")
 # What tests/fixtures/trained/README.md says its CPU table used.
 CALIB_SAMPLES, CALIB_BATCH, SEQ_LEN = 16, 4, 128
 EVAL_BATCH = 1  # streamq eval's default: dynamic scales per sequence, no padding
@@ -70,8 +77,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval_table.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", type=Path, default=list(DEFAULT_MODELS), metavar="DIR",
                    help="bf16 checkpoints to quantize and evaluate (default: the trained fixtures dense, moe)")
-    p.add_argument("--schemes", nargs="+", default=list(SCHEMES), choices=SCHEMES, metavar="SCHEME",
-                   help=f"rows to produce, in this order (default: all: {' '.join(SCHEMES)})")
+    p.add_argument("--schemes", nargs="+", default=list(DEFAULT_SCHEMES), choices=SCHEMES, metavar="SCHEME",
+                   help=f"rows to produce, in this order, of: {' '.join(SCHEMES)} "
+                        f"(default: {' '.join(DEFAULT_SCHEMES)})")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N (quantize and eval)")
     p.add_argument("--num-samples", type=int, default=32, help="eval records (of eval.jsonl's 32), 128 tokens each")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (default: torch's own choice)")
@@ -95,7 +103,7 @@ def reproduce_command(args: argparse.Namespace, device: str) -> str:
     cmd = ["python", "scripts/eval_table.py"]
     if [m.resolve() for m in args.models] != [m.resolve() for m in DEFAULT_MODELS]:
         cmd += ["--models", *(_shown(m) for m in args.models)]
-    if list(args.schemes) != list(SCHEMES):
+    if list(args.schemes) != list(DEFAULT_SCHEMES):
         cmd += ["--schemes", *args.schemes]
     cmd += ["--device", device if args.device == "auto" else args.device, "--num-samples", str(args.num_samples)]
     if args.threads:
@@ -235,6 +243,8 @@ SCHEME_NOTES = {
     "int8_dynamic": "int8_dynamic: compressed-tensors int-quantized, per-channel weights, dynamic per-token inputs",
     "int8_dynamic+smooth": "int8_dynamic+smooth: the same after SmoothQuant (alpha 0.5)",
     "fp8_blockwise": "fp8_blockwise: vLLM fp8, 128x128 weight blocks, inputs per token in groups of 128",
+    "int4_rtn": "int4_rtn: W4A16 round-to-nearest, compressed-tensors pack-quantized, symmetric, groups of 128",
+    "int4_gptq": "int4_gptq: W4A16 GPTQ, the same layout",
 }
 
 

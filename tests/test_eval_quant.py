@@ -3,8 +3,10 @@
 Each quantized Linear is checked against a float64 reference written here from the format's
 definition (not from the module's code); the INT4 unpacking against the `compressed-tensors`
 package; the MoE experts module against the per-token definition of top-k routing; and the
-whole path end to end on the trained fixtures quantized by streamq (int8_dynamic as
-compressed-tensors int-quantized, fp8_blockwise as vLLM fp8 and compressed-tensors block).
+whole path end to end on the trained fixtures: quantized by streamq (int8_dynamic as
+compressed-tensors int-quantized, fp8_blockwise as vLLM fp8 and compressed-tensors block,
+int4_rtn as pack-quantized), and packed by the compressed-tensors package (W4A16, evaluated
+against the same weights dequantized into a plain bf16 checkpoint).
 """
 
 from __future__ import annotations
@@ -440,55 +442,8 @@ def _write_w4(src: Path, dst: Path, symmetric: bool, dequantized: bool) -> Path:
     return dst
 
 
-class _PackQuantizedStandIn:
-    """compressed-tensors pack-quantized as DESIGN.md describes it, for as long as the format
-    registry does not parse it yet (then the registry's own format is used instead)."""
-
-    save_name = "compressed-tensors"
-
-    def specs(self, spec, out_features, in_features, scale_dtype="BF16"):
-        from streamq.formats.base import SCALE, SHAPE, WEIGHT, ZERO_POINT, TensorSpec
-
-        groups = -(-in_features // spec.weight.size)
-        out = [TensorSpec("weight_packed", "I32", (out_features, -(-in_features // 8)), WEIGHT),
-               TensorSpec("weight_scale", scale_dtype, (out_features, groups), SCALE),
-               TensorSpec("weight_shape", "I64", (2,), SHAPE)]
-        if not spec.symmetric:
-            out.append(TensorSpec("weight_zero_point", "I32", (-(-out_features // 8), groups), ZERO_POINT))
-        return out
-
-    def marker(self, spec):
-        return "weight_scale"
-
-
-@pytest.fixture
-def pack_quantized_parser(monkeypatch):
-    """The registry's parser where it reads pack-quantized; else a stand-in for that block only."""
-    import streamq.formats as formats
-
-    try:
-        formats.parse_quantization_config(_w4_config(True))
-        return "registry"
-    except ValueError:
-        pass
-    from streamq.formats.base import QuantSpec
-    from streamq.quant.granularity import PerGroup
-
-    real = formats.parse_quantization_config
-
-    def parse(qc):
-        if qc.get("format") != "pack-quantized":
-            return real(qc)
-        w = qc["config_groups"]["group_0"]["weights"]
-        return (_PackQuantizedStandIn(), QuantSpec("int", 4, PerGroup(w["group_size"]), w["symmetric"], None),
-                qc["ignore"])
-
-    monkeypatch.setattr(formats, "parse_quantization_config", parse)
-    return "stand-in"
-
-
 @pytest.mark.parametrize("arch,symmetric", [("dense", True), ("moe", False)])
-def test_w4a16_checkpoint_evaluates_as_its_dequantized_weights(pack_quantized_parser, tmp_path, arch, symmetric):
+def test_w4a16_checkpoint_evaluates_as_its_dequantized_weights(tmp_path, arch, symmetric):
     pytest.importorskip("compressed_tensors")
     packed = _write_w4(TRAINED / arch, tmp_path / "w4", symmetric, dequantized=False)
     plain = _write_w4(TRAINED / arch, tmp_path / "w4-dequantized", symmetric, dequantized=True)
@@ -501,3 +456,18 @@ def test_w4a16_checkpoint_evaluates_as_its_dequantized_weights(pack_quantized_pa
     assert report.kl == pytest.approx(reference.kl, rel=1e-3, abs=1e-7)
     assert [r.rel_error for r in report.layers] == pytest.approx([r.rel_error for r in reference.layers], rel=1e-3)
     assert 0 < report.kl < 0.1 and abs(report.ppl_change) < 0.05, report.table()
+
+
+@pytest.mark.parametrize("arch", ["dense", "moe"])
+def test_streamq_int4_rtn_checkpoint_evaluates(tmp_path, arch):
+    out = tmp_path / f"{arch}-int4"
+    cfg = make_config(TRAINED / arch, out, algorithm="int4_rtn")
+    q = cfg["compression"]["quantization"]
+    q.update(bits=4, quant_method={"weight": "per-group", "group_size": 64}, sym=arch == "dense")
+    del q["save_name"]  # its default: compressed-tensors pack-quantized
+    run_job(cfg)
+    report = _eval(arch, out)
+    kind = f"INT4 weights ({'symmetric' if arch == 'dense' else 'asymmetric'}, groups of 64)"
+    assert report.quant_format == f"compressed-tensors, {kind}, activations none", report.quant_format
+    assert 0 < report.kl < 0.1 and abs(report.ppl_change) < 0.05 and report.top1_agreement > 0.8, report.table()
+    assert not report.outliers and all(0 < r.rel_error < 0.2 for r in report.layers), report.table()
