@@ -471,3 +471,34 @@ def test_streamq_int4_rtn_checkpoint_evaluates(tmp_path, arch):
     assert report.quant_format == f"compressed-tensors, {kind}, activations none", report.quant_format
     assert 0 < report.kl < 0.1 and abs(report.ppl_change) < 0.05 and report.top1_agreement > 0.8, report.table()
     assert not report.outliers and all(0 < r.rel_error < 0.2 for r in report.layers), report.table()
+
+
+def test_gptq_linear_matches_float64_reference():
+    """GPTQ v1 by definition: q packed along the input, zero - 1 packed along the output, g_idx."""
+    g = torch.Generator().manual_seed(6)
+    out_f, in_f, groups = 16, 48, 3
+    q = torch.randint(0, 16, (out_f, in_f), generator=g)
+    zero = torch.randint(1, 16, (groups, out_f), generator=g)  # asymmetric too: v1 stores zero - 1
+    scales = (torch.rand(groups, out_f, generator=g) * 0.1 + 0.01).half()
+    g_idx = torch.randperm(in_f, generator=g) % groups  # act-order style: groups not in column order
+    qweight = sum(q.t()[i::8] << (4 * i) for i in range(8))  # [in/8, out]
+    qzeros = sum((zero - 1)[:, i::8] << (4 * i) for i in range(8))  # [G, out/8]
+    lin = Q.GPTQLinear(in_f, out_f, groups, torch.float16)
+    for name, value in (("qweight", qweight), ("qzeros", qzeros)):
+        getattr(lin, name).copy_(torch.where(value >= 2**31, value - 2**32, value).to(torch.int32))
+    lin.scales.copy_(scales)
+    lin.g_idx.copy_(g_idx.to(torch.int32))
+    w = (q.double() - zero.t().double()[:, g_idx]) * scales.t().double()[:, g_idx]
+    x = torch.randn(5, in_f, generator=g)
+    torch.testing.assert_close(lin(x).double(), x.double() @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_streamq_gptq_layout_evaluates(tmp_path):
+    out = tmp_path / "dense-gptq"
+    cfg = make_config(TRAINED / "dense", out, algorithm="int4_rtn", save_name="gptq")
+    cfg["compression"]["quantization"].update(bits=4, quant_method={"weight": "per-group", "group_size": 64})
+    run_job(cfg)
+    report = _eval("dense", out)
+    assert report.quant_format == "gptq, INT4 weights (symmetric, groups of 64), activations none", \
+        report.quant_format
+    assert 0 < report.kl < 0.1 and abs(report.ppl_change) < 0.05 and report.top1_agreement > 0.8, report.table()

@@ -11,6 +11,9 @@ Pure tensor functions, one per on-disk layout eval runs:
   [-8, 7]); `weight_scale` [out, ceil(in/g)] in the model dtype; asymmetric checkpoints add
   `weight_zero_point` int32 [ceil(out/8), ceil(in/g)], zero point + 8 packed the same way
   along dim 0. The value is (code - zero_point) * scale.
+- INT4 GPTQ v1 (`quant_method: gptq`): `qweight` int32 [in/8, out] packed along the input,
+  `qzeros` int32 [G, out/8] (zero - 1) packed along the output, `scales` [G, out], `g_idx`
+  int32 [in]. The value is (q - zero) * scale of the column's group.
 
 The int4 unpacking here is eval's own (checked against the `compressed-tensors` package in
 tests/test_eval_quant.py); `streamq.formats.int4_packing` is the writer's.
@@ -24,8 +27,9 @@ NIBBLES = 8  # 4-bit values per int32 word
 INT4_OFFSET = 8  # stored nibble = signed code + 8
 
 
-def unpack_int4(words: torch.Tensor, n: int) -> torch.Tensor:
-    """int32 [..., ceil(n/8)] -> signed codes int8 [..., n] in [-8, 7] (packed along the last dim)."""
+def unpack_nibbles(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [..., ceil(n/8)] -> unsigned 4-bit values int32 [..., n] in [0, 15], value i in
+    word i // 8 at bits 4 * (i % 8) (packed along the last dim)."""
     if words.dtype != torch.int32:
         raise ValueError(f"packed int4 values must be int32, got {words.dtype}")
     if words.shape[-1] != -(-n // NIBBLES):
@@ -33,7 +37,12 @@ def unpack_int4(words: torch.Tensor, n: int) -> torch.Tensor:
     shifts = 4 * torch.arange(NIBBLES, dtype=torch.int32, device=words.device)
     # Arithmetic shift then mask: the sign bits a negative word drags in are masked away.
     nibbles = (words.unsqueeze(-1) >> shifts) & 0xF
-    return (nibbles.reshape(*words.shape[:-1], -1)[..., :n] - INT4_OFFSET).to(torch.int8)
+    return nibbles.reshape(*words.shape[:-1], -1)[..., :n]
+
+
+def unpack_int4(words: torch.Tensor, n: int) -> torch.Tensor:
+    """int32 [..., ceil(n/8)] -> signed codes int8 [..., n] in [-8, 7] (packed along the last dim)."""
+    return (unpack_nibbles(words, n) - INT4_OFFSET).to(torch.int8)
 
 
 def unpack_int4_rows(words: torch.Tensor, rows: int) -> torch.Tensor:
@@ -64,8 +73,34 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, in_features: int,
         if zp.shape != scale.shape:
             raise ValueError(f"weight_zero_point unpacks to {tuple(zp.shape)}, the scale is {tuple(scale.shape)}")
         codes = codes - group_columns(zp, in_features, group_size)
-    w = codes * group_columns(scale.to(torch.float32), in_features, group_size)
-    return w.to(dtype or scale.dtype)
+    dtype = dtype or scale.dtype
+    # The scale as a kernel computing in `dtype` holds it (a no-op when stored in that dtype).
+    w = codes * group_columns(scale.to(dtype).to(torch.float32), in_features, group_size)
+    return w.to(dtype)
+
+
+def dequantize_gptq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor,
+                    dtype: torch.dtype) -> torch.Tensor:
+    """GPTQ v1 tensors -> the weight [out, in] in `dtype`.
+
+    `qweight` int32 [in/8, out]: unsigned 4-bit q of column i of the weight's row o in word
+    [i // 8, o] at bits 4 * (i % 8); `qzeros` int32 [G, out/8]: v1 stores zero - 1, packed along
+    out; `scales` [G, out]; `g_idx` int32 [in]: the group of each input column. The value is
+    (q - zero) * scale, the scale first rounded to `dtype` as a kernel computing there holds it.
+    """
+    in_features, out_features = qweight.shape[0] * NIBBLES, qweight.shape[1]
+    groups = scales.shape[0]
+    if scales.shape != (groups, out_features) or qzeros.shape != (groups, -(-out_features // NIBBLES)) \
+            or g_idx.shape != (in_features,):
+        raise ValueError(f"GPTQ tensors do not fit together: qweight {list(qweight.shape)}, qzeros "
+                         f"{list(qzeros.shape)}, scales {list(scales.shape)}, g_idx {list(g_idx.shape)}")
+    q = unpack_nibbles(qweight.t().contiguous(), in_features).to(torch.float32)  # [out, in]
+    zero = (unpack_nibbles(qzeros, out_features) + 1).to(torch.float32)  # [G, out]
+    g = g_idx.to(torch.int64)
+    if bool(((g < 0) | (g >= groups)).any()):
+        raise ValueError(f"g_idx holds groups outside [0, {groups})")
+    s = scales.to(dtype).to(torch.float32)
+    return ((q - zero.t()[:, g]) * s.t()[:, g]).to(dtype)
 
 
 def expand_blocks(scale: torch.Tensor, shape: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
