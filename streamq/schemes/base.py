@@ -130,6 +130,22 @@ class Scheme:
         return asdict(self)
 
 
+def require_finite(values: dict[str, torch.Tensor]) -> None:
+    """Raise naming the first module whose statistic (a weight's absmax or scale) is NaN or
+    Inf. NaN propagates through max and Inf is its own max, so checking a weight's absmax
+    checks the weight. One host synchronization for the whole layer, not one per tensor."""
+    import torch
+
+    from streamq.errors import CheckpointError
+
+    if not values:
+        return
+    finite = torch.stack([torch.isfinite(v).all() for v in values.values()]).cpu()
+    if not bool(finite.all()):
+        bad = list(values)[int((~finite).nonzero()[0])]
+        raise CheckpointError(f"tensor '{bad}.weight' contains NaN or Inf values; refusing to quantize it")
+
+
 SCHEMES: dict[str, type[Scheme]] = {}
 # Names AngelSlim configs use that no module implements yet.
 PLANNED: tuple[str, ...] = ("int4_awq",)

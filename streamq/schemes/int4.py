@@ -19,7 +19,7 @@ from typing import Any
 from streamq.errors import ConfigError
 from streamq.formats.base import QuantSpec
 from streamq.quant.granularity import PerGroup
-from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of, register
+from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of, register, require_finite
 
 # Bytes of float32 work the batched expert solve may hold at once (weights, Hessians and
 # their factors, about four copies of the chunk's weights and two of its Hessians).
@@ -100,6 +100,7 @@ class Int4Rtn(_W4A16):
     def quantize(self, weights, stats, layout=None):
         from streamq.quant import int4
 
+        require_finite({name: w.abs().amax() for name, w in weights.items()})
         for name, w in weights.items():
             self._check_shape(name, w)
             codes, scale, zp = int4.quantize_rtn(w, self.group_size, self.sym, _scale_dtype(w))
@@ -179,6 +180,7 @@ class Int4Gptq(_W4A16):
         import torch
 
         self.fallbacks.clear()
+        require_finite({name: w.abs().amax() for name, w in weights.items()})
         experts = {} if layout is None else {m: ref for m, ref in layout.experts.items() if m in weights}
         # Modules with one Hessian (q/k/v, a dense gate/up) are solved as one stack of rows:
         # GPTQ treats every output row on its own, so stacking changes no code, only the
