@@ -28,12 +28,18 @@ from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of,
 EXPERT_SOLVE_BYTES = 12 << 30
 
 
+def _value(q: dict[str, Any], key: str, default: Any) -> Any:
+    """A setting, with YAML's null meaning the default (the config walker lets null through)."""
+    value = q.get(key)
+    return default if value is None else value
+
+
 def _group_size(q: dict[str, Any], source: str) -> int:
     method = q.get("quant_method") or {}
     if method.get("weight", "per-group") != "per-group":
         raise ConfigError(f"{source}: '{Q}.quant_method.weight' is {method['weight']!r}; W4A16 quantizes weights "
                           "per-group (allowed: per-group)")
-    size = method.get("group_size", 128)
+    size = _value(method, "group_size", 128)
     if size == -1:
         return 128  # AngelSlim's -1: the default group
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 8:
@@ -95,7 +101,7 @@ class Int4Rtn(_W4A16):
     @classmethod
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
         check_bits(cls, q, source)
-        return cls(_group_size(q, source), bool(q.get("sym", True)))
+        return cls(_group_size(q, source), bool(_value(q, "sym", True)))
 
     def quantize(self, weights, stats, layout=None):
         from streamq.quant import int4
@@ -127,21 +133,22 @@ class Int4Gptq(_W4A16):
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
         check_bits(cls, q, source)
         actorder = q.get("actorder", False)
-        one_of(actorder, (False, "static", True), f"{Q}.actorder", source)
         if actorder == "group":
             raise ConfigError(f"{source}: '{Q}.actorder' is 'group', which vLLM refuses; allowed: static, false")
-        damp = q.get("damp_percent", 0.01)
+        # null / false: column order; static / weight (llm-compressor's names) / true: decreasing diag(H)
+        one_of(actorder, (None, False, True, "static", "weight"), f"{Q}.actorder", source)
+        damp = _value(q, "damp_percent", 0.01)
         if not 0 < float(damp) < 1:
             raise ConfigError(f"{source}: '{Q}.damp_percent' is {damp}; allowed: a number in (0, 1), e.g. 0.01")
-        block = q.get("block_size", 128)
+        block = _value(q, "block_size", 128)
         if block <= 0:
             raise ConfigError(f"{source}: '{Q}.block_size' is {block}; allowed: a positive integer, e.g. 128")
-        propagate = one_of(q.get("propagate", "quantized"), ("quantized", "original"), f"{Q}.propagate", source)
-        min_tokens = q.get("min_expert_tokens", 1)
+        propagate = one_of(_value(q, "propagate", "quantized"), ("quantized", "original"), f"{Q}.propagate", source)
+        min_tokens = _value(q, "min_expert_tokens", 1)
         if min_tokens < 0:
             raise ConfigError(f"{source}: '{Q}.min_expert_tokens' is {min_tokens}; allowed: 0 or more")
-        return cls(_group_size(q, source), bool(q.get("sym", True)), actorder in ("static", True), float(damp),
-                   block, propagate, min_tokens)
+        return cls(_group_size(q, source), bool(_value(q, "sym", True)), actorder in ("static", "weight", True),
+                   float(damp), block, propagate, min_tokens)
 
     @property
     def spec(self) -> QuantSpec:
