@@ -171,11 +171,13 @@ class Int4Gptq(_W4A16):
         d.pop("fallbacks", None)
         return d
 
-    def _solve(self, w, h):
+    def _solve(self, w, h, scale_dtype):
+        """w float32 [E, out, in]; `scale_dtype` the dtype the scales are stored in (the source
+        weight's, not w's float32), so codes are chosen against the scale a loader reads."""
         from streamq.quant.gptq import gptq_quantize
 
         return gptq_quantize(w, h, self.group_size, self.sym, self.actorder, self.damp_percent, self.block_size,
-                             scale_dtype=_scale_dtype(w))
+                             scale_dtype=scale_dtype)
 
     def quantize(self, weights, stats, layout=None):
         """GPTQ every Linear of the layer. `stats.values`: module -> H float32 [in, in] for
@@ -200,7 +202,7 @@ class Int4Gptq(_W4A16):
         for names in stacks.values():
             rows = [weights[n].shape[0] for n in names]
             w = torch.cat([weights[n] for n in names]).to(torch.float32).unsqueeze(0)
-            r = self._solve(w, stats.values[names[0]])
+            r = self._solve(w, stats.values[names[0]], _scale_dtype(weights[names[0]]))
             del w
             if bool(r.rtn[0]):
                 self.fallbacks.append(f"{', '.join(names)}: {r.reasons[0]}")
@@ -240,11 +242,11 @@ class Int4Gptq(_W4A16):
                     h_all[few] = 0
             for e0 in range(0, num, chunk):
                 es = range(e0, min(num, e0 + chunk))
+                out_dtype = _scale_dtype(weights[members[(e0, projs[0])]])
                 w = torch.stack([torch.cat([weights[members[(e, p)]] for p in projs]) for e in es]).to(torch.float32)
                 h = h_all if h_all.ndim == 2 else h_all[e0:e0 + len(es)]
-                r = self._solve(w, h)
+                r = self._solve(w, h, out_dtype)
                 del w
-                out_dtype = _scale_dtype(weights[members[(e0, projs[0])]])
                 for j, e in enumerate(es):
                     if bool(r.rtn[j]) and (count is None or int(count[e]) >= self.min_expert_tokens):
                         self.fallbacks.append(f"{parent}.{e}.{kind}: {r.reasons[j]}")
