@@ -27,6 +27,41 @@ from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of,
 # instead of eleven.
 EXPERT_SOLVE_BYTES = 12 << 30
 
+# What one `streamq.quant.gptq.gptq_quantize` call allocates, in copies of its float32 weight
+# stack [E, out, in] and of its Hessians [E or 1, in, in] (the planner's model; measured on an
+# H200 within 3% for Qwen3-235B-A22B shapes, tests/test_gptq_memory_gpu.py):
+# - column loop: the stack, the working copy, the per-column scales and the lazy-update
+#   product (float32), the per-column zero points (int32, asymmetric), the codes, the RTN
+#   codes and their final selection (int8); the Hessian's clone and its inverse factor;
+# - Cholesky (before the loop, the peak when each expert has its own Hessian): the stack,
+#   the working copy, the RTN codes; the Hessian's clone, the factor it replaces and the new
+#   one, the damped Hessian, its Cholesky factor, the inverse, the upper factor of that, the
+#   finiteness mask (about 8 copies; one more with actorder's permuted copy), plus one
+#   identity [in, in].
+SOLVE_LOOP_WEIGHT_COPIES = 4
+SOLVE_LOOP_HESSIAN_COPIES = 2
+SOLVE_FACTOR_WEIGHT_COPIES = 2
+SOLVE_FACTOR_HESSIAN_COPIES = 8
+
+
+def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool) -> int:
+    """Experts solved at once: [chunk, rows, cols] weights within EXPERT_SOLVE_BYTES."""
+    per_expert = 4 * (4 * rows * cols + (2 * cols * cols if per_expert_hessian else 0))
+    return max(1, min(num, EXPERT_SOLVE_BYTES // max(per_expert, 1)))
+
+
+def solve_bytes(experts: int, rows: int, cols: int, hessians: int, symmetric: bool = True,
+                actorder: bool = False) -> int:
+    """Peak bytes of one gptq_quantize call on [experts, rows, cols] weights with `hessians`
+    (1 shared, or one per expert) [cols, cols] float32 Hessians: the weight stack included,
+    the caller's Hessians not (they are the statistics)."""
+    weight, hessian = experts * rows * cols, hessians * cols * cols
+    loop = 4 * (SOLVE_LOOP_WEIGHT_COPIES + (0 if symmetric else 1)) * weight + 3 * weight \
+        + 4 * SOLVE_LOOP_HESSIAN_COPIES * hessian
+    factor_copies = SOLVE_FACTOR_HESSIAN_COPIES + (1 if actorder else 0)
+    factor = 4 * SOLVE_FACTOR_WEIGHT_COPIES * weight + weight + 4 * factor_copies * hessian + 4 * cols * cols
+    return max(loop, factor)
+
 
 def _value(q: dict[str, Any], key: str, default: Any) -> Any:
     """A setting, with YAML's null meaning the default (the config walker lets null through)."""
@@ -171,6 +206,47 @@ class Int4Gptq(_W4A16):
         d.pop("fallbacks", None)
         return d
 
+    def statistics_bytes(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
+                         all_experts: bool = False) -> dict[str, int]:
+        """Device bytes one layer's statistics and solve hold besides the layer and its
+        activations (for the planner), from the quantized Linears' [out, in] shapes by module
+        name; `experts` maps the fused experts' members to their `ExpertRef`.
+
+        "Hessians (float32)": one [in, in] per distinct input, alive from the replay through
+        the solve: q/k/v share one, a dense gate/up one; per expert gate/up [E, H, H] and down
+        [E, I, I], or one gate/up [H, H] for all experts with all-experts calibration.
+        "GPTQ solve": the largest single solve (`solve_bytes`): a stack of modules sharing a
+        Hessian, or one chunk of experts plus that chunk's Hessians copied for experts that
+        fall back to round-to-nearest (counted always: a budget must hold when it happens).
+        """
+        from streamq.model.fusion import fused_group_key
+
+        hessians = solve = 0
+        stacks: dict[str, list[tuple[int, int]]] = {}
+        for module, shape in linears.items():
+            if module not in experts:
+                stacks.setdefault(fused_group_key(module), []).append(shape)
+        for shapes in stacks.values():
+            cols = shapes[0][1]
+            hessians += 4 * cols * cols
+            solve = max(solve, solve_bytes(1, sum(out for out, _ in shapes), cols, 1, self.sym, self.actorder))
+        problems: dict[tuple[str, str], dict[int, list[int]]] = {}
+        for module, ref in experts.items():
+            if module in linears:
+                kind = "down" if ref.proj == "down_proj" else "gate_up"
+                rows_cols = problems.setdefault((ref.parent, kind), {}).setdefault(ref.index, [0, linears[module][1]])
+                rows_cols[0] += linears[module][0]
+        for (_, kind), members in problems.items():
+            num = 1 + max(members)
+            rows, cols = members[max(members)]
+            shared = all_experts and kind == "gate_up"
+            hessians += 4 * cols * cols * (1 if shared else num)
+            chunk = expert_chunk(rows, cols, num, not shared)
+            fallback_copy = 0 if shared else 4 * chunk * cols * cols
+            solve = max(solve, solve_bytes(chunk, rows, cols, 1 if shared else chunk, self.sym, self.actorder)
+                        + fallback_copy)
+        return {"Hessians (float32)": hessians, "GPTQ solve": solve}
+
     def _solve(self, w, h, scale_dtype):
         """w float32 [E, out, in]; `scale_dtype` the dtype the scales are stored in (the source
         weight's, not w's float32), so codes are chosen against the scale a loader reads."""
@@ -230,21 +306,22 @@ class Int4Gptq(_W4A16):
             sample = weights[members[(0, projs[0])]]
             rows, cols = sample.shape[0] * len(projs), sample.shape[1]
             self._check_shape(members[(0, projs[0])], sample)
-            per_expert = 4 * (4 * rows * cols + (2 * cols * cols if h_all.ndim == 3 else 0))
-            chunk = max(1, min(num, EXPERT_SOLVE_BYTES // max(per_expert, 1)))
+            chunk = expert_chunk(rows, cols, num, h_all.ndim == 3)
+            few: list[int] = []
             if count is not None and h_all.ndim == 3:
                 few = (count < self.min_expert_tokens).nonzero().flatten().tolist()
                 for e in few if kind == "gate_up" else ():
                     self.fallbacks.append(f"{parent}.{e}: {int(count[e])} calibration tokens < min_expert_tokens "
                                           f"{self.min_expert_tokens}, quantized round-to-nearest")
-                if few:  # H = 0: the solve quantizes these round-to-nearest, never zeros
-                    h_all = h_all.clone()
-                    h_all[few] = 0
             for e0 in range(0, num, chunk):
                 es = range(e0, min(num, e0 + chunk))
                 out_dtype = _scale_dtype(weights[members[(e0, projs[0])]])
                 w = torch.stack([torch.cat([weights[members[(e, p)]] for p in projs]) for e in es]).to(torch.float32)
                 h = h_all if h_all.ndim == 2 else h_all[e0:e0 + len(es)]
+                low = [e - e0 for e in few if e in es]
+                if low:  # H = 0: the solve quantizes these round-to-nearest, never zeros
+                    h = h.clone()  # this chunk's only: a copy of every expert's Hessian would be GiBs
+                    h[low] = 0
                 r = self._solve(w, h, out_dtype)
                 del w
                 for j, e in enumerate(es):
