@@ -207,10 +207,11 @@ class Int4Gptq(_W4A16):
         return d
 
     def statistics_bytes(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
-                         all_experts: bool = False) -> dict[str, int]:
+                         all_experts: bool = False) -> tuple[dict[str, int], dict[str, int]]:
         """Device bytes one layer's statistics and solve hold besides the layer and its
         activations (for the planner), from the quantized Linears' [out, in] shapes by module
-        name; `experts` maps the fused experts' members to their `ExpertRef`.
+        name; `experts` maps the fused experts' members to their `ExpertRef`. Returns
+        (statistics, solve working set), each by label.
 
         "Hessians (float32)": one [in, in] per distinct input, alive from the replay through
         the solve: q/k/v share one, a dense gate/up one; per expert gate/up [E, H, H] and down
@@ -245,7 +246,7 @@ class Int4Gptq(_W4A16):
             fallback_copy = 0 if shared else 4 * chunk * cols * cols
             solve = max(solve, solve_bytes(chunk, rows, cols, 1 if shared else chunk, self.sym, self.actorder)
                         + fallback_copy)
-        return {"Hessians (float32)": hessians, "GPTQ solve": solve}
+        return {"Hessians (float32)": hessians}, {"GPTQ solve": solve}
 
     def _solve(self, w, h, scale_dtype):
         """w float32 [E, out, in]; `scale_dtype` the dtype the scales are stored in (the source
