@@ -183,10 +183,11 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_shipped_config_parses(path):
     job = load_config(path)
-    assert job.quant.bits == 8
+    assert job.quant.bits == (4 if job.quant.name.startswith("int4") else 8)
     # (weight granularity, output format) each shipped algorithm is configured with
     expected = {"fp8_dynamic": ("per-tensor", "fp8"), "fp8_static": ("per-tensor", "fp8"),
-                "int8_dynamic": ("per-channel", "compressed-tensors"), "fp8_blockwise": ("per-block", "fp8")}
+                "int8_dynamic": ("per-channel", "compressed-tensors"), "fp8_blockwise": ("per-block", "fp8"),
+                "int4_gptq": ("per-group", "compressed-tensors")}
     assert job.quant.name in expected, job.quant.name
     assert (job.quant.weight, job.format.save_name) == expected[job.quant.name]
     assert job.quant.ignore_layers[0] == "lm_head"
