@@ -98,6 +98,57 @@ def test_propagation_reaches_the_next_layer(runs):
             assert same, name
 
 
+@pytest.mark.parametrize("implementation,all_experts", [("grouped_mm", False), ("batched_mm", False),
+                                                        ("eager", False), ("grouped_mm", True)])
+def test_expert_hessians_equal_a_direct_computation(tiny_models, implementation, all_experts):
+    """The per-expert Hessians the instrumented experts record, against 2 X^T X / n written
+    out expert by expert: gate/up from the real tokens routed to the expert (every real
+    token with all-experts calibration, one Hessian for all), down from its act(gate) * up."""
+    from torch.nn import functional as F
+    from transformers import AutoModelForCausalLM
+
+    from streamq.calib.observers import LayerObserver
+    from streamq.model import moe
+
+    model = AutoModelForCausalLM.from_pretrained(str(tiny_models["qwen3_moe"]), dtype=torch.bfloat16).eval()
+    experts = model.model.layers[0].mlp.experts
+    experts.config._experts_implementation = implementation
+    g = torch.Generator().manual_seed(3)
+    num, top_k = experts.gate_up_proj.shape[0], model.config.num_experts_per_tok
+    flat = torch.randn(46, experts.gate_up_proj.shape[-1], generator=g).to(torch.bfloat16)
+    mask = torch.ones(46, dtype=torch.bool)
+    mask[35:] = False
+    flat[35:] *= 50  # loud padding: it must not reach the statistics
+    index = torch.stack([torch.randperm(num, generator=g)[:top_k] for _ in range(46)])
+    weights = torch.rand(46, top_k, generator=g).to(torch.bfloat16)
+    obs = LayerObserver()
+    obs.expert_kind, obs.token_mask = "hessian", mask
+    moe.instrument_experts(experts, "e", obs, all_experts)
+    with torch.no_grad():
+        experts(flat, index, weights)
+        moe.restore_experts(experts)
+        real = flat[mask]
+        for e in range(num):
+            tokens = real if all_experts else flat[mask & (index == e).any(dim=1)]
+            gate, up = F.linear(tokens, experts.gate_up_proj[e]).chunk(2, dim=-1)
+            inter = (experts.act_fn(gate) * up).float()
+            want_down = 2 * inter.T @ inter / max(inter.shape[0], 1)
+            # bf16 intermediates from differently ordered GEMMs: close, not equal (padding or a
+            # wrong routing would be off by far more than 1%)
+            got_down = obs.expert_hessians["e.down"].result()[e]
+            assert (got_down - want_down).norm() <= 1e-2 * want_down.norm(), e
+            assert int(obs.expert_hessians["e.down"].count[e]) == tokens.shape[0]
+            if not all_experts:
+                x = tokens.float()
+                torch.testing.assert_close(obs.expert_hessians["e.gate_up"].result()[e],
+                                           2 * x.T @ x / max(x.shape[0], 1), rtol=1e-5, atol=1e-6)
+                assert int(obs.expert_hessians["e.gate_up"].count[e]) == tokens.shape[0]
+        if all_experts:
+            x = real.float()
+            torch.testing.assert_close(obs.expert_hessians["e.gate_up"].result(), 2 * x.T @ x / x.shape[0],
+                                       rtol=1e-5, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- uncovered experts
 
 BLOCKED = 5  # the expert no token reaches
