@@ -202,6 +202,43 @@ def test_expert_no_token_reached_is_round_to_nearest(tiny_models, tmp_path, capl
     assert solved_differs  # the reached experts were solved, not rounded
 
 
+def test_min_expert_tokens_rounds_rarely_reached_experts():
+    """Experts with fewer calibration tokens than min_expert_tokens are quantized
+    round-to-nearest (their Hessian is not trusted) and listed; the others are solved."""
+    from streamq.model.layout import ExpertRef, LayerLayout
+    from streamq.schemes.base import LayerStats
+    from streamq.schemes.int4 import Int4Gptq
+
+    g = torch.Generator().manual_seed(0)
+    num, hidden, inter, prefix = 3, 64, 32, "model.layers.0."
+    layout = LayerLayout(0, prefix)
+    weights = {}
+    shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+    for e in range(num):
+        for proj, shape in shapes.items():
+            name = f"{prefix}mlp.experts.{e}.{proj}"
+            layout.quantized[name] = name + ".weight"
+            layout.experts[name] = ExpertRef("mlp.experts", e, proj)
+            weights[name] = (0.02 * torch.randn(*shape, generator=g)).to(torch.bfloat16)
+    counts = torch.tensor([0, 3, 500])
+    values = {}
+    for kind, n in (("gate_up", hidden), ("down", inter)):
+        x = torch.randn(num, 500, n, generator=g)
+        x = x * (torch.arange(500) < counts[:, None])[..., None]  # each expert's own tokens only
+        values[f"{prefix}mlp.experts.{kind}"] = 2 * x.transpose(1, 2) @ x / counts.clamp(min=1)[:, None, None]
+        values[f"{prefix}mlp.experts.{kind}.count"] = counts
+    scheme = Int4Gptq(group_size=GROUP, min_expert_tokens=5)
+    out = dict(scheme.quantize(weights, LayerStats(values), layout))
+    assert scheme.fallbacks == [f"{prefix}mlp.experts.{e}: {int(counts[e])} calibration tokens < min_expert_tokens 5, "
+                                "quantized round-to-nearest" for e in (0, 1)]
+    for e in range(num):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            name = f"{prefix}mlp.experts.{e}.{proj}"
+            codes, scale, _ = int4.quantize_rtn(weights[name], GROUP, True, torch.bfloat16)
+            assert torch.equal(out[name].weight_scale, scale.to(torch.bfloat16)), name
+            assert torch.equal(out[name].weight, codes) == (e < 2), name
+
+
 # ----------------------------------------------------------------------------- resume
 
 
