@@ -50,16 +50,19 @@ def gptq_config(model: Path, out: Path, *, propagate: str = "quantized", save_na
 
 @pytest.fixture(scope="module")
 def runs(tiny_models, tmp_path_factory):
-    """runs(arch, propagate, save_name, all_experts) -> (output dir, JobConfig, Report); each job once."""
+    """runs(arch, propagate, save_name, all_experts, asym_actorder) -> (output dir, JobConfig, Report);
+    each job once. `asym_actorder`: asymmetric weights (zero points) and actorder: static."""
     root = tmp_path_factory.mktemp("gptq-runs")
     cache: dict[tuple, tuple] = {}
 
     def get(arch: str, propagate: str = "quantized", save_name: str = "compressed-tensors",
-            all_experts: bool = False) -> tuple:
-        key = (arch, propagate, save_name, all_experts)
+            all_experts: bool = False, asym_actorder: bool = False) -> tuple:
+        key = (arch, propagate, save_name, all_experts, asym_actorder)
         if key not in cache:
             out = root / "-".join(str(k) for k in key)
-            extra = {"moe_calibrate_all_experts": True} if all_experts else None
+            extra = {"moe_calibrate_all_experts": True} if all_experts else {}
+            if asym_actorder:
+                extra |= {"sym": False, "actorder": "static"}
             job = parse_config(gptq_config(tiny_models[arch], out, propagate=propagate, save_name=save_name,
                                            extra=extra))
             cache[key] = (out, job, quantize(job, show_progress=False))
@@ -71,13 +74,15 @@ def runs(tiny_models, tmp_path_factory):
 # ----------------------------------------------------------------------------- the reference
 
 
-@pytest.mark.parametrize("arch,propagate,all_experts", [
-    ("qwen3", "quantized", False), ("qwen3_moe", "quantized", False), ("qwen3", "original", False),
-    ("qwen3_moe", "quantized", True)])
-def test_streaming_matches_whole_model_gptq_reference(tiny_models, runs, arch, propagate, all_experts):
+@pytest.mark.parametrize("arch,propagate,all_experts,asym_actorder", [
+    ("qwen3", "quantized", False, False), ("qwen3_moe", "quantized", False, False),
+    ("qwen3", "original", False, False), ("qwen3_moe", "quantized", True, False),
+    ("qwen3", "quantized", False, True)])
+def test_streaming_matches_whole_model_gptq_reference(tiny_models, runs, arch, propagate, all_experts,
+                                                      asym_actorder):
     """Layer by layer: Hessians from a full-model forward (earlier layers holding their
     dequantized weights when propagating quantized), then the same solve and pack."""
-    out, job, report = runs(arch, propagate, all_experts=all_experts)
+    out, job, report = runs(arch, propagate, all_experts=all_experts, asym_actorder=asym_actorder)
     batches = reference_batches(tiny_models[arch], BATCH, SAMPLES, SEQ)
     assert any((b.attention_mask == 0).any() for b in batches), "the batches must hold padding"
     expected = reference_gptq(tiny_models[arch], batches, job.scheme, "compressed-tensors",
@@ -85,6 +90,7 @@ def test_streaming_matches_whole_model_gptq_reference(tiny_models, runs, arch, p
     assert_bytes_equal(read_tensors(out), expected)
     assert report.rtn_fallbacks == []  # every module and expert was solved
     assert report.uncovered_experts == 0
+    assert any(n.endswith("weight_zero_point") for n in expected) == asym_actorder
 
 
 def test_propagation_reaches_the_next_layer(runs):
