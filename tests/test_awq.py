@@ -1,0 +1,282 @@
+"""int4_awq (AWQ W4A16): config, the smoothing transform's exactness, the router, uncovered
+experts, quality against round-to-nearest, the AutoAWQ GEMM layout, and loading in transformers.
+
+The end-to-end jobs run on the CPU on the trained fixtures (tests/fixtures/trained/{dense,moe}),
+with a small calibration set (8 x 128 tokens) and a coarse grid (n_grid 10) to stay fast.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import read_tensors
+from safetensors.torch import save_file
+
+from streamq.config import parse_config
+from streamq.errors import ConfigError
+from streamq.schemes.base import LayerStats
+
+TRAINED = Path(__file__).parent / "fixtures" / "trained"
+GROUP = 128
+N_GRID = int(__import__("os").environ.get("AWQ_NGRID", 10))
+
+
+def awq_config(model: Path, out: Path, *, name: str = "int4_awq", save_name: str = "compressed-tensors",
+               zero_point: bool = True, num_samples: int = 8, seq: int = 128, **extra) -> dict:
+    method = {"weight": "per-group", "group_size": GROUP}
+    quant = {"name": name, "bits": 4, "save_name": save_name, "quant_method": method}
+    if name == "int4_awq":
+        method.update(zero_point=zero_point, mse_range=False)
+        quant["n_grid"] = N_GRID
+    else:
+        quant["sym"] = not zero_point
+    quant.update(extra)
+    cfg = {"global": {"save_path": str(out), "device": "cpu"},
+           "model": {"name": "trained", "model_path": str(model)},
+           "compression": {"name": "PTQ", "quantization": quant}}
+    if name == "int4_awq":
+        cfg["dataset"] = {"name": "TextDataset", "data_path": str(TRAINED / "calib.jsonl"),
+                          "num_samples": num_samples, "max_seq_length": seq, "batch_size": 4}
+    return cfg
+
+
+def run(cfg: dict):
+    from streamq.engine.run import quantize
+
+    job = parse_config(cfg, "test-awq")
+    quantize(job, overwrite=True, show_progress=False)
+    return job.scheme
+
+
+# ---------------------------------------------------------------------------------------------
+# Capturing what the engine hands the transform
+# ---------------------------------------------------------------------------------------------
+
+
+def _clone(x, dtype=None):
+    if torch.is_tensor(x):
+        x = x.detach().clone()
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+    if isinstance(x, tuple):
+        return tuple(_clone(v, dtype) for v in x)
+    if isinstance(x, list):
+        return [_clone(v, dtype) for v in x]
+    if isinstance(x, dict):
+        return {k: _clone(v, dtype) for k, v in x.items()}
+    return x
+
+
+class Captured:
+    """One layer as the engine gave it to `Int4Awq.transform`, deep-copied (the engine frees
+    the layer afterwards), plus what the transform returned."""
+
+    def __init__(self, ctx, stats, changed, weights_after):
+        self.layout = ctx.layout
+        self.layer = ctx.layer  # replaced by a copy in capture()
+        self.weights = {m: w.detach().clone() for m, w in ctx.weights.items()}  # before the transform
+        self.tensors = {n: t.clone() for n, t in ctx.tensors.items()}
+        self.stats = stats
+        self.changed = changed
+        self.weights_after = weights_after
+
+
+def capture(monkeypatch, layers: set[int]) -> dict[int, Captured]:
+    """Patch Int4Awq so the next run records, for the given layer indices, the layer's inputs
+    (the decoder layer itself and post_attention_layernorm as extra recorded blocks) and the
+    transform's inputs and outputs."""
+    from streamq.schemes.awq import Int4Awq
+
+    out: dict[int, Captured] = {}
+    orig_blocks, orig_transform = Int4Awq.recorded_blocks, Int4Awq.transform
+
+    def recorded_blocks(self, layer, layout):
+        extra = ["", "post_attention_layernorm"] if layout.index in layers else []
+        return [*orig_blocks(self, layer, layout), *extra]
+
+    def transform(self, ctx, stats):
+        if ctx.layout.index not in layers:
+            return orig_transform(self, ctx, stats)
+        layer_copy = copy.deepcopy(ctx.layer)
+        before = {m: w.detach().clone() for m, w in ctx.weights.items()}
+        tensors = {n: t.clone() for n, t in ctx.tensors.items()}
+        changed = orig_transform(self, ctx, stats)
+        cap = Captured(ctx, stats, {k: v.clone() for k, v in changed.items()},
+                       {m: w.detach().clone() for m, w in ctx.weights.items()})
+        cap.layer, cap.weights, cap.tensors = layer_copy, before, tensors
+        out[ctx.layout.index] = cap
+        return changed
+
+    monkeypatch.setattr(Int4Awq, "recorded_blocks", recorded_blocks)
+    monkeypatch.setattr(Int4Awq, "transform", transform)
+    return out
+
+
+def _set_weights(layer, layout, weights: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor]) -> None:
+    """Write module weights (ctx.weights names) and tensors (checkpoint names) into a layer."""
+    from streamq.model.layer import layer_weight_views
+
+    views = layer_weight_views(layer, layout)
+    with torch.no_grad():
+        for m, w in weights.items():
+            views[m].copy_(w.to(views[m].dtype))
+        params = dict(layer.named_parameters())
+        for name, t in tensors.items():
+            rel = layout.rel(name)
+            if rel in params:
+                params[rel].copy_(t.to(params[rel].dtype))
+
+
+def _layer_outputs(layer, stats: LayerStats, dtype) -> list[torch.Tensor]:
+    outs = []
+    with torch.no_grad():
+        for args, kwargs, _ in stats.blocks[""]:
+            out = layer(*_clone(args, dtype), **_clone(kwargs, dtype))
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
+# ---------------------------------------------------------------------------------------------
+# Whole-model quality: a dequantized copy of a quantized checkpoint, perplexity on held-out text
+# ---------------------------------------------------------------------------------------------
+
+
+def dequantized_checkpoint(quantized: Path, dst: Path) -> Path:
+    """A plain bf16 checkpoint with the weights a loader reconstructs from `quantized`
+    (compressed-tensors pack-quantized or AWQ GEMM), and its rescaled norms and routers."""
+    from streamq.formats.awq_packing import dequantize_awq
+    from streamq.formats.int4_packing import from_compressed_tensors
+    from streamq.quant import int4
+
+    tensors = read_tensors(quantized)
+    out = {}
+    for name, t in tensors.items():
+        module, _, suffix = name.rpartition(".")
+        if suffix == "weight_packed":
+            parts = {k: tensors[f"{module}.{k}"] for k in ("weight_packed", "weight_scale", "weight_shape",
+                                                         "weight_zero_point") if f"{module}.{k}" in tensors}
+            codes, scale, zp = from_compressed_tensors(parts)
+            out[f"{module}.weight"] = int4.dequantize(codes, scale, zp, GROUP, torch.bfloat16)
+        elif suffix == "qweight":
+            w = dequantize_awq(t, tensors[f"{module}.qzeros"], tensors[f"{module}.scales"], torch.bfloat16)
+            out[f"{module}.weight"] = w
+        elif suffix in ("weight_scale", "weight_shape", "weight_zero_point", "qzeros", "scales"):
+            continue
+        else:
+            out[name] = t
+    dst.mkdir(parents=True, exist_ok=True)
+    save_file(out, dst / "model.safetensors")
+    config = json.loads((quantized / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (dst / "config.json").write_text(json.dumps(config))
+    for f in quantized.iterdir():
+        if f.name.startswith("tokenizer") or f.name in ("generation_config.json", "chat_template.jinja"):
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def with_outlier_channels(src: Path, dst: Path, channels=(5, 17, 64, 101), factor: float = 16.0) -> Path:
+    """A copy of a checkpoint with activation outlier channels, computing the same function:
+    in every layer the norms feeding q/k/v and gate/up (router and experts) are multiplied by
+    `factor` on a few channels and the Linears reading them divided by it (a power of two, exact
+    in bf16). Real LLMs have such channels; the trained fixtures, too small, do not (max / median
+    of the per-channel mean |x| is 1.2-1.7 there), and AWQ exists to protect them."""
+    from safetensors.torch import load_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(src / "model.safetensors")
+    idx = torch.tensor(channels)
+    for name in list(tensors):
+        if name.endswith(("input_layernorm.weight", "post_attention_layernorm.weight")):
+            tensors[name][idx] *= factor
+        elif name.endswith(("q_proj.weight", "k_proj.weight", "v_proj.weight", "gate_proj.weight",
+                            "up_proj.weight", "mlp.gate.weight")):
+            tensors[name][:, idx] /= factor
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+def eval_ids(tokenizer, n: int = 16, length: int = 128) -> torch.Tensor:
+    texts = [json.loads(line)["text"] for line in (TRAINED / "eval.jsonl").read_text().splitlines()[:n]]
+    ids = [tokenizer(t)["input_ids"][:length] for t in texts]
+    ids = [i for i in ids if len(i) == length]
+    return torch.tensor(ids)
+
+
+def perplexity_and_logits(model_dir: Path, ids: torch.Tensor) -> tuple[float, torch.Tensor]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1))
+    return math.exp(float(nll)), logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+def test_config_keys(tmp_path):
+    from streamq.formats.base import QuantSpec  # noqa: F401
+    from streamq.schemes.awq import Int4Awq
+
+    job = parse_config(awq_config(TRAINED / "dense", tmp_path / "o"), "x")
+    s = job.scheme
+    assert isinstance(s, Int4Awq)
+    assert (s.group_size, s.sym, s.n_grid, s.duo_scaling) == (GROUP, False, N_GRID, True)
+    assert s.needs_calibration and not s.propagates_quantized
+    assert parse_config(awq_config(TRAINED / "dense", tmp_path / "o", zero_point=False), "x").scheme.sym is True
+    cfg = awq_config(TRAINED / "dense", tmp_path / "o")
+    cfg["compression"]["quantization"]["quant_method"]["mse_range"] = True
+    with pytest.raises(ConfigError, match=r"quant_method\.mse_range"):
+        parse_config(cfg, "x")
+    cfg = awq_config(TRAINED / "dense", tmp_path / "o")
+    del cfg["dataset"]
+    with pytest.raises(ConfigError, match="dataset"):
+        parse_config(cfg, "x")
+
+
+# ---------------------------------------------------------------------------------------------
+# The AutoAWQ GEMM layout
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_awq_format_round_trip(symmetric):
+    from streamq.formats import get_format, parse_quantization_config
+    from streamq.formats.awq_packing import dequantize_awq, unpack_awq
+    from streamq.quant import int4
+    from streamq.quant.granularity import PerGroup
+    from streamq.schemes.base import QuantizedLinear
+
+    fmt = get_format("awq")
+    spec = parse_config(awq_config(TRAINED / "dense", "/tmp/unused", zero_point=not symmetric), "x").scheme.spec
+    assert fmt.supports(spec) is None
+    g = 32
+    spec = type(spec)(spec.type, spec.bits, PerGroup(g), spec.symmetric, None, False)
+    w = torch.randn(48, 96, generator=torch.Generator().manual_seed(0))
+    codes, scale, zp = int4.quantize_rtn(w, g, symmetric, torch.float16)
+    tensors = fmt.pack("m", QuantizedLinear(codes, scale, zero_point=zp), spec)
+    shapes = {t.suffix: t.shape for t in fmt.specs(spec, 48, 96)}
+    dtypes = {"I32": torch.int32, "F16": torch.float16}
+    for t in fmt.specs(spec, 48, 96):
+        assert tensors[f"m.{t.suffix}"].shape == t.shape and tensors[f"m.{t.suffix}"].dtype == dtypes[t.dtype]
+    assert fmt.logical_shape(spec, shapes) == (48, 96)
+    q, z, s = unpack_awq(tensors["m.qweight"], tensors["m.qzeros"], tensors["m.scales"])
+    assert torch.equal(q, codes.to(torch.int32) + 8)
+    assert torch.equal(z, torch.full_like(z, 8) if symmetric else zp + 8)
+    assert torch.equal(s.float(), scale)
+    expect = int4.dequantize(codes, scale, zp, g)
+    assert torch.equal(dequantize_awq(tensors["m.qweight"], tensors["m.qzeros"], tensors["m.scales"]), expect)
+    block = fmt.config_block(spec, ["lm_head"])
+    assert block == {"quant_method": "awq", "version": "gemm", "bits": 4, "group_size": g,
+                     "zero_point": not symmetric, "modules_to_not_convert": ["lm_head"]}
+    parsed_fmt, parsed, ignored = parse_quantization_config(block)
+    assert parsed_fmt is fmt and parsed == spec and ignored == ["lm_head"]
