@@ -516,3 +516,42 @@ def test_streaming_matches_whole_model_reference(arch, tiny_models, tmp_path):
     if arch == "mha_llama":
         assert "self_attn.v_proj" in groups, scheme.chosen
     assert_bytes_equal(read_output(tmp_path / "out"), expected)
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_awq_layout_end_to_end(zero_point, tiny_models, tmp_path):
+    """save_name awq on the tiny MoE: a verified run whose every quantized Linear, unpacked with
+    `awq_packing.unpack_awq`, dequantizes to exactly the weights of the compressed-tensors run
+    of the same job (fp16 holds the bf16 scales exactly here), and whose config block parses."""
+    from streamq.formats import parse_quantization_config
+    from streamq.formats.awq_packing import unpack_awq
+
+    model = tiny_models["qwen3_moe"]
+    outs = {}
+    for save_name in ("awq", "compressed-tensors"):
+        cfg = awq_config(model, tmp_path / save_name, save_name=save_name, zero_point=zero_point, n_grid=4)
+        cfg["compression"]["quantization"]["quant_method"]["group_size"] = 32
+        cfg["compression"]["quantization"]["ignore_layers"] = ["lm_head"]
+        run(cfg)
+        outs[save_name] = read_tensors(tmp_path / save_name)
+    qc = json.loads((tmp_path / "awq" / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "awq" and qc["version"] == "gemm" and qc["zero_point"] is zero_point
+    _, spec, _ = parse_quantization_config(qc)
+    assert spec.symmetric is not zero_point and spec.weight.size == 32
+    awq, ct = outs["awq"], outs["compressed-tensors"]
+    modules = [n[: -len(".qweight")] for n in awq if n.endswith(".qweight")]
+    assert len(modules) == 2 * (4 + 3 * 12)  # 2 layers: q/k/v/o and 12 experts x 3
+    from streamq.formats.int4_packing import from_compressed_tensors
+    from streamq.quant import int4
+
+    for m in modules:
+        codes, zeros, scales = unpack_awq(awq[f"{m}.qweight"], awq[f"{m}.qzeros"], awq[f"{m}.scales"])
+        if not zero_point:
+            assert bool((zeros == 8).all())
+        mine = ((codes - zeros.repeat_interleave(32, dim=1)).float()
+                * scales.float().repeat_interleave(32, dim=1))
+        parts = {k.rpartition(".")[2]: v for k, v in ct.items() if k.rpartition(".")[0] == m}
+        c, s, z = from_compressed_tensors(parts)
+        assert torch.equal(mine, int4.dequantize(c, s, z, 32)), m
+    plain = [n for n in ct if not n.rpartition(".")[2].startswith("weight_")]
+    assert plain and all(torch.equal(awq[n], ct[n]) for n in plain)  # norms, routers, the rest: same bytes
