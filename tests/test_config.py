@@ -50,12 +50,14 @@ BAD = {
                           ["'compression.quantization.ignore_layers'", "a list"]),
     "low-memory-not-bool": (lambda c: _set(c, "compression.quantization.low_memory", "yes please"),
                             ["'compression.quantization.low_memory'", "true/false"]),
-    "int4-gptq": (lambda c: _set(_set(c, "compression.quantization.name", "int4_gptq"),
-                                 "compression.quantization.bits", 4),
-                  ["'compression.quantization.name'", "int4_gptq", "not support", "fp8_dynamic", "fp8_static"]),
+    "int4-awq-mse-range": (lambda c: _set(_set(_set(c, "compression.quantization.name", "int4_awq"),
+                                               "compression.quantization.bits", 4),
+                                          "compression.quantization.quant_method",
+                                          {"weight": "per-group", "group_size": 128, "mse_range": True}),
+                           ["'compression.quantization.quant_method.mse_range'", "clipping", "allowed: false"]),
     "unknown-algorithm": (lambda c: _set(c, "compression.quantization.name", "nvfp4"),
                           ["'compression.quantization.name'", "nvfp4", "fp8_blockwise, fp8_dynamic, fp8_static, "
-                           "int8_dynamic"]),
+                           "int4_awq, int4_gptq, int4_rtn, int8_dynamic"]),
     "bits-4-with-fp8": (lambda c: _set(c, "compression.quantization.bits", 4),
                         ["'compression.quantization.bits'", "fp8_dynamic", "bits: 8"]),
     "per-channel-with-fp8-format": (
