@@ -28,11 +28,12 @@ N_GRID = int(__import__("os").environ.get("AWQ_NGRID", 10))
 
 
 def awq_config(model: Path, out: Path, *, name: str = "int4_awq", save_name: str = "compressed-tensors",
-               zero_point: bool = True, num_samples: int = 8, seq: int = 128, **extra) -> dict:
+               zero_point: bool = True, num_samples: int = 8, seq: int = 128, mse_range: bool = False,
+               **extra) -> dict:
     method = {"weight": "per-group", "group_size": GROUP}
     quant = {"name": name, "bits": 4, "save_name": save_name, "quant_method": method}
     if name == "int4_awq":
-        method.update(zero_point=zero_point, mse_range=False)
+        method.update(zero_point=zero_point, mse_range=mse_range)
         quant["n_grid"] = N_GRID
     else:
         quant["sym"] = not zero_point
@@ -235,7 +236,9 @@ def test_config_keys(tmp_path):
     assert parse_config(awq_config(TRAINED / "dense", tmp_path / "o", zero_point=False), "x").scheme.sym is True
     cfg = awq_config(TRAINED / "dense", tmp_path / "o")
     cfg["compression"]["quantization"]["quant_method"]["mse_range"] = True
-    with pytest.raises(ConfigError, match=r"quant_method\.mse_range"):
+    assert parse_config(cfg, "x").scheme.mse_range is True
+    cfg["compression"]["quantization"]["n_grid"] = 0
+    with pytest.raises(ConfigError, match=r"n_grid"):
         parse_config(cfg, "x")
     cfg = awq_config(TRAINED / "dense", tmp_path / "o")
     del cfg["dataset"]
@@ -493,15 +496,16 @@ def _mha_llama(dst: Path, tiny_llama: Path) -> Path:
     return dst
 
 
-@pytest.mark.parametrize("arch", ["mha_llama", "qwen2", "qwen3_moe"])
-def test_streaming_matches_whole_model_reference(arch, tiny_models, tmp_path):
+@pytest.mark.parametrize("arch,mse_range", [("mha_llama", False), ("qwen2", False), ("qwen3_moe", False),
+                                            ("mha_llama", True), ("qwen3_moe", True)])
+def test_streaming_matches_whole_model_reference(arch, mse_range, tiny_models, tmp_path):
     """The layer-by-layer engine writes exactly the bytes of a whole-model AWQ (all layers in
     memory, hooks, the same scheme functions), padding included (batch 4 of 6 samples)."""
     from reference import reference_awq
     from test_static_streaming import CALIB, assert_bytes_equal, read_output, reference_batches
 
     model = _mha_llama(tmp_path / "mha", tiny_models["llama"]) if arch == "mha_llama" else tiny_models[arch]
-    cfg = awq_config(model, tmp_path / "out", group_size=32, n_grid=4)
+    cfg = awq_config(model, tmp_path / "out", group_size=32, n_grid=4, mse_range=mse_range)
     cfg["compression"]["quantization"]["quant_method"]["group_size"] = 32
     del cfg["compression"]["quantization"]["group_size"]
     cfg["compression"]["quantization"]["ignore_layers"] = ["lm_head"]
