@@ -447,6 +447,22 @@ def test_awq_beats_rtn_on_outlier_channels(dense_runs):
     assert err_awq < 0.6 * err_rtn, results
 
 
+def test_mse_range_clipping_lowers_output_error(dense_runs):
+    """`mse_range: true` (the clipping search after the scales) lowers the logit error further
+    on held-out text (measured: 4.3% without, 4.0% with; perplexity 32.48 -> 32.43)."""
+    from transformers import AutoTokenizer
+
+    out = dense_runs["root"] / "awq-clip"
+    run(awq_config(dense_runs["src"], out, mse_range=True))
+    ids = eval_ids(AutoTokenizer.from_pretrained(TRAINED / "dense"))
+    _, ref = perplexity_and_logits(TRAINED / "dense", ids)
+    errs = {}
+    for name, path in (("clip", out), ("awq", dense_runs["awq"])):
+        _, logits = perplexity_and_logits(dequantized_checkpoint(path, path.parent / f"{name}-deq-clip"), ids)
+        errs[name] = float((logits - ref).norm() / ref.norm())
+    assert errs["clip"] < errs["awq"], errs
+
+
 def test_transformers_loads_compressed_tensors_output(dense_runs):
     """transformers (compressed-tensors package) loads the symmetric pack-quantized output with
     its rescaled norms; its logits equal our own dequantization's up to bf16 compute (relative

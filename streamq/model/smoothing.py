@@ -141,8 +141,9 @@ def awq_groups(layer: nn.Module, layout: LayerLayout, experts_down: bool = True)
     up_proj -> down_proj (dense, parent mlp; MoE: one group per expert, parent that
     expert's MLP, computed from the recorded experts inputs and routing).
 
-    A group is used only when every target is quantized. A MoE block with modules other than
-    the router and the fused experts (shared experts) is left unsmoothed.
+    A group is used only when every target is quantized. In a MoE block with modules other than
+    the router and the fused experts (shared experts) the post_attention_layernorm group is
+    skipped (its other readers would change); the per-expert groups still apply.
     """
     from streamq.model.layout import fused_expert_modules
 
