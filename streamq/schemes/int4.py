@@ -142,8 +142,13 @@ class Int4Rtn(_W4A16):
         require_finite({name: w.abs().amax() for name, w in weights.items()})
         for name, w in weights.items():
             self._check_shape(name, w)
-            codes, scale, zp = int4.quantize_rtn(w, self.group_size, self.sym, _scale_dtype(w))
-            yield name, QuantizedLinear(codes, scale.to(_scale_dtype(w)), zero_point=zp)
+            dtype = self._storage_dtype(name, w)
+            codes, scale, zp = int4.quantize_rtn(w, self.group_size, self.sym, dtype)
+            yield name, QuantizedLinear(codes, scale.to(dtype), zero_point=zp)
+
+    def _storage_dtype(self, name: str, w):
+        """The dtype the scale of module `name` is stored in (the model dtype)."""
+        return _scale_dtype(w)
 
 
 @register
