@@ -54,9 +54,15 @@ BAD = {
                                                 "compression.quantization.bits", 4),
                                            "compression.quantization.quant_method", {"weight": "per-group"}),
                              ["int4_gptq", "save_name 'fp8'", "compressed-tensors, gptq"]),
+    "int4-awq-n-grid": (lambda c: _set(_set(_set(_set(c, "compression.quantization.name", "int4_awq"),
+                                                "compression.quantization.bits", 4),
+                                           "compression.quantization.quant_method",
+                                           {"weight": "per-group", "group_size": 128}),
+                                      "compression.quantization.n_grid", 0),
+                        ["'compression.quantization.n_grid'", "positive integer"]),
     "unknown-algorithm": (lambda c: _set(c, "compression.quantization.name", "nvfp4"),
                           ["'compression.quantization.name'", "nvfp4", "fp8_blockwise, fp8_dynamic, fp8_static, "
-                           "int4_gptq"]),
+                           "int4_awq, int4_gptq, int4_rtn, int8_dynamic"]),
     "bits-4-with-fp8": (lambda c: _set(c, "compression.quantization.bits", 4),
                         ["'compression.quantization.bits'", "fp8_dynamic", "bits: 8"]),
     "per-channel-with-fp8-format": (
@@ -183,10 +189,11 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_shipped_config_parses(path):
     job = load_config(path)
-    assert job.quant.bits == 8
+    assert job.quant.bits == (4 if job.quant.name.startswith("int4") else 8)
     # (weight granularity, output format) each shipped algorithm is configured with
     expected = {"fp8_dynamic": ("per-tensor", "fp8"), "fp8_static": ("per-tensor", "fp8"),
-                "int8_dynamic": ("per-channel", "compressed-tensors"), "fp8_blockwise": ("per-block", "fp8")}
+                "int8_dynamic": ("per-channel", "compressed-tensors"), "fp8_blockwise": ("per-block", "fp8"),
+                "int4_gptq": ("per-group", "compressed-tensors")}
     assert job.quant.name in expected, job.quant.name
     assert (job.quant.weight, job.format.save_name) == expected[job.quant.name]
     assert job.quant.ignore_layers[0] == "lm_head"

@@ -51,7 +51,6 @@ from streamq.model.skeleton import (
     materialize_outside_layers,
     release_outside_layers,
 )
-from streamq.model.smoothing import smoothing_groups
 from streamq.pinned import host_buffer, page_lock, unregister
 from streamq.schemes.base import LayerStats
 from streamq.verify import verify_checkpoint
@@ -72,6 +71,7 @@ class Report:
     peak_host_bytes: int = 0
     cache_location: str = ""
     uncovered_experts: int = 0
+    rtn_fallbacks: list[str] = field(default_factory=list)  # modules a solver quantized round-to-nearest instead
     stages: list[dict] = field(default_factory=list)  # per layer: seconds per stage
     phases: dict[str, float] = field(default_factory=dict)  # seconds of the whole run, in order
     layer_gpu_bytes: list[int] = field(default_factory=list)
@@ -84,6 +84,9 @@ class Report:
         if self.cache_location:
             lines.append(f"hidden-state cache: {self.cache_location}; MoE experts no calibration token reached: "
                          f"{self.uncovered_experts}")
+        if self.rtn_fallbacks:
+            lines.append(f"modules quantized round-to-nearest instead of solved: {len(self.rtn_fallbacks)} "
+                         "(rtn_fallbacks in the report)")
         return "\n".join(lines)
 
 
@@ -100,6 +103,7 @@ class _Calibrator:
         # On the device once, not per batch and layer: a pageable copy would synchronize.
         self.masks = [b.attention_mask.to(job.device).bool() for b in job.batches]
         self.uncovered = 0
+        self.fallbacks: list[str] = []  # "layer i: <module>: <why>", from the scheme
         self.last_checkpoint = time.monotonic()
 
     def capture_inputs(self) -> None:
@@ -137,8 +141,8 @@ class _Calibrator:
                         watch[layout.rel(rep)] = kind
             smoothing = scheme.smoothing_kind()
             if smoothing is not None:
-                for group in smoothing_groups(layer, layout):
-                    watch[group.observed] = smoothing
+                for name in scheme.smoothing_inputs(layer, layout):
+                    watch[name] = smoothing
             obs.watch_linears(layer, watch)
             blocks = {name: [] for name in scheme.recorded_blocks(layer, layout)}
             for name, records in blocks.items():
@@ -391,6 +395,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             arenas.close()
         if calib is not None:
             report.uncovered_experts = calib.uncovered
+            report.rtn_fallbacks = calib.fallbacks
             calib.cache.close()
             release_outside_layers(job.skeleton)
     clock.mark("teardown")
@@ -514,6 +519,8 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
     for note in getattr(scheme, "fallbacks", ()):
         log.warning("layer %d: %s", i, note)
+        if calib is not None:
+            calib.fallbacks.append(f"layer {i}: {note}")
     if scheme.propagates_quantized:
         stages["quantize"] = time.monotonic() - t
         t = time.monotonic()
