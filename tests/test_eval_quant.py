@@ -5,8 +5,8 @@ definition (not from the module's code); the INT4 unpacking against the `compres
 package; the MoE experts module against the per-token definition of top-k routing; and the
 whole path end to end on the trained fixtures: quantized by streamq (int8_dynamic as
 compressed-tensors int-quantized, fp8_blockwise as vLLM fp8 and compressed-tensors block,
-int4_rtn as pack-quantized), and packed by the compressed-tensors package (W4A16, evaluated
-against the same weights dequantized into a plain bf16 checkpoint).
+int4_rtn as pack-quantized, GPTQ and AWQ layouts), and packed by the compressed-tensors
+package (W4A16, evaluated against the same weights dequantized into a plain bf16 checkpoint).
 """
 
 from __future__ import annotations
@@ -500,5 +500,40 @@ def test_streamq_gptq_layout_evaluates(tmp_path):
     run_job(cfg)
     report = _eval("dense", out)
     assert report.quant_format == "gptq, INT4 weights (symmetric, groups of 64), activations none", \
+        report.quant_format
+    assert 0 < report.kl < 0.1 and abs(report.ppl_change) < 0.05 and report.top1_agreement > 0.8, report.table()
+
+
+def test_awq_linear_matches_float64_reference():
+    """AutoAWQ GEMM by definition: packed along the output, output 8j + (0,2,4,6,1,3,5,7)[k] in nibble k."""
+    g = torch.Generator().manual_seed(7)
+    out_f, in_f, groups = 24, 32, 2
+    q = torch.randint(0, 16, (in_f, out_f), generator=g)
+    zero = torch.randint(0, 16, (groups, out_f), generator=g)
+    scales = (torch.rand(groups, out_f, generator=g) * 0.1 + 0.01).half()
+    order = (0, 2, 4, 6, 1, 3, 5, 7)
+
+    def pack(v):
+        words = sum(v.reshape(v.shape[0], -1, 8)[:, :, order[k]] << (4 * k) for k in range(8))
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+    lin = Q.AWQLinear(in_f, out_f, groups, torch.float16)
+    lin.qweight.copy_(pack(q))
+    lin.qzeros.copy_(pack(zero))
+    lin.scales.copy_(scales)
+    rows = torch.arange(in_f) // (in_f // groups)
+    w = ((q.double() - zero.double()[rows]) * scales.double()[rows]).t()  # [out, in]
+    x = torch.randn(5, in_f, generator=g)
+    torch.testing.assert_close(lin(x).double(), x.double() @ w.t(), rtol=1e-5, atol=1e-5)
+
+
+def test_streamq_awq_layout_evaluates(tmp_path):
+    out = tmp_path / "moe-awq"
+    cfg = make_config(TRAINED / "moe", out, algorithm="int4_rtn", save_name="awq")
+    cfg["compression"]["quantization"].update(bits=4, quant_method={"weight": "per-group", "group_size": 64},
+                                              sym=False)
+    run_job(cfg)
+    report = _eval("moe", out)
+    assert report.quant_format == "awq, INT4 weights (asymmetric, groups of 64), activations none", \
         report.quant_format
     assert 0 < report.kl < 0.1 and abs(report.ppl_change) < 0.05 and report.top1_agreement > 0.8, report.table()

@@ -14,6 +14,9 @@ Pure tensor functions, one per on-disk layout eval runs:
 - INT4 GPTQ v1 (`quant_method: gptq`): `qweight` int32 [in/8, out] packed along the input,
   `qzeros` int32 [G, out/8] (zero - 1) packed along the output, `scales` [G, out], `g_idx`
   int32 [in]. The value is (q - zero) * scale of the column's group.
+- INT4 AutoAWQ GEMM (`quant_method: awq`): `qweight` int32 [in, out/8] packed along the output,
+  output 8j + AWQ_ORDER[k] of word j in bits 4k; `qzeros` int32 [G, out/8] the same way;
+  `scales` [G, out]. The value is (q - zero) * scale.
 
 The int4 unpacking here is eval's own (checked against the `compressed-tensors` package in
 tests/test_eval_quant.py); `streamq.formats.int4_packing` is the writer's.
@@ -24,6 +27,7 @@ from __future__ import annotations
 import torch
 
 NIBBLES = 8  # 4-bit values per int32 word
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble k of a word holds column AWQ_ORDER[k]
 INT4_OFFSET = 8  # stored nibble = signed code + 8
 
 
@@ -121,3 +125,27 @@ def dequantize_int8(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     s = scale.to(torch.float32)
     s = s.reshape(-1, 1) if s.numel() > 1 else s.reshape(())
     return wq.to(torch.float32) * s
+
+
+def unpack_awq_rows(words: torch.Tensor) -> torch.Tensor:
+    """int32 [rows, cols/8] in AutoAWQ's nibble order -> unsigned values int32 [rows, cols]."""
+    nibbles = unpack_nibbles(words, words.shape[-1] * NIBBLES).reshape(*words.shape, NIBBLES)
+    out = torch.empty_like(nibbles)
+    out[..., list(AWQ_ORDER)] = nibbles
+    return out.reshape(*words.shape[:-1], -1)
+
+
+def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
+                   ) -> torch.Tensor:
+    """AutoAWQ GEMM tensors -> the weight [out, in] in `dtype`: (q - zero) * scale of the group of
+    `in / G` input columns, the scale first rounded to `dtype` as a kernel computing there holds it."""
+    in_features, words = qweight.shape
+    groups, out_features = scales.shape
+    if qzeros.shape != (groups, words) or out_features != words * NIBBLES or in_features % groups:
+        raise ValueError(f"AWQ tensors do not fit together: qweight {list(qweight.shape)}, qzeros "
+                         f"{list(qzeros.shape)}, scales {list(scales.shape)}")
+    group = in_features // groups
+    q = unpack_awq_rows(qweight).to(torch.float32)  # [in, out]
+    zero = unpack_awq_rows(qzeros).to(torch.float32).repeat_interleave(group, dim=0)  # [in, out]
+    s = scales.to(dtype).to(torch.float32).repeat_interleave(group, dim=0)
+    return ((q - zero) * s).t().contiguous().to(dtype)

@@ -10,7 +10,7 @@ tensor (`Format.marker`) is present.
 
 Its quantized modules are then swapped into a meta skeleton as the Linear that computes what
 a server computes for that spec (`fp8_linear.FP8Linear`, `quant_linear.Int8Linear`,
-`BlockFP8Linear`, `W4A16Linear`, `GPTQLinear`; fused MoE experts as `FP8Experts` holding
+`BlockFP8Linear`, `W4A16Linear`, `GPTQLinear`, `AWQLinear`; fused MoE experts as `FP8Experts` holding
 per-expert ones), built from the on-disk names and shapes, so materializing a layer reads the
 quantized tensors as they are.
 """
@@ -28,7 +28,15 @@ from torch import nn
 from streamq.checkpoint.reader import TORCH_DTYPES, CheckpointReader, TensorInfo
 from streamq.errors import CheckpointError
 from streamq.eval.fp8_linear import DYNAMIC_TOKEN, STATIC, WEIGHT_ONLY, Expert, FP8Experts, FP8Linear
-from streamq.eval.quant_linear import BlockFP8Linear, GPTQLinear, Int8Linear, LinearKind, W4A16Linear, linear_kind
+from streamq.eval.quant_linear import (
+    AWQLinear,
+    BlockFP8Linear,
+    GPTQLinear,
+    Int8Linear,
+    LinearKind,
+    W4A16Linear,
+    linear_kind,
+)
 from streamq.formats.base import INPUT_SCALE, SCALE, SHAPE, WEIGHT, ZERO_POINT, Format, QuantSpec, TensorSpec
 from streamq.model.layout import fused_expert_modules
 from streamq.model.moe import check_supported
@@ -257,6 +265,10 @@ def quantized_linear(pair: CheckpointPair, module: str) -> nn.Module:
         return BlockFP8Linear(in_features, out_features, kind.block, kind.mode, pair.suffixes[SCALE], bias_dtype)
     if qf.name == "gptq":
         return GPTQLinear(in_features, out_features, scale.shape[0], TORCH_DTYPES[scale.dtype], bias_dtype)
+    if qf.name == "awq":
+        return AWQLinear(in_features, out_features, scale.shape[0], TORCH_DTYPES[scale.dtype], bias_dtype)
+    if qf.name != "compressed-tensors":
+        raise CheckpointError(f"{quant.path}: eval has no INT4 Linear for the {qf.name} layout")
     names = {"weight": pair.suffixes[WEIGHT], "scale": pair.suffixes[SCALE]}
     if SHAPE in pair.suffixes:
         names["shape"] = pair.suffixes[SHAPE]

@@ -18,8 +18,9 @@ the layer's materialization (buffers carry the on-disk names):
   `per_token_group_quant_fp8`), and for every group of K the FP8 product (exact in float32
   term by term, accumulated in float32) is scaled by the token's group scale and the weight
   block's scale and added up, in the order vLLM's Triton block kernel does.
-- `W4A16Linear` (compressed-tensors `pack-quantized`) and `GPTQLinear` (GPTQ v1 layout):
-  weights unpacked and dequantized to the compute dtype, then a plain matmul in that dtype.
+- `W4A16Linear` (compressed-tensors `pack-quantized`), `GPTQLinear` (GPTQ v1 layout) and
+  `AWQLinear` (AutoAWQ GEMM layout): weights unpacked and dequantized to the compute dtype,
+  then a plain matmul in that dtype.
 
 Division rather than multiplication by the reciprocal (as vLLM's kernels do) quantizes the
 inputs, matching how streamq quantizes weights; the two differ by one step in rare ties.
@@ -383,7 +384,31 @@ class GPTQLinear(nn.Module):
         return _finish(self, torch.nn.functional.linear(x.reshape(-1, shape[-1]), w), shape)
 
 
-QUANT_LINEARS = (FP8Linear, Int8Linear, BlockFP8Linear, W4A16Linear, GPTQLinear)
+class AWQLinear(nn.Module):
+    """W4A16 in the AutoAWQ GEMM layout: buffers `qweight` (int32 [in, out/8]), `qzeros` (int32
+    [G, out/8]), `scales` ([G, out]), `bias`; dequantized to the compute dtype, then a plain matmul."""
+
+    def __init__(self, in_features: int, out_features: int, groups: int, scale_dtype: torch.dtype = torch.float16,
+                 bias_dtype: torch.dtype | None = None):
+        super().__init__()
+        if out_features % dequant.NIBBLES:
+            raise ValueError(f"the AWQ layout needs out a multiple of 8, got {out_features}")
+        self.in_features, self.out_features, self.mode, self.groups = in_features, out_features, WEIGHT_ONLY, groups
+        _buffer(self, "qweight", (in_features, out_features // dequant.NIBBLES), torch.int32)
+        _buffer(self, "qzeros", (groups, out_features // dequant.NIBBLES), torch.int32)
+        _buffer(self, "scales", (groups, out_features), scale_dtype)
+        _register_bias(self, out_features, bias_dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, awq int4, groups={self.groups}"
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        w = dequant.dequantize_awq(self.qweight, self.qzeros, self.scales, x.dtype)
+        return _finish(self, torch.nn.functional.linear(x.reshape(-1, shape[-1]), w), shape)
+
+
+QUANT_LINEARS = (FP8Linear, Int8Linear, BlockFP8Linear, W4A16Linear, GPTQLinear, AWQLinear)
 
 
 def enable_fast_matmuls(module: nn.Module, device: torch.device) -> None:
