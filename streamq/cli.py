@@ -6,20 +6,48 @@ import argparse
 import logging
 import sys
 
+from streamq import __version__
 from streamq.errors import StreamqError
 
 log = logging.getLogger("streamq")
 
 
-def _quantize(args: argparse.Namespace) -> int:
-    from streamq.config import load_config
-    from streamq.engine.run import quantize
+def _load_checked(args: argparse.Namespace, overrides: dict, need_data: bool = True):
+    """The config and every path it names, checked before torch or transformers is imported.
 
-    config = load_config(args.config, {"model_path": args.model_path, "save_path": args.save_path,
-                                       "device": args.device, "max_gpu_memory": args.max_gpu_memory,
-                                       "max_cpu_memory": args.max_cpu_memory})
+    Wrong YAML, a missing model directory or calibration file fail here in well under a
+    second (streamq.config, streamq.paths and streamq.errors import neither).
+    """
+    from streamq.config import load_config
+    from streamq.paths import calibration_file, check_data_path, check_model_path
+
+    config = load_config(args.config, overrides)
     for note in config.notes:
         log.info("note: %s", note)
+    check_model_path(config.model.model_path)
+    data = calibration_file(config)
+    if need_data and data is not None:
+        check_data_path(data)
+    return config
+
+
+def _quantize(args: argparse.Namespace) -> int:
+    from streamq.paths import calibration_file, check_save_path
+
+    config = _load_checked(args, {"model_path": args.model_path, "save_path": args.save_path,
+                                  "data_path": args.data_path, "device": args.device,
+                                  "max_gpu_memory": args.max_gpu_memory, "max_cpu_memory": args.max_cpu_memory})
+    check_save_path(config.save_path, config.model.model_path, calibration_file(config))
+    if not args.overwrite:
+        from streamq.runinfo import finished_run
+
+        done = finished_run(config)
+        if done is not None:
+            print(f"{config.save_path}: already complete ({done}); nothing to do. "
+                  "Pass --overwrite to quantize again, or run `streamq verify` to check the checksums.")
+            return 0
+    from streamq.engine.run import quantize
+
     report = quantize(config, overwrite=args.overwrite, show_progress=not args.quiet)
     print(report.summary())
     print(f"wrote {config.save_path}")
@@ -46,20 +74,24 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
+    # plan needs no calibration file: it sizes the cache from num_samples x max_seq_length.
+    _load_checked(args, {"model_path": args.model_path, "data_path": args.data_path}, need_data=False)
     from streamq.engine.plan import plan_command
 
-    return plan_command(args.config, {"model_path": args.model_path, "device": args.device,
-                                      "max_gpu_memory": args.max_gpu_memory,
+    return plan_command(args.config, {"model_path": args.model_path, "data_path": args.data_path,
+                                      "device": args.device, "max_gpu_memory": args.max_gpu_memory,
                                       "max_cpu_memory": args.max_cpu_memory}, args.json)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="streamq", description="Layer-streaming FP8 quantization of LLMs.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     q = sub.add_parser("quantize", help="quantize a checkpoint as a YAML config describes")
     q.add_argument("-c", "--config", required=True, help="AngelSlim-style YAML config")
     q.add_argument("--model-path", help="override model.model_path")
     q.add_argument("--save-path", help="override global.save_path")
+    q.add_argument("--data-path", help="override dataset.data_path (the calibration JSONL)")
     q.add_argument("--device", help="override global.device (auto, cpu, cuda, cuda:N)")
     q.add_argument("--max-gpu-memory", help="GPU memory budget, e.g. 8GiB")
     q.add_argument("--max-cpu-memory", help="host memory budget, e.g. 32GiB")
@@ -94,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "(exit 3 if it does not fit the budget)")
     p.add_argument("-c", "--config", required=True, help="AngelSlim-style YAML config")
     p.add_argument("--model-path", help="override model.model_path")
+    p.add_argument("--data-path", help="override dataset.data_path (plan does not read it)")
     p.add_argument("--device", help="override global.device (a cuda job can be planned without a GPU)")
     p.add_argument("--max-gpu-memory", help="GPU memory budget, e.g. 8GiB")
     p.add_argument("--max-cpu-memory", help="host memory budget, e.g. 32GiB")

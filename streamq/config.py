@@ -12,13 +12,15 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from streamq.errors import ConfigError
 from streamq.quant.granularity import ACTIVATION_GRANULARITIES, WEIGHT_GRANULARITIES, PerTensor, PerToken
-from streamq.quant.scheme import QuantScheme
+
+if TYPE_CHECKING:  # scheme imports torch; config must not (the CLI checks configs before importing it)
+    from streamq.quant.scheme import QuantScheme
 
 SUPPORTED_ALGORITHMS = ("fp8_dynamic", "fp8_static")
 PLANNED_ALGORITHMS = ("int8_dynamic", "int4_gptq", "int4_awq")
@@ -104,6 +106,8 @@ class JobConfig:
 
     @property
     def scheme(self) -> QuantScheme:
+        from streamq.quant.scheme import QuantScheme  # lazily: torch
+
         return QuantScheme(
             algorithm=self.quant.name,
             weight=WEIGHT_GRANULARITIES[self.quant.weight],
@@ -265,8 +269,6 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
         for key in ("max_seq_length", "num_samples", "batch_size"):
             if getattr(dataset, key) < 1:
                 raise ConfigError(f"{source}: 'dataset.{key}' must be at least 1, got {getattr(dataset, key)}")
-        if dataset.name == "TextDataset" and not dataset.data_path:
-            raise ConfigError(f"{source}: 'dataset.data_path' is required for dataset.name: TextDataset")
     if algo == "fp8_static" and dataset is None:
         raise ConfigError(f"{source}: fp8_static calibrates activation scales and needs a 'dataset' section")
     if algo == "fp8_dynamic" and dataset is not None:
@@ -286,12 +288,21 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
             continue
         if key == "model_path":
             job.model.model_path = value
+        elif key == "data_path":
+            if job.dataset is None:
+                notes.append("--data-path is not used: the config has no dataset section"
+                             + (" (fp8_dynamic needs no calibration)" if algo == "fp8_dynamic" else ""))
+            else:
+                job.dataset.data_path = value
         elif key in ("save_path", "device"):
             setattr(job, key, value)
         elif key in ("max_gpu_memory", "max_cpu_memory"):
             setattr(job, key, parse_size(value, f"--{key.replace('_', '-')}"))
         else:
             raise AssertionError(f"unknown override {key}")
+    if dataset is not None and dataset.name == "TextDataset" and not dataset.data_path:
+        raise ConfigError(f"{source}: 'dataset.data_path' is required for dataset.name: TextDataset "
+                          "(or pass --data-path)")
     check_device(job.device, source)
     return job
 
