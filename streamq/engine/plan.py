@@ -830,8 +830,12 @@ def plan_command(config_path: str, overrides: dict[str, Any], as_json: bool = Fa
     target = None
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         target, config.device = "cuda", "cpu"
-    job = prepare(config)
+    job = prepare(config, load_data=False)  # the calibration file is not needed to plan
     startup = time.time() - psutil.Process().create_time()  # imports + prepare, as a run will spend them
     plan = make_plan(job, device_type=target, startup_seconds=startup)
+    if plan.cache_location != "none" and config.dataset is not None:
+        d = config.dataset
+        plan.notes.append(f"hidden cache sized from dataset.num_samples x dataset.max_seq_length ({d.num_samples} x "
+                          f"{d.max_seq_length}, every sample at full length); the calibration file is not read")
     print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.summary())
     return 0
