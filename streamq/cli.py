@@ -55,6 +55,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from streamq.paths import check_writable
+
+    # Before the (long) evaluation: a run must not end in "cannot write the report".
+    if args.json:
+        check_writable(args.json, "--json")
+    if args.plot:
+        check_writable(args.plot, "--plot", needs_module="matplotlib")
     from streamq.eval.runner import EvalOptions, evaluate
 
     report = evaluate(EvalOptions(args.original, args.quantized, args.data, args.num_samples, args.max_seq_length,
@@ -62,8 +69,10 @@ def _eval(args: argparse.Namespace) -> int:
     print(report.table())
     if args.json:
         report.write_json(args.json)
+        print(f"wrote the JSON report to {args.json}")
     if args.plot:
         report.plot(args.plot)
+        print(f"wrote the plot to {args.plot}")
     return 4 if args.fail_on_outlier and report.outliers else 0
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from streamq.errors import CheckpointError, DatasetError, OutputError
+from streamq.errors import CheckpointError, ConfigError, DatasetError, OutputError
 
 # `Org/Name` (optionally `Org/Name@rev`): what a Hugging Face hub id looks like.
 _HUB_ID_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(@[\w./-]+)?$")
@@ -95,3 +95,25 @@ def calibration_file(config) -> str | None:
     if config.quant.name == "fp8_static" and d is not None and d.name == "TextDataset":
         return d.data_path
     return None
+
+
+def check_writable(path: str, flag: str, needs_module: str | None = None) -> None:
+    """An output file a command will write at its end can be written (ConfigError, exit 2).
+
+    Checked up front so that a long evaluation does not end in a failed write: the parent
+    directory exists and is writable, the path is not a directory, and any module needed
+    to produce it is installed.
+    """
+    import importlib.util
+    import os
+
+    p = Path(path).expanduser()
+    parent = p.parent.resolve()
+    if p.is_dir():
+        raise ConfigError(f"{flag} {path}: is a directory; give a file name")
+    if not parent.is_dir():
+        raise ConfigError(f"{flag} {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (p.exists() and not os.access(p, os.W_OK)):
+        raise ConfigError(f"{flag} {path}: not writable ({p.resolve()})")
+    if needs_module and importlib.util.find_spec(needs_module) is None:
+        raise ConfigError(f"{flag} needs {needs_module} (pip install {needs_module})")

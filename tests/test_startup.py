@@ -138,3 +138,15 @@ def test_readme_headline_command_runs_on_the_demo_model(tmp_path, monkeypatch, c
     assert rc == 0, capsys.readouterr().err
     qc = json.loads((tmp_path / save / "config.json").read_text())["quantization_config"]
     assert qc["activation_scheme"] == "static" and raw["compression"]["quantization"]["name"] == "fp8_static"
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+@pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
+def test_eval_outputs_checked_before_it_starts(tmp_path, flag, where):
+    target = tmp_path / "nope" / "r.out" if where == "missing-dir" else tmp_path
+    # The originals do not exist either: the destination is checked first, before any import.
+    rc, out, err, _ = _probe(["eval", "--original", str(tmp_path / "a"), "--quantized", str(tmp_path / "b"),
+                              flag, str(target)], tmp_path)
+    assert rc == 2 and f"{flag} {target}" in err, err
+    assert ("does not exist" if where == "missing-dir" else "is a directory") in err, err
+    assert "IMPORTED False False" in out
