@@ -79,7 +79,7 @@ def _eval(args: argparse.Namespace) -> int:
 def _verify(args: argparse.Namespace) -> int:
     from streamq.verify import verify_command
 
-    return verify_command(args.save_path, args.source, args.json)
+    return verify_command(args.save_path, args.source, args.json, fast=args.fast)
 
 
 def _plan(args: argparse.Namespace) -> int:
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "streamq checkpoint without loading its weights; one line per problem.")
     v.add_argument("save_path", help="the quantized checkpoint directory")
     v.add_argument("--source", help="the source checkpoint: every tensor of it must be there, nothing else")
+    v.add_argument("--fast", action="store_true", help="read no weight data: shard sizes against the manifest, "
+                   "no sha256, no FP8 NaN scan")
     v.add_argument("--json", action="store_true", help="print the result as JSON")
     v.set_defaults(func=_verify)
     p = sub.add_parser("plan", help="predict memory, disk and time of a job without loading weights "
