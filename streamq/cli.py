@@ -55,8 +55,13 @@ def _quantize(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from streamq.paths import check_writable
+    from streamq.paths import check_data_path, check_model_path, check_writable
 
+    # Before torch is imported: both checkpoints and the data exist.
+    check_model_path(args.original, "--original")
+    check_model_path(args.quantized, "--quantized")
+    if args.data:
+        check_data_path(args.data, "--data")
     # Before the (long) evaluation: a run must not end in "cannot write the report".
     if args.json:
         check_writable(args.json, "--json")

@@ -144,9 +144,22 @@ def test_readme_headline_command_runs_on_the_demo_model(tmp_path, monkeypatch, c
 @pytest.mark.parametrize("where", ["missing-dir", "a-directory"])
 def test_eval_outputs_checked_before_it_starts(tmp_path, flag, where):
     target = tmp_path / "nope" / "r.out" if where == "missing-dir" else tmp_path
-    # The originals do not exist either: the destination is checked first, before any import.
+    # Checkpoints that only look like ones: the destination is checked before anything is loaded.
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "config.json").write_text("{}")
     rc, out, err, _ = _probe(["eval", "--original", str(tmp_path / "a"), "--quantized", str(tmp_path / "b"),
                               flag, str(target)], tmp_path)
     assert rc == 2 and f"{flag} {target}" in err, err
     assert ("does not exist" if where == "missing-dir" else "is a directory") in err, err
+    assert "IMPORTED False False" in out
+
+
+@pytest.mark.parametrize("flag", ["--original", "--quantized"])
+def test_eval_missing_checkpoint_before_torch(tiny_models, tmp_path, flag):
+    paths = {"--original": str(tiny_models["llama"]), "--quantized": str(tiny_models["llama"])}
+    paths[flag] = str(tmp_path / "absent")
+    rc, out, err, _ = _probe(["eval", "--original", paths["--original"], "--quantized", paths["--quantized"]],
+                             tmp_path)
+    assert rc == 1 and f"{flag}: directory not found: {tmp_path / 'absent'}" in err, err
     assert "IMPORTED False False" in out
