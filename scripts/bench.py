@@ -31,7 +31,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run from a checkout without installing the package
 
 from streamq.bench import floors, render, worker  # noqa: E402
-from streamq.config import CACHE_LOCATIONS, SUPPORTED_ALGORITHMS  # noqa: E402
+from streamq.config import CACHE_LOCATIONS  # noqa: E402
+from streamq.schemes.base import scheme_names  # noqa: E402
 from streamq.testing.synthetic import GEOMETRIES, build_config, write_synthetic  # noqa: E402
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -42,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--geometry", default="tiny-moe", choices=sorted(GEOMETRIES))
     p.add_argument("--layers", type=int, default=4, help="decoder layers in the synthetic checkpoint")
     p.add_argument("--algos", default="fp8_dynamic,fp8_static",
-                   help=f"comma-separated, from {', '.join(SUPPORTED_ALGORITHMS)}")
+                   help=f"comma-separated, from {', '.join(scheme_names())}")
     p.add_argument("--samples", type=int, default=32, help="calibration samples (fp8_static)")
     p.add_argument("--seq-len", type=int, default=256, help="tokens per calibration sample")
     p.add_argument("--batch-size", type=int, default=8, help="calibration batch size")
@@ -66,9 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
     algos = [a.strip() for a in args.algos.split(",") if a.strip()]
-    bad = [a for a in algos if a not in SUPPORTED_ALGORITHMS]
+    bad = [a for a in algos if a not in scheme_names()]
     if not algos or bad:
-        p.error(f"--algos: {bad or 'empty'}; choose from {', '.join(SUPPORTED_ALGORITHMS)}")
+        p.error(f"--algos: {bad or 'empty'}; choose from {', '.join(scheme_names())}")
     if len(set(algos)) != len(algos):
         p.error("--algos lists an algorithm twice")
     for name in ("layers", "samples", "seq_len", "batch_size", "repeat"):

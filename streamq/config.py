@@ -12,20 +12,14 @@ import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import yaml
 
 from streamq.errors import ConfigError
-from streamq.quant.granularity import ACTIVATION_GRANULARITIES, WEIGHT_GRANULARITIES, PerTensor, PerToken
+from streamq.formats.base import format_names, get_format
+from streamq.schemes.base import SCHEMES, Scheme, get_scheme, scheme_names
 
-if TYPE_CHECKING:  # scheme imports torch; config must not (the CLI checks configs before importing it)
-    from streamq.quant.scheme import QuantScheme
-
-SUPPORTED_ALGORITHMS = ("fp8_dynamic", "fp8_static")
-PLANNED_ALGORITHMS = ("int8_dynamic", "int4_gptq", "int4_awq")
-ALGORITHM_BITS = {"fp8_dynamic": 8, "fp8_static": 8, "int8_dynamic": 8, "int4_gptq": 4, "int4_awq": 4}
-SAVE_FORMATS = ("fp8", "compressed-tensors")
 CACHE_LOCATIONS = ("auto", "device", "host", "disk")
 DATASET_NAMES = ("TextDataset", "RandomTokens")
 TORCH_DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -86,6 +80,8 @@ class QuantConfig:
     save_name: str = "fp8"
     moe_calibrate_all_experts: bool = False
     hidden_cache: str = "auto"
+    # The scheme's own keys as given (smooth_alpha, actorder, ...): part of the job identity.
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -103,17 +99,12 @@ class JobConfig:
     cache_checkpoint_minutes: float = 30.0
     source_file: str = ""
     notes: list[str] = field(default_factory=list)
+    scheme: Scheme | None = field(default=None, repr=False)  # built and validated by parse_config
 
     @property
-    def scheme(self) -> QuantScheme:
-        from streamq.quant.scheme import QuantScheme  # lazily: torch
-
-        return QuantScheme(
-            algorithm=self.quant.name,
-            weight=WEIGHT_GRANULARITIES[self.quant.weight],
-            activation=ACTIVATION_GRANULARITIES[self.quant.activation],
-            ignore=tuple(self.quant.ignore_layers),
-        )
+    def format(self):
+        """The output format (`streamq.formats`) named by save_name."""
+        return get_format(self.quant.save_name)
 
     def job_identity(self) -> dict:
         """Everything that changes the output bytes (not paths, device or budgets)."""
@@ -121,6 +112,8 @@ class JobConfig:
                     "dataset": asdict(self.dataset) if self.dataset else None}
         relevant["quant"].pop("low_memory")
         relevant["quant"].pop("hidden_cache")
+        if not relevant["quant"]["params"]:
+            relevant["quant"].pop("params")  # jobs from before scheme plug-ins keep their hash
         return relevant
 
     def job_hash(self) -> str:
@@ -129,6 +122,7 @@ class JobConfig:
     def effective_dict(self) -> dict:
         d = asdict(self)
         d.pop("notes")
+        d["scheme"] = self.scheme.identity() if self.scheme is not None else None
         return d
 
 
@@ -171,25 +165,50 @@ _SCHEMA: dict[str, tuple[tuple[type, ...], bool]] = {
 _TYPE_NAMES = {str: "a string", int: "an integer", bool: "true/false", dict: "a mapping", list: "a list"}
 
 
-def _walk(node: dict, prefix: str, notes: list[str], source: str) -> None:
+def _scheme_schema(raw: dict) -> tuple[dict[str, tuple[tuple[type, ...], bool]], dict[str, str]]:
+    """The schema extended by the named scheme's own keys, and the keys it only notes."""
+    schema, noted = dict(_SCHEMA), dict(NOTED_KEYS)
+    q = (raw.get("compression") or {}).get("quantization") if isinstance(raw.get("compression"), dict) else None
+    name = q.get("name") if isinstance(q, dict) else None
+    scheme_names()  # loads the built-in schemes
+    cls = SCHEMES.get(name) if isinstance(name, str) else None
+    if cls is None:
+        return schema, noted
+    for key in [k for k in schema if k.startswith(f"{_Q}.quant_method.")]:
+        del schema[key]
+    for key, types in cls.method_keys.items():
+        schema[f"{_Q}.quant_method.{key}"] = (types, False)
+    for key, types in cls.keys.items():
+        schema[f"{_Q}.{key}"] = (types, False)
+    noted.update({f"{_Q}.{k}": why for k, why in cls.noted_keys.items()})
+    return schema, noted
+
+
+_Q = "compression.quantization"
+
+
+def _walk(node: dict, prefix: str, notes: list[str], source: str,
+          schema: dict | None = None, noted: dict | None = None) -> None:
+    schema = _SCHEMA if schema is None else schema
+    noted = NOTED_KEYS if noted is None else noted
     for key, value in node.items():
         path = f"{prefix}{key}"
-        if path in NOTED_KEYS:
-            notes.append(f"{path} is accepted but not used: {NOTED_KEYS[path]}")
+        if path in noted:
+            notes.append(f"{path} is accepted but not used: {noted[path]}")
             continue
-        if path not in _SCHEMA:
-            siblings = sorted(k[len(prefix):] for k in _SCHEMA if k.startswith(prefix) and "." not in k[len(prefix):])
+        if path not in schema:
+            siblings = sorted(k[len(prefix):] for k in schema if k.startswith(prefix) and "." not in k[len(prefix):])
             raise ConfigError(f"{source}: unknown key '{path}' (allowed here: {', '.join(siblings)})")
-        types, _ = _SCHEMA[path]
+        types, _ = schema[path]
         # bool is an int in Python; an integer key must not accept `true`.
         ok = isinstance(value, types) and not (isinstance(value, bool) and bool not in types)
-        if value is None and not _SCHEMA[path][1]:
+        if value is None and not schema[path][1]:
             ok = True
         if not ok:
-            want = " or ".join(_TYPE_NAMES[t] for t in types)
+            want = " or ".join(_TYPE_NAMES.get(t, t.__name__) for t in types)
             raise ConfigError(f"{source}: '{path}' must be {want}, got {type(value).__name__} {value!r}")
         if isinstance(value, dict):
-            _walk(value, f"{path}.", notes, source)
+            _walk(value, f"{path}.", notes, source, schema, noted)
 
 
 def _require(raw: dict, source: str) -> None:
@@ -213,35 +232,32 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: the top level must be a mapping with global, model, compression")
     notes: list[str] = []
-    _walk(raw, "", notes, source)
+    schema, noted = _scheme_schema(raw)
+    _walk(raw, "", notes, source, schema, noted)
     _require(raw, source)
     g, m, c = raw["global"], raw["model"], raw["compression"]
     q = c["quantization"]
     _one_of(c["name"], ("quantization", "PTQ"), "compression.name", source)
 
     algo = q["name"]
-    if algo in PLANNED_ALGORITHMS:
-        raise ConfigError(f"{source}: 'compression.quantization.name' is '{algo}', which streamq does not support "
-                          f"yet; supported: {', '.join(SUPPORTED_ALGORITHMS)}")
-    _one_of(algo, SUPPORTED_ALGORITHMS, "compression.quantization.name", source)
-    if q["bits"] != ALGORITHM_BITS[algo]:
-        raise ConfigError(f"{source}: 'compression.quantization.bits' is {q['bits']}, but {algo} needs "
-                          f"bits: {ALGORITHM_BITS[algo]}")
+    scheme = get_scheme(algo, source).from_yaml(q, source)
+    save_name = _one_of(q.get("save_name", scheme.default_format), tuple(format_names()),
+                        "compression.quantization.save_name", source)
+    spec = scheme.spec
+    why = get_format(save_name).supports(spec)
+    if why is not None:
+        fits = [n for n in format_names() if get_format(n).supports(spec) is None]
+        act = spec.activation.yaml_name if spec.activation is not None else "none"
+        raise ConfigError(f"{source}: {algo} with weights {spec.weight.yaml_name} / activations {act} cannot be "
+                          f"written as save_name '{save_name}' ({why}); set 'compression.quantization.save_name' "
+                          f"to one of: {', '.join(fits)}")
     method = q.get("quant_method") or {}
-    weight = _one_of(method.get("weight", "per-tensor"), tuple(WEIGHT_GRANULARITIES),
-                     "compression.quantization.quant_method.weight", source)
-    activation = _one_of(method.get("activation", "per-tensor"), tuple(ACTIVATION_GRANULARITIES),
-                         "compression.quantization.quant_method.activation", source)
-    save_name = _one_of(q.get("save_name", "fp8"), SAVE_FORMATS, "compression.quantization.save_name", source)
-    if algo == "fp8_static" and isinstance(ACTIVATION_GRANULARITIES[activation], PerToken):
-        raise ConfigError(f"{source}: 'compression.quantization.quant_method.activation' is per-token, which is "
-                          "dynamic by nature; fp8_static needs per-tensor (or use fp8_dynamic)")
-    if save_name == "fp8" and not isinstance(WEIGHT_GRANULARITIES[weight], PerTensor):
-        raise ConfigError(f"{source}: per-channel weights need 'compression.quantization.save_name: "
-                          "compressed-tensors'; vLLM's fp8 format stores one weight scale per tensor")
-    if save_name == "fp8" and isinstance(ACTIVATION_GRANULARITIES[activation], PerToken):
-        raise ConfigError(f"{source}: per-token activations need 'compression.quantization.save_name: "
-                          "compressed-tensors'; vLLM's fp8 format has per-tensor activation scales only")
+    common = {"name", "bits", "quant_method", "ignore_layers", "low_memory", "save_name",
+              "moe_calibrate_all_experts", "hidden_cache"}
+    noted_here = type(scheme).noted_keys
+    params = {k: v for k, v in q.items() if k not in common and k not in noted_here}
+    params.update({f"quant_method.{k}": v for k, v in method.items()
+                   if k not in ("weight", "activation") and f"quant_method.{k}" not in noted_here})
     ignore = q.get("ignore_layers")
     ignore = ["lm_head"] if ignore is None else [str(x) for x in ignore]
     for pattern in ignore:
@@ -252,8 +268,9 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
                 raise ConfigError(f"{source}: 'compression.quantization.ignore_layers' entry '{pattern}' is not a "
                                   f"valid regular expression: {e}") from None
     quant = QuantConfig(
-        name=algo, bits=q["bits"], weight=weight, activation=activation, ignore_layers=ignore,
-        low_memory=q.get("low_memory", True), save_name=save_name,
+        name=algo, bits=q["bits"], weight=method.get("weight", spec.weight.yaml_name),
+        activation=method.get("activation", spec.activation.yaml_name if spec.activation else "none"),
+        ignore_layers=ignore, low_memory=q.get("low_memory", True), save_name=save_name, params=params,
         moe_calibrate_all_experts=q.get("moe_calibrate_all_experts", False),
         hidden_cache=_one_of(q.get("hidden_cache", "auto"), CACHE_LOCATIONS,
                              "compression.quantization.hidden_cache", source),
@@ -269,10 +286,10 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
         for key in ("max_seq_length", "num_samples", "batch_size"):
             if getattr(dataset, key) < 1:
                 raise ConfigError(f"{source}: 'dataset.{key}' must be at least 1, got {getattr(dataset, key)}")
-    if algo == "fp8_static" and dataset is None:
-        raise ConfigError(f"{source}: fp8_static calibrates activation scales and needs a 'dataset' section")
-    if algo == "fp8_dynamic" and dataset is not None:
-        notes.append("dataset is not used by fp8_dynamic (no calibration needed)")
+    if scheme.needs_calibration and dataset is None:
+        raise ConfigError(f"{source}: {algo} calibrates on data and needs a 'dataset' section")
+    if not scheme.needs_calibration and dataset is not None:
+        notes.append(f"dataset is not used by {algo} (no calibration needed)")
 
     model = ModelConfig(model_path=m["model_path"], name=m.get("name") or "",
                         trust_remote_code=m.get("trust_remote_code", False),
@@ -280,7 +297,7 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
     job = JobConfig(model=model, quant=quant, save_path=g["save_path"], device=g.get("device") or "auto",
                     max_gpu_memory=parse_size(g.get("max_gpu_memory"), "global.max_gpu_memory"),
                     max_cpu_memory=parse_size(g.get("max_cpu_memory"), "global.max_cpu_memory"),
-                    dataset=dataset, source_file=source, notes=notes,
+                    dataset=dataset, source_file=source, notes=notes, scheme=scheme,
                     cache_checkpoint_layers=g.get("cache_checkpoint_layers") or 0,
                     cache_checkpoint_minutes=float(g.get("cache_checkpoint_minutes") or 30.0))
     for key, value in (overrides or {}).items():
@@ -291,7 +308,7 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
         elif key == "data_path":
             if job.dataset is None:
                 notes.append("--data-path is not used: the config has no dataset section"
-                             + (" (fp8_dynamic needs no calibration)" if algo == "fp8_dynamic" else ""))
+                             + ("" if scheme.needs_calibration else f" ({algo} needs no calibration)"))
             else:
                 job.dataset.data_path = value
         elif key in ("save_path", "device"):

@@ -90,9 +90,10 @@ def check_save_path(save_path: str, model_path: str, data_path: str | None = Non
 
 
 def calibration_file(config) -> str | None:
-    """The calibration file a job reads (fp8_static with TextDataset), else None."""
+    """The calibration file a job reads (a scheme that calibrates, TextDataset), else None."""
     d = config.dataset
-    if config.quant.name == "fp8_static" and d is not None and d.name == "TextDataset":
+    scheme = getattr(config, "scheme", None)
+    if scheme is not None and scheme.needs_calibration and d is not None and d.name == "TextDataset":
         return d.data_path
     return None
 

@@ -16,23 +16,23 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from streamq.calib.observers import LayerObserver
-from streamq.checkpoint import formats
 from streamq.checkpoint.reader import CheckpointReader
+from streamq.formats.base import get_format
 from streamq.model.ignore import IgnoreMatcher
 from streamq.model.layout import fused_expert_modules, plan_layer
 from streamq.model.moe import instrument_experts
-from streamq.quant.scheme import QuantScheme, quantize_weights
+from streamq.schemes.base import LayerStats, Scheme
 
 
 @torch.no_grad()
-def reference_static(model_path: Path, batches: list, scheme: QuantScheme, fmt: str,
+def reference_static(model_path: Path, batches: list, scheme: Scheme, fmt: str, ignore: tuple[str, ...],
                      all_experts: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor the quantized checkpoint should contain, by name."""
     model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16,
                                                  attn_implementation="sdpa").eval()
     reader = CheckpointReader(model_path)
     layers = model.model.layers
-    ignore = IgnoreMatcher(scheme.ignore)
+    ignore = IgnoreMatcher(ignore)
     layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore) for i in range(len(layers))]
     observers = []
     for layout, layer in zip(layouts, layers, strict=True):
@@ -54,14 +54,14 @@ def reference_static(model_path: Path, batches: list, scheme: QuantScheme, fmt: 
             weights[module] = source[tensor_name]
             ref = layout.experts.get(module)
             if ref is None:
-                stats[module] = obs.absmax[layout.rel(module)]
+                stats[module] = obs.result(layout.rel(module))
             else:
                 kind = "down" if ref.proj == "down_proj" else "gate_up"
                 per_expert = obs.absmax[f"{ref.parent}.{kind}"]
                 reached = obs.absmax[f"{ref.parent}.gate_up"] > 0
                 stats[module] = per_expert[ref.index] if reached[ref.index] else per_expert.max()
-        for module, q in quantize_weights(weights, scheme, stats).items():
-            expected.update(formats.linear_tensors(module, q, fmt))
+        for module, q in scheme.quantize(weights, LayerStats(stats)):
+            expected.update(get_format(fmt).pack(module, q, scheme.spec))
         expected.update({n: source[n] for n in layout.copied})
     expected.update({n: source[n] for n in reader.other})
     return expected

@@ -53,8 +53,9 @@ BAD = {
     "int4-gptq": (lambda c: _set(_set(c, "compression.quantization.name", "int4_gptq"),
                                  "compression.quantization.bits", 4),
                   ["'compression.quantization.name'", "int4_gptq", "not support", "fp8_dynamic", "fp8_static"]),
-    "unknown-algorithm": (lambda c: _set(c, "compression.quantization.name", "fp8_blockwise"),
-                          ["'compression.quantization.name'", "fp8_blockwise", "fp8_dynamic, fp8_static"]),
+    "unknown-algorithm": (lambda c: _set(c, "compression.quantization.name", "nvfp4"),
+                          ["'compression.quantization.name'", "nvfp4", "fp8_blockwise, fp8_dynamic, fp8_static, "
+                           "int8_dynamic"]),
     "bits-4-with-fp8": (lambda c: _set(c, "compression.quantization.bits", 4),
                         ["'compression.quantization.bits'", "fp8_dynamic", "bits: 8"]),
     "per-channel-with-fp8-format": (
@@ -71,7 +72,7 @@ BAD = {
         lambda c: _set(c, "compression.quantization.quant_method.weight", "per-group"),
         ["'compression.quantization.quant_method.weight'", "per-group", "per-tensor, per-channel"]),
     "unknown-save-name": (lambda c: _set(c, "compression.quantization.save_name", "gguf"),
-                          ["'compression.quantization.save_name'", "gguf", "fp8, compressed-tensors"]),
+                          ["'compression.quantization.save_name'", "gguf", "compressed-tensors, fp8"]),
     "bad-device": (lambda c: _set(c, "global.device", "gpu0"),
                    ["'global.device'", "gpu0", "auto, cpu, cuda, cuda:N"]),
     "bad-size": (lambda c: _set(c, "global.max_gpu_memory", "8 gigs"),

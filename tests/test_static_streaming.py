@@ -71,7 +71,8 @@ def test_streaming_matches_whole_model_reference(models, tmp_path, arch, batch_s
     out = tmp_path / "out"
     job = parse_config(static_config(models[arch], out, batch_size=batch_size))
     report = quantize(job, show_progress=False)
-    expected = reference_static(models[arch], reference_batches(models[arch], batch_size), job.scheme, "fp8")
+    expected = reference_static(models[arch], reference_batches(models[arch], batch_size), job.scheme, "fp8",
+                                tuple(job.quant.ignore_layers))
     assert_bytes_equal(read_output(out), expected)
     assert report.cache_location in ("device", "host", "disk")
     scales = [t for n, t in expected.items() if n.endswith("input_scale")]
@@ -83,7 +84,7 @@ def test_compressed_tensors_format_matches_reference(models, tmp_path):
     job = parse_config(static_config(models["qwen3_moe"], out, batch_size=2, fmt="compressed-tensors"))
     quantize(job, show_progress=False)
     expected = reference_static(models["qwen3_moe"], reference_batches(models["qwen3_moe"], 2), job.scheme,
-                                "compressed-tensors")
+                                "compressed-tensors", tuple(job.quant.ignore_layers))
     assert_bytes_equal(read_output(out), expected)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert qc["config_groups"]["group_0"]["input_activations"]["dynamic"] is False

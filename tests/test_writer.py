@@ -78,8 +78,8 @@ def test_output_arenas_alternate_and_wait_for_the_write_that_reads_them():
 
     from streamq.engine.staging import OutputArenas, output_arena_bytes
 
-    shapes = [((48, 40), 48 * 40 * 2, True), ((40,), 80, False), ((48, 40), 48 * 40 * 2, True)]
-    need = output_arena_bytes(shapes)
+    # FP8 weight + per-channel scale, a copied bf16 norm, FP8 weight + scale + input scale
+    need = output_arena_bytes([48 * 40, 48 * 4, 80, 48 * 40, 48 * 4, 4])
     arenas = OutputArenas(pin=False)
     a = arenas.begin(need)
     w = a.take((48, 40), torch.float8_e4m3fn)

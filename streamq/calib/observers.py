@@ -1,7 +1,13 @@
-"""Input absmax of every quantized Linear over real (non-padding) tokens.
+"""Statistics of the inputs of a layer's Linears over real (non-padding) tokens.
 
-Statistics stay on the device as float32 tensors and are folded with `maximum`, so
-observing costs no host synchronization per batch.
+An observer has `update(x, mask)`, `merge(other)` (the reduction a second process or GPU
+uses to combine its share: max for ranges) and `result()`. Values stay on the device as
+float32 tensors and are folded with `maximum`, so observing costs no host
+synchronization per batch.
+
+`LayerObserver` hooks the Linears of one layer (one observer per module, by relative
+name) and is what the MoE experts wrapper (`streamq.model.moe`) folds per-expert
+statistics into, from the model's own routing.
 """
 
 from __future__ import annotations
@@ -10,11 +16,56 @@ import torch
 from torch import nn
 
 
-class LayerObserver:
-    """Running absmax per module of one layer; `token_mask` marks real tokens of the batch."""
+def masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """x as [tokens, features] with padding rows zeroed (zero never raises an absmax)."""
+    rows = x.reshape(-1, x.shape[-1])
+    if mask is None:
+        return rows
+    assert mask.numel() == rows.shape[0], (mask.numel(), rows.shape[0])
+    return torch.where(mask.reshape(-1, 1), rows, torch.zeros((), dtype=rows.dtype, device=rows.device))
+
+
+class AbsMax:
+    """Largest |x| over real tokens: float32 []."""
 
     def __init__(self) -> None:
-        self.absmax: dict[str, torch.Tensor] = {}  # module name -> float32 [] (or [E] for experts)
+        self.value: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        # Row absmax first, then the mask: the same reduction order as the per-token path.
+        rows = x.reshape(-1, x.shape[-1]).abs().amax(dim=-1).to(torch.float32)
+        if mask is not None:
+            rows = torch.where(mask.reshape(-1), rows, torch.zeros_like(rows))
+        self._fold(rows.amax())
+
+    def _fold(self, value: torch.Tensor) -> None:
+        self.value = value if self.value is None else torch.maximum(self.value, value)
+
+    def merge(self, other: AbsMax) -> AbsMax:
+        if other.value is not None:
+            self._fold(other.value.to(self.value.device) if self.value is not None else other.value)
+        return self
+
+    def result(self) -> torch.Tensor | None:
+        return self.value
+
+
+class ChannelAbsMax(AbsMax):
+    """Largest |x| of every input channel over real tokens: float32 [in] (SmoothQuant)."""
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self._fold(masked_rows(x, mask).abs().amax(dim=0).to(torch.float32))
+
+
+OBSERVERS = {"absmax": AbsMax, "channel_absmax": ChannelAbsMax}
+
+
+class LayerObserver:
+    """Observers per module of one layer; `token_mask` marks real tokens of the batch."""
+
+    def __init__(self) -> None:
+        self.observers: dict[str, AbsMax] = {}  # relative module name -> observer
+        self.absmax: dict[str, torch.Tensor] = {}  # fused experts: "<parent>.gate_up|down" -> float32 [E]
         self.token_mask: torch.Tensor | None = None  # bool [B, T]
         self._handles: list = []
 
@@ -36,15 +87,23 @@ class LayerObserver:
         mask = self.flat_mask(rows.numel())
         return rows if mask is None else torch.where(mask, rows, torch.zeros_like(rows))
 
-    def watch_linears(self, layer: nn.Module, names: list[str]) -> None:
-        """Hook the inputs of these Linear modules (names relative to `layer`)."""
-        for name in names:
+    def watch_linears(self, layer: nn.Module, kinds: dict[str, str] | list[str]) -> None:
+        """Hook the inputs of these Linear modules (names relative to `layer`) with an
+        observer of the given kind each ("absmax" for a plain list)."""
+        if isinstance(kinds, list):
+            kinds = dict.fromkeys(kinds, "absmax")
+        for name, kind in kinds.items():
             module = layer.get_submodule(name)
+            self.observers[name] = OBSERVERS[kind]()
 
             def hook(_mod: nn.Module, args: tuple, _name: str = name) -> None:
-                self.fold(_name, self.row_absmax(args[0]).amax())
+                self.observers[_name].update(args[0], self.token_mask)
 
             self._handles.append(module.register_forward_pre_hook(hook))
+
+    def result(self, name: str) -> torch.Tensor | None:
+        obs = self.observers.get(name)
+        return None if obs is None else obs.result()
 
     def close(self) -> None:
         for h in self._handles:

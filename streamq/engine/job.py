@@ -75,7 +75,7 @@ def prepare(config: JobConfig, load_data: bool = True) -> Job:
     ignore = IgnoreMatcher(tuple(config.quant.ignore_layers))
     layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore) for i in range(len(layers))]
     job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
-    if config.scheme.static_activations:
+    if config.scheme.needs_calibration:
         if load_data:
             job.batches = load_calibration(config, reader.path, hf_config)
         for lay in layouts:

@@ -205,15 +205,9 @@ def safetensors_file_bytes(tensors: Iterable[Tensor], metadata: dict | None = No
     return len(header) + sum(t.nbytes for t in tensors)
 
 
-def _scale_shape(fmt: str, per_channel: bool, out_features: int) -> tuple[int, ...]:
-    if per_channel:
-        return (out_features, 1)
-    return (1,) if fmt == "compressed-tensors" else ()
-
-
-def layer_output_tensors(source: list[Tensor], quantized: dict[str, str], fmt: str, per_channel: bool,
-                         static: bool) -> list[Tensor]:
-    """The tensors a layer's output shard holds (streamq.checkpoint.formats.linear_tensors)."""
+def layer_output_tensors(source: list[Tensor], quantized: dict[str, str], fmt: Any, spec: Any) -> list[Tensor]:
+    """The tensors a layer's output shard holds: each quantized weight replaced by what the
+    format writes for it (`Format.specs`), everything else as stored."""
     weights = set(quantized.values())
     out: list[Tensor] = []
     for t in source:
@@ -221,19 +215,15 @@ def layer_output_tensors(source: list[Tensor], quantized: dict[str, str], fmt: s
             out.append(t)
             continue
         module = t.name[: -len(".weight")]
-        out.append(Tensor(t.name, "F8_E4M3", t.shape))
-        out.append(Tensor(f"{module}.weight_scale", "F32", _scale_shape(fmt, per_channel, t.shape[0])))
-        if static:
-            out.append(Tensor(f"{module}.input_scale", "F32", (1,) if fmt == "compressed-tensors" else ()))
+        out.extend(Tensor(f"{module}.{ts.suffix}", ts.dtype, ts.shape) for ts in fmt.specs(spec, *t.shape))
     return out
 
 
 def measure_layer(index: int, source: list[Tensor], quantized: dict[str, str], experts: Iterable[str],
-                  compute_elem: int, fmt: str, per_channel: bool, static: bool) -> LayerSizes:
+                  compute_elem: int, fmt: Any, spec: Any) -> LayerSizes:
     by_name = {t.name: t for t in source}
     qtensors = [by_name[n] for n in quantized.values()]
-    qnames = set(quantized.values())
-    outputs = layer_output_tensors(source, quantized, fmt, per_channel, static)
+    outputs = layer_output_tensors(source, quantized, fmt, spec)
     copied = {t.name for t in source} - set(quantized.values())
     expert_numel = sum(by_name[quantized[m]].numel for m in experts if m in quantized)
     return LayerSizes(
@@ -244,7 +234,7 @@ def measure_layer(index: int, source: list[Tensor], quantized: dict[str, str], e
         quantized_source_bytes=sum(t.nbytes for t in qtensors),
         copied_bytes=sum(t.nbytes for t in source if t.name in copied),
         fp8_bytes=sum(t.nbytes for t in outputs if t.name not in copied),
-        arena_bytes=output_arena_bytes((t.shape, t.nbytes, t.name in qnames) for t in source),
+        arena_bytes=output_arena_bytes(t.nbytes for t in outputs),
         out_file_bytes=safetensors_file_bytes(outputs, SAFETENSORS_METADATA),
         quant_numels=tuple(t.numel for t in qtensors),
         source_elem=max((DTYPE_BYTES[t.dtype] for t in qtensors), default=2),
@@ -303,7 +293,6 @@ class Inputs:
     device_type: str  # "cpu" | "cuda"
     static: bool
     fmt: str
-    per_channel: bool
     compute_elem: int
     shape: ModelShape
     layers: list[LayerSizes]
@@ -683,16 +672,15 @@ def _tensors(reader: Any, names: Iterable[str]) -> list[Tensor]:
 def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     """Everything the plan needs from a `streamq.engine.job.Job` (no weight is read)."""
     config, reader = job.config, job.reader
-    static = config.scheme.static_activations
+    static = config.scheme.needs_calibration
     elem = _elem(job.dtype)
     fmt = config.quant.save_name
-    per_channel = config.quant.weight == "per-channel"
     layers = [measure_layer(lay.index, _tensors(reader, reader.layers[lay.index]), lay.quantized, lay.experts,
-                            elem, fmt, per_channel, static) for lay in job.layouts]
+                            elem, config.format, config.scheme.spec) for lay in job.layouts]
     other = _tensors(reader, sorted(reader.other))
     stem = [t for t in other if t.name.startswith("model.") and not t.name.startswith("model.layers.")]
     return Inputs(
-        device_type=device_type or job.device.type, static=static, fmt=fmt, per_channel=per_channel,
+        device_type=device_type or job.device.type, static=static, fmt=fmt,
         compute_elem=elem, shape=ModelShape.from_config(job.hf_config), layers=layers,
         other_bytes=sum(t.nbytes for t in other),
         other_file_bytes=safetensors_file_bytes(other, SAFETENSORS_METADATA),

@@ -1,9 +1,11 @@
-"""The layer loop: read a layer, calibrate it (static schemes), quantize, write, move on.
+"""The layer loop: read a layer, calibrate it, transform, quantize, write, move on.
 
-Static schemes first capture the hidden states entering layer 0 for every calibration
-batch; each layer then replays them, records the inputs of its Linears, and replaces
-them with its (unquantized) outputs for the next layer. Dynamic schemes skip all of
-that and run read -> quantize -> write.
+It orders the hooks of a scheme (`streamq.schemes`) and a format (`streamq.formats`)
+and names neither an algorithm nor a layout. Schemes that need calibration first capture
+the hidden states entering layer 0 for every calibration batch; each layer then replays
+them with the scheme's observers on its Linears, and replaces them with its
+(unquantized) outputs for the next layer. Calibration-free schemes run
+read -> quantize -> write.
 """
 
 from __future__ import annotations
@@ -21,7 +23,6 @@ from torch import nn
 
 from streamq.calib.cache import HiddenStateCache, latest_checkpoint, load_checkpoint, save_checkpoint
 from streamq.calib.observers import LayerObserver
-from streamq.checkpoint import formats
 from streamq.checkpoint.reader import CheckpointReader
 from streamq.checkpoint.writer import (
     atomic_save_tensors,
@@ -39,6 +40,7 @@ from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, 
 from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes
 from streamq.engine.state import CACHE_DIR, RunState, open_run, output_files
 from streamq.errors import BudgetError, CheckpointError, OutputError
+from streamq.formats.base import INPUT_SCALE, SCALE
 from streamq.model import capture as capture_mod
 from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
 from streamq.model.layout import LayerLayout, fused_expert_modules
@@ -48,9 +50,10 @@ from streamq.model.skeleton import (
     materialize_outside_layers,
     release_outside_layers,
 )
+from streamq.model.smoothing import smoothing_groups
 from streamq.paths import calibration_file, check_save_path
 from streamq.pinned import host_buffer, page_lock, unregister
-from streamq.quant.scheme import iter_quantized
+from streamq.schemes.base import LayerStats
 
 log = logging.getLogger("streamq")
 REPORT_FILE = "streamq_report.json"
@@ -112,14 +115,25 @@ class _Calibrator:
         return due
 
     @torch.no_grad()
-    def run_layer(self, layer: nn.Module, layout: LayerLayout, observe: bool) -> dict[str, torch.Tensor]:
-        """Replay every batch through the layer; return module name -> input absmax."""
+    def run_layer(self, layer: nn.Module, layout: LayerLayout, observe: bool) -> LayerStats | None:
+        """Replay every batch through the layer with the scheme's observers; the outputs
+        become the next layer's inputs. Returns the statistics by full module name."""
+        scheme = self.job.config.scheme
         obs = LayerObserver()
         fused = fused_expert_modules(layer)
+        kind = scheme.observer_kind()
         if observe:
-            obs.watch_linears(layer, [layout.rel(m) for m in layout.quantized if m not in layout.experts])
-            for parent, module in fused.items():
-                instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
+            watch = {}
+            if kind is not None:
+                watch = {layout.rel(m): kind for m in layout.quantized if m not in layout.experts}
+            smoothing = scheme.smoothing_kind()
+            if smoothing is not None:
+                for group in smoothing_groups(layer, layout):
+                    watch[group.observed] = smoothing
+            obs.watch_linears(layer, watch)
+            if kind is not None:
+                for parent, module in fused.items():
+                    instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
         try:
             for b, batch in enumerate(self.job.batches):
                 obs.token_mask = self.masks[b]
@@ -132,17 +146,21 @@ class _Calibrator:
             for module in fused.values():
                 restore_experts(module)
             self.cache.sync()
-        return self._input_absmax(obs, layout) if observe else {}
+        if not observe:
+            return None
+        values = {layout.prefix + name: o.result() for name, o in obs.observers.items()}
+        if kind is not None:
+            values.update(self._expert_stats(obs, layout))
+            for module in layout.quantized:
+                if values.get(module) is None:
+                    raise CheckpointError(f"Linear '{module}' received no input during calibration")
+        return LayerStats(values)
 
-    def _input_absmax(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
+    def _expert_stats(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
         stats = {}
         experts_fixed: dict[str, dict[str, torch.Tensor]] = {}
-        for module in layout.quantized:
-            ref = layout.experts.get(module)
-            if ref is None:
-                if layout.rel(module) not in obs.absmax:
-                    raise CheckpointError(f"Linear '{module}' received no input during calibration")
-                stats[module] = obs.absmax[layout.rel(module)]
+        for module, ref in layout.experts.items():
+            if module not in layout.quantized:
                 continue
             if ref.parent not in experts_fixed:
                 experts_fixed[ref.parent] = self._cover_experts(obs, ref.parent)
@@ -291,7 +309,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         log.info("resuming %s: %d of %d layers already done", out_dir, sum(done), n)
     calib, begin = None, 0
     cache_root = out_dir / CACHE_DIR
-    if config.scheme.static_activations:
+    if config.scheme.needs_calibration:
         report.cache_location = plan.cache_location
         calib = _Calibrator(job, report.cache_location, cache_root / "live")
         found = latest_checkpoint(cache_root, first_todo)
@@ -376,9 +394,37 @@ def _recycle(job: Job, prefetch: _Prefetcher, buffer: torch.Tensor) -> None:
 
 
 def _output_arena_bytes(job: Job, i: int) -> int:
-    layout, infos = job.layouts[i], job.reader.tensors
+    layout, infos, config = job.layouts[i], job.reader.tensors, job.config
     quantized = set(layout.quantized.values())
-    return output_arena_bytes((infos[n].shape, infos[n].nbytes, n in quantized) for n in job.reader.layers[i])
+    sizes = []
+    for n in job.reader.layers[i]:
+        if n in quantized:
+            sizes.extend(t.nbytes for t in config.format.specs(config.scheme.spec, *infos[n].shape))
+        else:
+            sizes.append(infos[n].nbytes)
+    return output_arena_bytes(sizes)
+
+
+@dataclass
+class LayerContext:
+    """One layer as a scheme's transform sees it: the Linear weights to quantize (module ->
+    [out, in] on the device, source values) and the source tensors by name."""
+
+    layout: LayerLayout
+    layer: nn.Module | None
+    weights: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor]
+    device: torch.device
+
+
+def _source_weights(job: Job, layout: LayerLayout, tensors: dict[str, torch.Tensor],
+                    layer: nn.Module | None) -> dict[str, torch.Tensor]:
+    """The weights to quantize, with the source's values: views into the materialized layer
+    when it holds them exactly (same dtype), else the source tensors moved to the device,
+    so a float32 source calibrated in bf16 is not rounded twice."""
+    if layer is not None and all(tensors[n].dtype == job.dtype for n in layout.quantized.values()):
+        return layer_weight_views(layer, layout)
+    return {m: tensors[n].to(job.device, non_blocking=True) for m, n in layout.quantized.items()}
 
 
 def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator | None, prefetch: _Prefetcher,
@@ -390,7 +436,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     progress.step("read")
     tensors, stages["read"], buffer = prefetch.get(i)
     stages["wait_read"] = time.monotonic() - t
-    input_absmax = None
+    stats, layer = None, None
     if calib is not None:
         layer = decoder_layers(job.skeleton)[i]
         t = time.monotonic()
@@ -398,28 +444,35 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         materialize_layer(layer, layout, tensors, job.device)
         stages["to_device"] = time.monotonic() - t
         t = time.monotonic()
-        input_absmax = calib.run_layer(layer, layout, observe=not already_written)
+        stats = calib.run_layer(layer, layout, observe=not already_written)
         stages["calibrate"] = time.monotonic() - t
-        weights = layer_weight_views(layer, layout)
-    else:
-        t = time.monotonic()
-        weights = {m: tensors[n].to(job.device, non_blocking=True) for m, n in layout.quantized.items()}
-        stages["to_device"] = time.monotonic() - t
     if already_written:  # replayed only to advance the hidden states
-        release_layer(decoder_layers(job.skeleton)[i])
+        if layer is not None:
+            release_layer(layer)
         _recycle(job, prefetch, buffer)
         return stages
     t = time.monotonic()
+    ctx = LayerContext(layout, layer, _source_weights(job, layout, tensors, layer), tensors, job.device)
+    stages["to_device"] = stages.get("to_device", 0.0) + time.monotonic() - t
+    t = time.monotonic()
     progress.step("quantize")
+    scheme, fmt = config.scheme, config.format
+    changed = scheme.transform(ctx, stats) if stats is not None else {}
     # CUDA: results are copied (asynchronously) into a page-locked arena that the writer
     # serializes from; on the CPU they already are host tensors.
     arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None else None
     produced: dict[str, dict[str, torch.Tensor]] = {}
-    for module, q in iter_quantized(weights, config.scheme, input_absmax):
-        # Off the device one at a time: the layer's FP8 copy never sits on the GPU whole.
-        tensors_out = formats.linear_tensors(module, q, config.quant.save_name)
+    checks: list[tuple[str, torch.Tensor]] = []
+    roles = {ts.suffix: ts.role for ts in fmt.specs(scheme.spec, 1, 1)}
+    for module, q in scheme.quantize(ctx.weights, stats):
+        # Off the device one at a time: the layer's quantized copy never sits on the GPU whole.
+        tensors_out = fmt.pack(module, q, scheme.spec)
+        for name, value in tensors_out.items():
+            if roles.get(name.rpartition(".")[2]) in (SCALE, INPUT_SCALE):
+                checks.append((name, (torch.isfinite(value) & (value > 0)).all()))
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
-    del weights
+    ctx.weights.clear()
+    _check_scales(i, checks)
     if job.device.type == "cuda":
         torch.cuda.synchronize(job.device)  # the asynchronous copies must land before the writer reads them
     out: dict[str, torch.Tensor] = {}
@@ -427,11 +480,12 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         module = name[: -len(".weight")]
         if module in layout.quantized:
             out.update(produced[module])
-        else:
-            # A copy, not a view: the read buffer is reused for a later layer while the
-            # writer may still be serializing this shard.
-            src = tensors[name]
-            out[name] = src.clone() if arena is None else arena.take(src.shape, src.dtype).copy_(src)
+            continue
+        # A copy, not a view: the read buffer is reused for a later layer while the
+        # writer may still be serializing this shard. A tensor the transform changed
+        # (a rescaled norm) is written as the transform left it.
+        src = changed.get(name, tensors[name])
+        out[name] = src.to("cpu").clone() if arena is None else arena.take(src.shape, src.dtype).copy_(src)
     if calib is not None:
         release_layer(decoder_layers(job.skeleton)[i])
     stages["quantize"] = time.monotonic() - t
@@ -455,10 +509,21 @@ def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_
         raise OutputError(f"{out_dir}: shards {sorted(missing)} were not written; not marking the run complete")
     write_index(out_dir, weight_map, total)
     faults.checkpoint("before-config")
-    write_config(job.reader.path, out_dir, formats.quantization_config(job.config.quant.save_name,
-                                                                       job.config.scheme, job.ignored))
+    write_config(job.reader.path, out_dir, job.config.format.config_block(job.config.scheme.spec, job.ignored))
     state.status = "complete"
     state.save()
+
+
+def _check_scales(index: int, checks: list[tuple[str, torch.Tensor]]) -> None:
+    """Every scale finite and > 0 before the layer is written (one synchronization)."""
+    if not checks:
+        return
+    ok = torch.stack([c for _, c in checks]).cpu()
+    if not bool(ok.all()):
+        bad = checks[int((~ok).nonzero()[0])][0]
+        raise CheckpointError(f"layer {index}: '{bad}' is not finite and positive; nothing of this layer was "
+                              "written. Check the source weights and calibration data (for float16 overflow, "
+                              "set model.torch_dtype to bfloat16 or float32), then rerun to resume")
 
 
 def _check_disk_space(need: int, out_dir: Path) -> None:

@@ -32,18 +32,10 @@ def _aligned(n: int) -> int:
     return (n + ALIGN - 1) // ALIGN * ALIGN
 
 
-def output_arena_bytes(tensors: Iterable[tuple[tuple[int, ...], int, bool]]) -> int:
-    """Bytes that always hold one layer's outputs, from its source tensors as
-    (shape, stored bytes, quantized): a quantized weight becomes FP8 (1 byte per element),
-    a weight scale (at most one float32 per output row) and an input scale; every other
-    tensor is copied as stored."""
-    total = 0
-    for shape, nbytes, quantized in tensors:
-        if quantized:
-            total += _aligned(math.prod(shape)) + _aligned(4 * shape[0]) + _aligned(4)
-        else:
-            total += _aligned(nbytes)
-    return total
+def output_arena_bytes(sizes: Iterable[int]) -> int:
+    """Bytes that always hold one layer's outputs, from the byte size of every tensor the
+    layer's shard holds (the format's specs for quantized weights, the rest as stored)."""
+    return sum(_aligned(n) for n in sizes)
 
 
 class Arena:

@@ -1,7 +1,9 @@
-"""How many scales a tensor gets: one per tensor, per output channel, or per token.
+"""How many scales a tensor gets: one per tensor, per output channel, per group of input
+columns, per 2D block, or per token.
 
 A granularity is a small value object, so code asks `isinstance(g, PerChannel)` instead
-of comparing strings; the YAML spellings live in one table (`parse_granularity`).
+of comparing strings; the YAML spellings live in one table (`WEIGHT_GRANULARITIES`,
+`ACTIVATION_GRANULARITIES`). `ct_strategy` is compressed-tensors' name for the same idea.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ class PerTensor:
     """One scale for the whole tensor."""
 
     yaml_name = "per-tensor"
-    ct_strategy = "tensor"  # compressed-tensors' name
+    ct_strategy = "tensor"
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,25 @@ class PerChannel:
 
 
 @dataclass(frozen=True)
+class PerGroup:
+    """One scale per output row and group of `size` consecutive input columns."""
+
+    size: int = 128
+    yaml_name = "per-group"
+    ct_strategy = "group"
+
+
+@dataclass(frozen=True)
+class PerBlock:
+    """One scale per `rows` x `cols` tile of the weight (edge tiles are partial)."""
+
+    rows: int = 128
+    cols: int = 128
+    yaml_name = "per-block"
+    ct_strategy = "block"
+
+
+@dataclass(frozen=True)
 class PerToken:
     """One scale per token, computed at inference time (activations only)."""
 
@@ -33,7 +54,20 @@ class PerToken:
     ct_strategy = "token"
 
 
-Granularity = PerTensor | PerChannel | PerToken
+Granularity = PerTensor | PerChannel | PerGroup | PerBlock | PerToken
 
 WEIGHT_GRANULARITIES: dict[str, Granularity] = {g.yaml_name: g() for g in (PerTensor, PerChannel)}
 ACTIVATION_GRANULARITIES: dict[str, Granularity] = {g.yaml_name: g() for g in (PerTensor, PerToken)}
+
+
+def scale_shape(granularity: Granularity, out_features: int, in_features: int) -> tuple[int, ...]:
+    """Shape of a weight's scale tensor (in the scheme's natural layout; formats may reshape)."""
+    if isinstance(granularity, PerTensor):
+        return ()
+    if isinstance(granularity, PerChannel):
+        return (out_features, 1)
+    if isinstance(granularity, PerGroup):
+        return (out_features, -(-in_features // granularity.size))
+    if isinstance(granularity, PerBlock):
+        return (-(-out_features // granularity.rows), -(-in_features // granularity.cols))
+    raise ValueError(f"a weight has no {granularity} scales")

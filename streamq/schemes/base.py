@@ -1,0 +1,153 @@
+"""A quantization algorithm as a plug-in: settings, statistics, transform, quantize.
+
+A scheme is registered by its YAML `compression.quantization.name`. The layer loop asks it
+(and nothing else) what to do with a layer, in this order:
+
+    needs_calibration        replay the calibration set through the layer?
+    observers(layout)        which statistic each quantized Linear's input feeds
+    transform(...)           rescale the layer before quantizing (SmoothQuant, AWQ); optional
+    quantize(weights, stats) a pure function of the weights and statistics, one Linear at a time
+    propagates_quantized     replay the quantized layer so the next one sees its outputs (GPTQ)
+
+Settings are validated here, torch-free (a bad config fails before torch is imported);
+the tensor math lives in `streamq.quant` and is imported when a layer is quantized.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from streamq.errors import ConfigError
+from streamq.formats.base import QuantSpec
+
+if TYPE_CHECKING:
+    import torch
+
+Q = "compression.quantization"
+
+
+@dataclass
+class QuantizedLinear:
+    """What a scheme makes of one Linear, before a format lays it out.
+
+    weight: codes, [out, in] (float8_e4m3fn, or int8 holding 8- or 4-bit codes)
+    weight_scale: float32, shape by granularity ([], [out, 1], [out, in/g], [ceil(out/r), ceil(in/c)])
+    input_scale: float32 [] for static activations, else None
+    zero_point: int32 [out, in/g] for asymmetric weights, else None
+    """
+
+    weight: torch.Tensor
+    weight_scale: torch.Tensor
+    input_scale: torch.Tensor | None = None
+    zero_point: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
+class LayerStats:
+    """Statistics of one layer's replay, by full module name (what `observers` asked for)."""
+
+    values: dict[str, Any]
+    uncovered_experts: int = 0
+
+
+class Scheme:
+    """Base class. Subclasses are frozen dataclasses of their settings."""
+
+    name: ClassVar[str]
+    bits: ClassVar[int]
+    default_format: ClassVar[str]
+    # YAML keys under compression.quantization (besides the common ones) and under
+    # compression.quantization.quant_method, with their Python types.
+    keys: ClassVar[dict[str, tuple[type, ...]]] = {}
+    method_keys: ClassVar[dict[str, tuple[type, ...]]] = {"weight": (str,), "activation": (str,)}
+    # Keys accepted for AngelSlim compatibility that change nothing here, with the reason.
+    noted_keys: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
+        """Validate `compression.quantization` for this scheme; ConfigError names the key."""
+        raise NotImplementedError
+
+    @property
+    def spec(self) -> QuantSpec:
+        raise NotImplementedError
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.spec.static_activations
+
+    @property
+    def propagates_quantized(self) -> bool:
+        return False
+
+    @property
+    def shares_fused_weight_scale(self) -> bool:
+        return False
+
+    def observer_kind(self) -> str | None:
+        """The statistic every quantized Linear's input feeds ("absmax"), or None."""
+        return "absmax" if self.needs_calibration else None
+
+    def smoothing_kind(self) -> str | None:
+        """A per-channel statistic the transform needs on the smoothing groups' inputs, or None."""
+        return None
+
+    def transform(self, layer_ctx: Any, stats: LayerStats) -> dict[str, torch.Tensor]:
+        """Rescale the layer before quantizing; returns the non-quantized tensors it changed
+        (by tensor name, in the source dtype) and updates `layer_ctx.weights` in place."""
+        return {}
+
+    def quantize(self, weights: dict[str, torch.Tensor], stats: LayerStats | None
+                 ) -> Iterator[tuple[str, QuantizedLinear]]:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any]:
+        """Settings that change the output bytes (for the job hash)."""
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+SCHEMES: dict[str, type[Scheme]] = {}
+# Names AngelSlim configs use that no module implements yet.
+PLANNED: tuple[str, ...] = ("int4_gptq", "int4_awq")
+
+
+def register(cls: type[Scheme]) -> type[Scheme]:
+    assert cls.name not in SCHEMES, f"scheme '{cls.name}' registered twice"
+    SCHEMES[cls.name] = cls
+    return cls
+
+
+def get_scheme(name: str, source: str = "<config>") -> type[Scheme]:
+    _load_builtin()
+    if name not in SCHEMES:
+        planned = [p for p in PLANNED if p not in SCHEMES]
+        if name in planned:
+            raise ConfigError(f"{source}: '{Q}.name' is '{name}', which streamq does not support yet; "
+                              f"supported: {', '.join(sorted(SCHEMES))}")
+        raise ConfigError(f"{source}: '{Q}.name' is '{name}'; allowed: {', '.join(sorted(SCHEMES))}")
+    return SCHEMES[name]
+
+
+def scheme_names() -> list[str]:
+    _load_builtin()
+    return sorted(SCHEMES)
+
+
+def one_of(value: Any, allowed: tuple, key: str, source: str) -> Any:
+    if value not in allowed:
+        raise ConfigError(f"{source}: '{key}' is {value!r}; allowed: {', '.join(str(a) for a in allowed)}")
+    return value
+
+
+def check_bits(cls: type[Scheme], q: dict[str, Any], source: str) -> None:
+    if q.get("bits") != cls.bits:
+        raise ConfigError(f"{source}: '{Q}.bits' is {q.get('bits')}, but {cls.name} needs bits: {cls.bits}")
+
+
+def _load_builtin() -> None:
+    # The built-in schemes register themselves on import.
+    from streamq.schemes import fp8, int8  # noqa: F401
