@@ -6,16 +6,16 @@ manifest; tensor data is read for the scales, the shards' checksums and the FP8 
 problem is one line naming the file and, where there is one, the tensor.
 
 Checks:
-  * `config.json` exists and carries a well-formed `quantization_config` (vLLM `fp8` or
-    compressed-tensors `float-quantized`);
+  * `config.json` exists and carries a well-formed `quantization_config` of a format
+    streamq writes (parsed by that format, `streamq.formats`);
   * `streamq_run.json`, when present, says the run is complete and its shards' sizes and
     sha256 match (`--fast`: sizes only);
   * no F8_E4M3 weight holds a NaN code (bytes 0x7F / 0xFF), scanned in chunks (not with
     `--fast`);
   * the index maps every tensor to an existing, untruncated shard whose header lists
     exactly the tensors mapped to it, and `total_size` matches;
-  * every quantized Linear: F8_E4M3 2D weight, F32 scales of the format's shape, finite
-    and > 0; `input_scale` present on all of them (static) or on none (dynamic);
+  * every quantized Linear holds exactly the tensors the format's specs describe (names,
+    dtypes, shapes), scales finite and > 0; `input_scale` on all of them (static) or none;
   * every decoder layer is there, and every expert of every MoE layer;
   * with a source checkpoint: every source tensor is present (quantized Linears as
     weight + scales of the same shape, everything else with identical dtype and shape)
@@ -34,16 +34,21 @@ from typing import Any
 
 from streamq.checkpoint.reader import INDEX_FILE, LAYER_RE, SINGLE_FILE, CheckpointReader, read_safetensors_header
 from streamq.errors import StreamqError
+from streamq.formats.base import (
+    INPUT_SCALE,
+    SCALE,
+    WEIGHT,
+    Format,
+    QuantSpec,
+    ignore_entry_matches,
+    parse_quantization_config,
+)
 
 MANIFEST = "streamq_run.json"  # streamq.engine.state.MANIFEST, without importing torch-heavy modules
-FP8_DTYPE = "F8_E4M3"
-SCALE_DTYPE = "F32"
-QUANT_SUFFIXES = (".weight_scale", ".input_scale")
 EXPERT_RE = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?P<parent>.*experts)\.(?P<idx>\d+)\.")
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
-# compressed-tensors strategies a float-quantized checkpoint of ours may use.
-CT_WEIGHT_STRATEGIES = ("tensor", "channel")
-CT_ACTIVATION_STRATEGIES = ("tensor", "token")
+# Weight dtypes that only a quantized Linear has (an unquantized one keeps its float dtype).
+QUANTIZED_WEIGHT_DTYPES = ("F8_E4M3", "I8")
 
 
 @dataclass(frozen=True)
@@ -58,13 +63,16 @@ class Problem:
 
 
 @dataclass(frozen=True)
-class QuantFormat:
-    """What `quantization_config` promises about the tensors."""
+class Declared:
+    """What `quantization_config` promises: the format, its spec and its ignore list."""
 
-    kind: str  # "fp8" | "compressed-tensors"
-    static: bool  # input_scale on every quantized Linear
-    weight_strategy: str = "tensor"  # "tensor" | "channel"
+    format: Format
+    spec: QuantSpec
     ignored: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        kind = "static" if self.spec.static_activations else "weight-only" if self.spec.weight_only else "dynamic"
+        return f"{self.format.save_name} {self.spec.type}{self.spec.bits} {self.spec.weight.yaml_name} ({kind})"
 
 
 @dataclass(frozen=True)
@@ -96,72 +104,7 @@ class VerifyResult:
 # --------------------------------------------------------------------------- config.json
 
 
-def _check_fp8_block(qc: dict, add) -> QuantFormat | None:
-    scheme = qc.get("activation_scheme")
-    if scheme not in ("static", "dynamic"):
-        add(f"quantization_config.activation_scheme is {scheme!r}; expected 'static' or 'dynamic'")
-        return None
-    ignored = qc.get("ignored_layers", [])
-    if not isinstance(ignored, list) or not all(isinstance(x, str) for x in ignored):
-        add("quantization_config.ignored_layers must be a list of module names")
-        ignored = []
-    extra = sorted(set(qc) - {"quant_method", "activation_scheme", "ignored_layers", "weight_block_size"})
-    if qc.get("weight_block_size") is not None:
-        add("quantization_config.weight_block_size is set, but streamq writes per-tensor fp8 scales")
-    if extra:
-        add(f"quantization_config has unexpected keys for quant_method fp8: {', '.join(extra)}")
-    return QuantFormat("fp8", scheme == "static", "tensor", tuple(ignored))
-
-
-def _check_ct_args(args: Any, where: str, strategies: tuple[str, ...], add) -> dict | None:
-    if not isinstance(args, dict):
-        add(f"{where} must be a mapping")
-        return None
-    if args.get("num_bits") != 8 or args.get("type") != "float":
-        add(f"{where} must have num_bits 8 and type 'float' (got {args.get('num_bits')!r}, {args.get('type')!r})")
-    if args.get("strategy") not in strategies:
-        add(f"{where}.strategy is {args.get('strategy')!r}; expected one of {', '.join(strategies)}")
-    if not isinstance(args.get("dynamic"), bool):
-        add(f"{where}.dynamic must be true or false")
-    return args
-
-
-def _check_ct_block(qc: dict, add) -> QuantFormat | None:
-    if qc.get("format") != "float-quantized":
-        add(f"quantization_config.format is {qc.get('format')!r}; expected 'float-quantized'")
-    groups = qc.get("config_groups")
-    if not isinstance(groups, dict) or not groups:
-        add("quantization_config.config_groups must be a non-empty mapping")
-        return None
-    if len(groups) != 1:
-        add(f"quantization_config.config_groups has {len(groups)} groups; streamq writes exactly one")
-    name, group = next(iter(groups.items()))
-    where = f"quantization_config.config_groups.{name}"
-    if not isinstance(group, dict):
-        add(f"{where} must be a mapping")
-        return None
-    if not isinstance(group.get("targets"), list) or not group["targets"]:
-        add(f"{where}.targets must be a non-empty list")
-    weights = _check_ct_args(group.get("weights"), f"{where}.weights", CT_WEIGHT_STRATEGIES, add)
-    acts = group.get("input_activations")
-    static = False
-    if acts is not None:
-        acts = _check_ct_args(acts, f"{where}.input_activations", CT_ACTIVATION_STRATEGIES, add)
-        static = bool(acts) and acts.get("dynamic") is False
-        if static and acts.get("strategy") != "tensor":
-            add(f"{where}.input_activations: static activations must use strategy 'tensor'")
-    if weights and weights.get("dynamic") is not False:
-        add(f"{where}.weights.dynamic must be false (weights are quantized offline)")
-    ignored = qc.get("ignore", [])
-    if not isinstance(ignored, list) or not all(isinstance(x, str) for x in ignored):
-        add("quantization_config.ignore must be a list of module names or 're:' patterns")
-        ignored = []
-    strategy = weights.get("strategy") if weights else "tensor"
-    return QuantFormat("compressed-tensors", static, strategy if strategy in CT_WEIGHT_STRATEGIES else "tensor",
-                       tuple(ignored))
-
-
-def check_config(out: Path, add_problem) -> tuple[dict | None, QuantFormat | None]:
+def check_config(out: Path, add_problem) -> tuple[dict | None, Declared | None]:
     """Parse config.json and its quantization_config; problems go to `add_problem(msg, file)`."""
     path = out / "config.json"
 
@@ -183,13 +126,12 @@ def check_config(out: Path, add_problem) -> tuple[dict | None, QuantFormat | Non
     if not isinstance(qc, dict):
         add("has no quantization_config block")
         return config, None
-    method = qc.get("quant_method")
-    if method == "fp8":
-        return config, _check_fp8_block(qc, add)
-    if method == "compressed-tensors":
-        return config, _check_ct_block(qc, add)
-    add(f"quantization_config.quant_method is {method!r}; expected 'fp8' or 'compressed-tensors'")
-    return config, None
+    try:
+        fmt, spec, ignored = parse_quantization_config(qc)
+    except ValueError as e:
+        add(str(e))
+        return config, None
+    return config, Declared(fmt, spec, tuple(ignored))
 
 
 # --------------------------------------------------------------------------- manifest
@@ -296,64 +238,69 @@ def _check_total_size(index: dict, data_bytes: int, file_bytes: int, add_problem
 # --------------------------------------------------------------------------- quantized tensors
 
 
-def _scale_shapes(fmt: QuantFormat, out_features: int, kind: str) -> list[tuple[int, ...]]:
-    """Allowed shapes of a weight_scale / input_scale for this format."""
-    if fmt.kind == "fp8":
-        return [(), (1,)]
-    if kind == "weight_scale" and fmt.weight_strategy == "channel":
-        return [(out_features, 1)]
-    return [(1,)]
+def _same_shape(got: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    """Scalar scales may be stored as [] or [1] (AutoFP8 writes [], compressed-tensors [1])."""
+    return got == want or (len(got) <= 1 and len(want) <= 1 and math.prod(got) == math.prod(want) == 1)
 
 
-def _ignored(module: str, fmt: QuantFormat) -> bool:
-    for entry in fmt.ignored:
-        if entry.startswith("re:"):
-            try:
-                if re.match(entry[3:], module):
-                    return True
-            except re.error:
-                continue
-        elif entry == module:
-            return True
-    return False
+def quantized_modules(entries: dict[str, HeaderEntry], declared: Declared) -> set[str]:
+    """Modules that carry the format's marker tensor (the weight scale)."""
+    suffix = "." + declared.format.marker(declared.spec)
+    return {n[: -len(suffix)] for n in entries if n.endswith(suffix)}
 
 
-def check_quantized(entries: dict[str, HeaderEntry], fmt: QuantFormat, add_problem) -> list[str]:
-    """Per-Linear checks from the headers; returns the scale tensor names whose values to read."""
+def check_quantized(entries: dict[str, HeaderEntry], declared: Declared, add_problem) -> list[str]:
+    """Per-Linear checks from the headers against the format's specs; returns the scale
+    tensor names whose values to read."""
+    fmt, spec = declared.format, declared.spec
+    roles = {t.suffix: t.role for t in fmt.specs(spec, 1, 1)}
+    suffixes = set(roles) | {"input_scale", "weight_scale", "weight_scale_inv", "weight_zero_point"}
     scales: list[str] = []
-    modules = sorted({n[: -len(".weight_scale")] for n in entries if n.endswith(".weight_scale")})
-    module_set = set(modules)
-    for module in modules:
-        weight, scale = entries.get(f"{module}.weight"), entries[f"{module}.weight_scale"]
-        if weight is None:
-            add_problem(f"has no '{module}.weight' next to it", scale.file, f"{module}.weight_scale")
+    modules = quantized_modules(entries, declared)
+    for module in sorted(modules):
+        shapes = {t.suffix: e.shape for t in fmt.specs(spec, 1, 1)
+                  if (e := entries.get(f"{module}.{t.suffix}")) is not None}
+        shape = fmt.logical_shape(spec, shapes)
+        marker = entries[f"{module}.{fmt.marker(spec)}"]
+        if shape is None:
+            add_problem(f"has no 2D quantized weight next to it (format {fmt.save_name})", marker.file,
+                        f"{module}.{fmt.marker(spec)}")
             continue
-        if weight.dtype != FP8_DTYPE or len(weight.shape) != 2:
-            add_problem(f"is {weight.dtype} {list(weight.shape)}; a quantized Linear weight must be "
-                        f"{FP8_DTYPE} and 2D", weight.file, f"{module}.weight")
-        if _ignored(module, fmt):
-            add_problem("is quantized but quantization_config lists it as ignored", weight.file, f"{module}.weight")
-        out_features = weight.shape[0] if weight.shape else 0
-        for kind in ("weight_scale", "input_scale"):
-            entry = entries.get(f"{module}.{kind}")
+        if any(ignore_entry_matches(entry, module) for entry in declared.ignored):
+            add_problem("is quantized but quantization_config lists it as ignored", marker.file, module)
+        expected = {t.suffix: t for t in fmt.specs(spec, *shape, scale_dtype=marker.dtype)}
+        for suffix, t in expected.items():
+            name = f"{module}.{suffix}"
+            entry = entries.get(name)
             if entry is None:
-                if kind == "input_scale" and fmt.static:
-                    add_problem("static activations, but this Linear has no input_scale", weight.file,
-                                f"{module}.weight")
+                if suffix == "input_scale":
+                    weight = next(x.suffix for x in expected.values() if x.role == WEIGHT)
+                    add_problem("static activations, but this Linear has no input_scale", marker.file,
+                                f"{module}.{weight}")
+                else:
+                    add_problem(f"missing (format {fmt.save_name} stores it for every quantized Linear)",
+                                marker.file, name)
                 continue
-            name = f"{module}.{kind}"
-            if kind == "input_scale" and not fmt.static:
-                add_problem("dynamic activations, but an input_scale is stored", entry.file, name)
-            allowed = _scale_shapes(fmt, out_features, kind)
-            if entry.dtype != SCALE_DTYPE or entry.shape not in allowed:
-                add_problem(f"is {entry.dtype} {list(entry.shape)}; expected {SCALE_DTYPE} with shape "
-                            f"{' or '.join(str(list(s)) for s in allowed)} for {fmt.kind}", entry.file, name)
-            scales.append(name)
+            if entry.dtype != t.dtype or not _same_shape(entry.shape, t.shape):
+                what = "a quantized Linear weight must be" if t.role == WEIGHT else "expected"
+                add_problem(f"is {entry.dtype} {list(entry.shape)}; {what} {t.dtype} {list(t.shape)} "
+                            f"({declared.describe()})", entry.file, name)
+            if t.role in (SCALE, INPUT_SCALE):
+                scales.append(name)
+        for suffix in sorted(suffixes - set(expected)):
+            entry = entries.get(f"{module}.{suffix}")
+            if entry is not None:
+                why = "dynamic activations, but an input_scale is stored" if suffix == "input_scale" else \
+                    f"not part of format {fmt.save_name} ({declared.describe()})"
+                add_problem(why, entry.file, f"{module}.{suffix}")
     for name, entry in sorted(entries.items()):
-        if name.endswith(".input_scale") and name[: -len(".input_scale")] not in module_set:
-            add_problem("input_scale without a weight_scale", entry.file, name)
-        elif name.endswith(".weight") and entry.dtype == FP8_DTYPE and name[: -len(".weight")] not in module_set:
-            add_problem(f"is {FP8_DTYPE} but has no weight_scale", entry.file, name)
+        module, _, suffix = name.rpartition(".")
+        if module in modules:
+            continue
+        if suffix in suffixes and roles.get(suffix) != WEIGHT:
+            add_problem(f"{suffix} without a quantized weight", entry.file, name)
+        elif suffix == "weight" and entry.dtype in QUANTIZED_WEIGHT_DTYPES:
+            add_problem(f"is {entry.dtype} but has no {fmt.marker(spec)}", entry.file, name)
     return scales
 
 
@@ -408,7 +355,8 @@ def check_layers(names: set[str], config: dict, add_problem) -> None:
         if m:
             layers[int(m.group("idx"))] = f"{m.group('prefix')}.{m.group('idx')}"
         e = EXPERT_RE.match(name)
-        if e and name.endswith(".weight") and name.split(".")[-2] in EXPERT_PROJS:
+        # Any tensor of the projection counts (`weight`, or a packed format's `weight_packed`).
+        if e and name.split(".")[-2] in EXPERT_PROJS:
             experts.setdefault(f"{e.group('layer')}.{e.group('parent')}", set()).add(int(e.group("idx")))
     declared = config.get("num_hidden_layers")
     if isinstance(declared, int):
@@ -427,12 +375,12 @@ def check_layers(names: set[str], config: dict, add_problem) -> None:
                 lost = sorted(set(range(n)) - found)
                 if lost:
                     add_problem(f"{len(lost)} of {n} experts missing under '{parent}': {_ranges(lost)}", INDEX_FILE)
+    modules = {name.rpartition(".")[0] for name in names}
     for parent, found in sorted(experts.items()):
         for e in sorted(found):
             for proj in EXPERT_PROJS:
-                name = f"{parent}.{e}.{proj}.weight"
-                if name not in names:
-                    add_problem(f"expert {e} of '{parent}' has no {proj}", INDEX_FILE, name)
+                if f"{parent}.{e}.{proj}" not in modules:
+                    add_problem(f"expert {e} of '{parent}' has no {proj}", INDEX_FILE, f"{parent}.{e}.{proj}.weight")
 
 
 def _ranges(values: list[int]) -> str:
@@ -453,7 +401,7 @@ def _ranges(values: list[int]) -> str:
 
 
 def check_against_source(entries: dict[str, HeaderEntry], unavailable: set[str], source: Path,
-                         config: dict | None, add_problem) -> None:
+                         config: dict | None, declared: Declared | None, add_problem) -> None:
     """Every source tensor is in the output (quantized or copied as is), nothing extra."""
     try:
         reader = CheckpointReader(source)
@@ -461,7 +409,18 @@ def check_against_source(entries: dict[str, HeaderEntry], unavailable: set[str],
         add_problem(f"cannot read the source checkpoint: {e}", str(source))
         return
     expected: set[str] = set()
+    modules = quantized_modules(entries, declared) if declared is not None else set()
     for name, info in reader.tensors.items():
+        module = name[: -len(".weight")] if name.endswith(".weight") else None
+        if module in modules and declared is not None and len(info.shape) == 2:
+            specs = declared.format.specs(declared.spec, *info.shape, scale_dtype=info.dtype)
+            expected.update(f"{module}.{t.suffix}" for t in specs)
+            weight = next(t for t in specs if t.role == WEIGHT)
+            got = entries.get(f"{module}.{weight.suffix}")
+            if got is not None and not _same_shape(got.shape, weight.shape):
+                add_problem(f"quantized weight has shape {list(got.shape)}; from the source's {list(info.shape)} "
+                            f"the format stores {list(weight.shape)}", got.file, f"{module}.{weight.suffix}")
+            continue
         got = entries.get(name)
         expected.add(name)
         if got is None and name in unavailable:
@@ -469,13 +428,7 @@ def check_against_source(entries: dict[str, HeaderEntry], unavailable: set[str],
         if got is None:
             add_problem(f"in the source ({info.file}) but missing from the output", "", name)
             continue
-        quantized = name.endswith(".weight") and f"{name[: -len('.weight')]}.weight_scale" in entries
-        if quantized:
-            expected.update(f"{name[: -len('.weight')]}{s}" for s in QUANT_SUFFIXES)
-            if got.shape != info.shape:
-                add_problem(f"quantized weight has shape {list(got.shape)}, the source {list(info.shape)}",
-                            got.file, name)
-        elif (got.dtype, got.shape) != (info.dtype, info.shape):
+        if (got.dtype, got.shape) != (info.dtype, info.shape):
             add_problem(f"is {got.dtype} {list(got.shape)}, the source {info.dtype} {list(info.shape)}; "
                         "unquantized tensors must be copied unchanged", got.file, name)
     for name in sorted(set(entries) - expected):
@@ -501,9 +454,9 @@ def _compare_configs(config: dict, source: Path, add_problem) -> None:
 
 def check_fp8_payloads(out: Path, entries: dict[str, HeaderEntry], add_problem) -> None:
     """Every F8_E4M3 tensor's bytes, in chunks: no NaN codes (0x7F / 0xFF)."""
-    from streamq.payload import fp8_nan_counts
+    from streamq.payload import FP8_E4M3, fp8_nan_counts
 
-    for file in sorted({e.file for e in entries.values() if e.dtype == FP8_DTYPE}):
+    for file in sorted({e.file for e in entries.values() if e.dtype == FP8_E4M3}):
         try:
             found = fp8_nan_counts(out / file)
         except (OSError, ValueError, KeyError, struct.error) as e:
@@ -514,11 +467,14 @@ def check_fp8_payloads(out: Path, entries: dict[str, HeaderEntry], add_problem) 
                 add_problem(f"{nan} of {total} FP8 values are NaN (byte 0x7F/0xFF)", file, name)
 
 
-def verify_checkpoint(path: str | Path, source: str | Path | None = None, fast: bool = False) -> VerifyResult:
+def verify_checkpoint(path: str | Path, source: str | Path | None = None, manifest: bool = True,
+                      fast: bool = False) -> VerifyResult:
     """All checks; never raises for a bad checkpoint (problems are collected).
 
-    `fast` reads no tensor data beyond the scales: shard sizes are checked against the
-    manifest, their sha256 and the FP8 NaN scan are skipped.
+    `manifest=False` skips the run manifest (the engine's own end-of-run check, made
+    before the manifest says complete). `fast` reads no tensor data beyond the scales:
+    shard sizes are checked against the manifest, their sha256 and the FP8 NaN scan are
+    skipped.
     """
     out = Path(path)
     result = VerifyResult(str(out))
@@ -529,15 +485,16 @@ def verify_checkpoint(path: str | Path, source: str | Path | None = None, fast: 
     if not out.is_dir():
         add("not a directory", str(out))
         return result
-    check_manifest(out, add, fast)
+    if manifest:
+        check_manifest(out, add, fast)
     config, fmt = check_config(out, add)
     entries, unavailable = load_headers(out, add)
     result.tensors = len(entries)
     result.files = len({e.file for e in entries.values()})
     if fmt is not None:
-        result.format = f"{fmt.kind} ({'static' if fmt.static else 'dynamic'})"
+        result.format = fmt.describe()
         scales = check_quantized(entries, fmt, add)
-        result.quantized_linears = sum(1 for n in scales if n.endswith(".weight_scale"))
+        result.quantized_linears = len(quantized_modules(entries, fmt))
         check_scale_values(out, entries, scales, add)
         if result.quantized_linears == 0 and entries:
             add("quantization_config is set but no tensor is quantized", "config.json")
@@ -546,7 +503,7 @@ def verify_checkpoint(path: str | Path, source: str | Path | None = None, fast: 
     if config is not None:
         check_layers(set(entries) | unavailable, config, add)
     if source is not None:
-        check_against_source(entries, unavailable, Path(source), config, add)
+        check_against_source(entries, unavailable, Path(source), config, fmt, add)
     return result
 
 
@@ -561,6 +518,6 @@ def format_result(result: VerifyResult) -> str:
 
 def verify_command(path: str, source: str | None = None, as_json: bool = False, fast: bool = False) -> int:
     """`streamq verify`: print the result; exit code 0 when clean, 1 on any problem."""
-    result = verify_checkpoint(path, source, fast)
+    result = verify_checkpoint(path, source, fast=fast)
     print(json.dumps(result.to_dict(), indent=2) if as_json else format_result(result))
     return 0 if result.ok else 1

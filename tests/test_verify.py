@@ -94,7 +94,7 @@ def test_json_output(outputs, capsys):
     assert cli_main(["verify", str(out), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["ok"] is True and result["problems"] == []
-    assert result["format"] == "fp8 (static)"
+    assert result["format"] == "fp8 float8 per-tensor (static)"
     # 2 layers x (4 attention + 12 experts x 3) Linears
     assert result["quantized_linears"] == 2 * (4 + 12 * 3)
 

@@ -57,7 +57,13 @@ class ChannelAbsMax(AbsMax):
         self._fold(masked_rows(x, mask).abs().amax(dim=0).to(torch.float32))
 
 
-OBSERVERS = {"absmax": AbsMax, "channel_absmax": ChannelAbsMax}
+def _hessian() -> AbsMax:
+    from streamq.calib.hessian import HessianAccumulator
+
+    return HessianAccumulator()  # the same update / merge / result protocol
+
+
+OBSERVERS = {"absmax": AbsMax, "channel_absmax": ChannelAbsMax, "hessian": _hessian}
 
 
 class LayerObserver:
@@ -66,6 +72,10 @@ class LayerObserver:
     def __init__(self) -> None:
         self.observers: dict[str, AbsMax] = {}  # relative module name -> observer
         self.absmax: dict[str, torch.Tensor] = {}  # fused experts: "<parent>.gate_up|down" -> float32 [E]
+        # What the fused-experts wrapper records per expert: "absmax" ranges, or "hessian"
+        # accumulators (`expert_hessians`, "<parent>.gate_up|down" -> accumulator).
+        self.expert_kind = "absmax"
+        self.expert_hessians: dict[str, object] = {}
         self.token_mask: torch.Tensor | None = None  # bool [B, T]
         self._handles: list = []
 
@@ -100,6 +110,22 @@ class LayerObserver:
                 self.observers[_name].update(args[0], self.token_mask)
 
             self._handles.append(module.register_forward_pre_hook(hook))
+
+    def expert_hessian(self, key: str, num_experts: int, in_features: int, device: torch.device):
+        """The per-expert Hessian accumulator for `key`, created on first use."""
+        from streamq.calib.hessian import ExpertHessianAccumulator
+
+        if key not in self.expert_hessians:
+            self.expert_hessians[key] = ExpertHessianAccumulator(num_experts, in_features, device)
+        return self.expert_hessians[key]
+
+    def shared_hessian(self, key: str):
+        """One Hessian for all experts of `key` (all-experts calibration), created on first use."""
+        from streamq.calib.hessian import HessianAccumulator
+
+        if key not in self.expert_hessians:
+            self.expert_hessians[key] = HessianAccumulator()
+        return self.expert_hessians[key]
 
     def result(self, name: str) -> torch.Tensor | None:
         obs = self.observers.get(name)

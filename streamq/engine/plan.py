@@ -215,7 +215,8 @@ def layer_output_tensors(source: list[Tensor], quantized: dict[str, str], fmt: A
             out.append(t)
             continue
         module = t.name[: -len(".weight")]
-        out.extend(Tensor(f"{module}.{ts.suffix}", ts.dtype, ts.shape) for ts in fmt.specs(spec, *t.shape))
+        out.extend(Tensor(f"{module}.{ts.suffix}", ts.dtype, ts.shape)
+                   for ts in fmt.specs(spec, *t.shape, scale_dtype=t.dtype))
     return out
 
 

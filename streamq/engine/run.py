@@ -42,6 +42,7 @@ from streamq.engine.state import CACHE_DIR, RunState, open_run, output_files
 from streamq.errors import BudgetError, CheckpointError, OutputError
 from streamq.formats.base import INPUT_SCALE, SCALE
 from streamq.model import capture as capture_mod
+from streamq.model.fusion import fused_group_key
 from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
 from streamq.model.layout import LayerLayout, fused_expert_modules
 from streamq.model.moe import instrument_experts, restore_experts
@@ -54,6 +55,7 @@ from streamq.model.smoothing import smoothing_groups
 from streamq.paths import calibration_file, check_save_path
 from streamq.pinned import host_buffer, page_lock, unregister
 from streamq.schemes.base import LayerStats
+from streamq.verify import verify_checkpoint
 
 log = logging.getLogger("streamq")
 REPORT_FILE = "streamq_report.json"
@@ -115,23 +117,31 @@ class _Calibrator:
         return due
 
     @torch.no_grad()
-    def run_layer(self, layer: nn.Module, layout: LayerLayout, observe: bool) -> LayerStats | None:
-        """Replay every batch through the layer with the scheme's observers; the outputs
-        become the next layer's inputs. Returns the statistics by full module name."""
+    def run_layer(self, layer: nn.Module, layout: LayerLayout, observe: bool, advance: bool = True
+                  ) -> LayerStats | None:
+        """Replay every batch through the layer with the scheme's observers; with `advance`
+        the outputs become the next layer's inputs. Returns the statistics by full module
+        name (modules sharing an input, a fused group, share one observer)."""
         scheme = self.job.config.scheme
         obs = LayerObserver()
         fused = fused_expert_modules(layer)
         kind = scheme.observer_kind()
+        shared: dict[str, str] = {}  # module -> the module whose observer it shares
         if observe:
             watch = {}
             if kind is not None:
-                watch = {layout.rel(m): kind for m in layout.quantized if m not in layout.experts}
+                for m in layout.quantized:
+                    if m not in layout.experts:
+                        shared[m] = rep = next(x for x in layout.quantized
+                                               if fused_group_key(x) == fused_group_key(m))
+                        watch[layout.rel(rep)] = kind
             smoothing = scheme.smoothing_kind()
             if smoothing is not None:
                 for group in smoothing_groups(layer, layout):
                     watch[group.observed] = smoothing
             obs.watch_linears(layer, watch)
             if kind is not None:
+                obs.expert_kind = kind
                 for parent, module in fused.items():
                     instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
         try:
@@ -139,22 +149,38 @@ class _Calibrator:
                 obs.token_mask = self.masks[b]
                 kwargs = self.kwargs.for_batch(b, batch.attention_mask)[layout.index]
                 out = layer(self.cache.get(b), **kwargs)
-                self.cache.put(b, out[0] if isinstance(out, tuple) else out)
+                if advance:
+                    self.cache.put(b, out[0] if isinstance(out, tuple) else out)
                 faults.checkpoint("calibrate-batch")
         finally:
             obs.close()
             for module in fused.values():
                 restore_experts(module)
-            self.cache.sync()
+            if advance:
+                self.cache.sync()
         if not observe:
             return None
         values = {layout.prefix + name: o.result() for name, o in obs.observers.items()}
-        if kind is not None:
+        values.update({m: values[rep] for m, rep in shared.items()})
+        if kind == "hessian":
+            values.update(self._expert_hessians(obs, layout))
+        elif kind is not None:
             values.update(self._expert_stats(obs, layout))
-            for module in layout.quantized:
-                if values.get(module) is None:
-                    raise CheckpointError(f"Linear '{module}' received no input during calibration")
+        for module in shared:
+            if values.get(module) is None:
+                raise CheckpointError(f"Linear '{module}' received no input during calibration")
         return LayerStats(values)
+
+    def _expert_hessians(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
+        out = {}
+        for key, acc in obs.expert_hessians.items():
+            out[layout.prefix + key] = acc.result()
+            count = getattr(acc, "count", None)
+            if count is not None and count.ndim == 1:
+                out[f"{layout.prefix}{key}.count"] = count.cpu()
+                if key.endswith(".gate_up"):
+                    self.uncovered += int((count == 0).sum())
+        return out
 
     def _expert_stats(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
         stats = {}
@@ -399,7 +425,8 @@ def _output_arena_bytes(job: Job, i: int) -> int:
     sizes = []
     for n in job.reader.layers[i]:
         if n in quantized:
-            sizes.extend(t.nbytes for t in config.format.specs(config.scheme.spec, *infos[n].shape))
+            sizes.extend(t.nbytes for t in config.format.specs(config.scheme.spec, *infos[n].shape,
+                                                                 scale_dtype=infos[n].dtype))
         else:
             sizes.append(infos[n].nbytes)
     return output_arena_bytes(sizes)
@@ -436,6 +463,10 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     progress.step("read")
     tensors, stages["read"], buffer = prefetch.get(i)
     stages["wait_read"] = time.monotonic() - t
+    scheme, fmt = config.scheme, config.format
+    # A scheme whose next layer sees the quantized outputs must redo a finished layer
+    # (deterministically, nothing written) to advance the hidden states.
+    redo = already_written and scheme.propagates_quantized
     stats, layer = None, None
     if calib is not None:
         layer = decoder_layers(job.skeleton)[i]
@@ -444,9 +475,10 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         materialize_layer(layer, layout, tensors, job.device)
         stages["to_device"] = time.monotonic() - t
         t = time.monotonic()
-        stats = calib.run_layer(layer, layout, observe=not already_written)
+        stats = calib.run_layer(layer, layout, observe=not already_written or redo,
+                                advance=not scheme.propagates_quantized)
         stages["calibrate"] = time.monotonic() - t
-    if already_written:  # replayed only to advance the hidden states
+    if already_written and not redo:  # replayed only to advance the hidden states
         if layer is not None:
             release_layer(layer)
         _recycle(job, prefetch, buffer)
@@ -456,21 +488,36 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     stages["to_device"] = stages.get("to_device", 0.0) + time.monotonic() - t
     t = time.monotonic()
     progress.step("quantize")
-    scheme, fmt = config.scheme, config.format
     changed = scheme.transform(ctx, stats) if stats is not None else {}
     # CUDA: results are copied (asynchronously) into a page-locked arena that the writer
     # serializes from; on the CPU they already are host tensors.
-    arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None else None
+    arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None and not redo else None
     produced: dict[str, dict[str, torch.Tensor]] = {}
     checks: list[tuple[str, torch.Tensor]] = []
     roles = {ts.suffix: ts.role for ts in fmt.specs(scheme.spec, 1, 1)}
-    for module, q in scheme.quantize(ctx.weights, stats):
+    targets = layer_weight_views(layer, layout) if scheme.propagates_quantized else {}
+    for module, q in scheme.quantize(ctx.weights, stats, layout):
+        if module in targets:  # the layer computes with its quantized weights from now on
+            targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
+        if redo:
+            continue
         # Off the device one at a time: the layer's quantized copy never sits on the GPU whole.
         tensors_out = fmt.pack(module, q, scheme.spec)
         for name, value in tensors_out.items():
             if roles.get(name.rpartition(".")[2]) in (SCALE, INPUT_SCALE):
                 checks.append((name, (torch.isfinite(value) & (value > 0)).all()))
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
+    for note in getattr(scheme, "fallbacks", ()):
+        log.warning("layer %d: %s", i, note)
+    if scheme.propagates_quantized:
+        t2 = time.monotonic()
+        calib.run_layer(layer, layout, observe=False, advance=True)
+        stages["propagate"] = time.monotonic() - t2
+    if redo:
+        ctx.weights.clear()
+        release_layer(layer)
+        _recycle(job, prefetch, buffer)
+        return stages
     ctx.weights.clear()
     _check_scales(i, checks)
     if job.device.type == "cuda":
@@ -510,6 +557,16 @@ def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_
     write_index(out_dir, weight_map, total)
     faults.checkpoint("before-config")
     write_config(job.reader.path, out_dir, job.config.format.config_block(job.config.scheme.spec, job.ignored))
+    # The same checks `streamq verify --source` makes (the run's own bookkeeping aside):
+    # a run never ends with success for an output it would reject.
+    # fast: re-reading every output byte (NaN scan) would double the run's I/O; scales are
+    # checked before each layer is written.
+    result = verify_checkpoint(out_dir, job.reader.path, manifest=False, fast=True)
+    if not result.ok:
+        (out_dir / "config.json").unlink(missing_ok=True)
+        shown = "; ".join(str(p) for p in result.problems[:3])
+        raise OutputError(f"{out_dir}: the output fails verification ({len(result.problems)} problem(s): {shown}); "
+                          "the run is not marked complete")
     state.status = "complete"
     state.save()
 

@@ -48,6 +48,7 @@ def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     """The model's own experts forward (whatever implementation its config selects), with
     the statistics of the same routing recorded alongside."""
     obs: LayerObserver = self._streamq_observer
+    hessian = obs.expert_kind == "hessian"
     order = _GATE_ROW_ORDER.get(_implementation(self)) if hasattr(type(self), "_apply_gate") else None
     captured: list[torch.Tensor] = []
     if order is not None:
@@ -55,7 +56,8 @@ def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
 
         def capturing_apply_gate(gate_up_out: torch.Tensor) -> torch.Tensor:
             inter = apply_gate(self, gate_up_out)
-            captured.append(inter.abs().amax(dim=-1).to(torch.float32))
+            # A Hessian needs the rows themselves; a range only their absmax.
+            captured.append(inter.detach() if hessian else inter.abs().amax(dim=-1).to(torch.float32))
             return inter
 
         self._apply_gate = capturing_apply_gate
@@ -63,6 +65,11 @@ def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
         out = type(self).forward(self, hidden_states, top_k_index, top_k_weights)
     finally:
         self.__dict__.pop("_apply_gate", None)
+    if hessian:
+        rows = captured[0] if len(captured) == 1 and captured[0].shape[0] == top_k_index.numel() else None
+        _observe_hessians(self, hidden_states, top_k_index, rows, order, obs, self._streamq_name,
+                          self._streamq_all_experts)
+        return out
     if len(captured) == 1 and captured[0].shape[0] == top_k_index.numel():
         _observe_captured(self, hidden_states, top_k_index, captured[0], order, obs, self._streamq_name)
     else:  # an implementation that computes the intermediate elsewhere: recompute it
@@ -117,6 +124,61 @@ def _observe_captured(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
     else:
         rows = torch.arange(ids.numel(), device=ids.device) // top_k
     _fold_down(obs, key, num_experts, ids, inter_absmax, token_absmax[rows] > 0)
+
+
+def _routed_intermediate(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """act(gate) * up of every routed row, rows sorted by expert (stable): returns
+    (intermediate [rows, I], expert id per row, token index per row)."""
+    num_experts, top_k = self.gate_up_proj.shape[0], top_k_index.shape[1]
+    ids = top_k_index.reshape(-1).clamp(max=num_experts)  # num_experts: "no expert" slot
+    ids_sorted, perm = torch.sort(ids, stable=True)
+    rows = perm // top_k
+    counts = torch.bincount(ids_sorted, minlength=num_experts + 1)[:num_experts]
+    x = hidden_states[rows]
+    inter = _grouped_linear(x, self.gate_up_proj, counts)
+    if inter is None:
+        sizes = counts.tolist()
+        chunks = torch.split(x[: sum(sizes)], sizes)
+        inter = torch.cat([F.linear(c, self.gate_up_proj[e]) for e, c in enumerate(chunks) if c.shape[0]])
+    used = inter.shape[0]
+    gate, up = inter.chunk(2, dim=-1)
+    return self.act_fn(gate) * up, ids_sorted[:used], rows[:used]
+
+
+@torch.no_grad()
+def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                      inter: torch.Tensor | None, order: str | None, obs: LayerObserver, key: str,
+                      all_experts: bool) -> None:
+    """Per expert: the Hessian of its gate/up input (the tokens routed to it) and of its
+    down input (its gated intermediate rows), real tokens only. With all-experts
+    calibration every expert sees every token: one gate/up Hessian serves them all, and
+    each expert's down Hessian comes from its intermediate on every token."""
+    num_experts = self.gate_up_proj.shape[0]
+    top_k = top_k_index.shape[1]
+    mask = obs.flat_mask(hidden_states.shape[0])
+    if all_experts:
+        obs.shared_hessian(f"{key}.gate_up").update(hidden_states, mask)
+        x = hidden_states if mask is None else hidden_states[mask]
+        acc = obs.expert_hessian(f"{key}.down", num_experts, self.down_proj.shape[-1], x.device)
+        for e in range(num_experts):
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            rows = self.act_fn(gate) * up
+            acc.update(rows, torch.full((rows.shape[0],), e, dtype=torch.int64, device=x.device))
+        return
+    obs.expert_hessian(f"{key}.gate_up", num_experts, hidden_states.shape[-1],
+                       hidden_states.device).update(hidden_states, top_k_index, mask)
+    if inter is not None and order == "sorted":
+        ids, perm = torch.sort(top_k_index.reshape(-1))
+        rows = perm // top_k
+    elif inter is not None:
+        ids = top_k_index.reshape(-1)
+        rows = torch.arange(ids.numel(), device=ids.device) // top_k
+    else:
+        inter, ids, rows = _routed_intermediate(self, hidden_states, top_k_index)
+    acc = obs.expert_hessian(f"{key}.down", num_experts, inter.shape[-1], inter.device)
+    keep = ids < num_experts
+    acc.update(inter[keep], ids[keep], None if mask is None else mask[rows[keep]])
 
 
 @torch.no_grad()

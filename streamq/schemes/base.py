@@ -80,6 +80,9 @@ class Scheme:
 
     @property
     def propagates_quantized(self) -> bool:
+        """The next layer sees this layer's quantized outputs: after `quantize`, the engine
+        writes each yielded module's `dequantize`d weight into the layer and replays it.
+        `quantize` must therefore read a module's weight before yielding it, never after."""
         return False
 
     @property
@@ -99,8 +102,14 @@ class Scheme:
         (by tensor name, in the source dtype) and updates `layer_ctx.weights` in place."""
         return {}
 
-    def quantize(self, weights: dict[str, torch.Tensor], stats: LayerStats | None
+    def quantize(self, weights: dict[str, torch.Tensor], stats: LayerStats | None, layout: Any = None
                  ) -> Iterator[tuple[str, QuantizedLinear]]:
+        """Quantize the Linears of one layer (module -> [out, in], source values), one at a
+        time. `layout` (a `streamq.model.layout.LayerLayout`) says which are MoE experts."""
+        raise NotImplementedError
+
+    def dequantize(self, q: QuantizedLinear, dtype: torch.dtype) -> torch.Tensor:
+        """The weight a loader reconstructs from `q`, [out, in] in `dtype` (propagation)."""
         raise NotImplementedError
 
     def identity(self) -> dict[str, Any]:
@@ -112,7 +121,7 @@ class Scheme:
 
 SCHEMES: dict[str, type[Scheme]] = {}
 # Names AngelSlim configs use that no module implements yet.
-PLANNED: tuple[str, ...] = ("int4_gptq", "int4_awq")
+PLANNED: tuple[str, ...] = ("int4_awq",)
 
 
 def register(cls: type[Scheme]) -> type[Scheme]:
@@ -150,4 +159,4 @@ def check_bits(cls: type[Scheme], q: dict[str, Any], source: str) -> None:
 
 def _load_builtin() -> None:
     # The built-in schemes register themselves on import.
-    from streamq.schemes import fp8, int8  # noqa: F401
+    from streamq.schemes import fp8, int4, int8  # noqa: F401

@@ -86,7 +86,7 @@ class _Fp8(Scheme):
     def shares_fused_weight_scale(self) -> bool:
         return isinstance(self.spec.weight, PerTensor)
 
-    def quantize(self, weights, stats):
+    def quantize(self, weights, stats, layout=None):
         """Scale = absmax / 448 per tensor or channel (fused groups share it); static
         schemes add input_scale = input absmax / 448 from `stats` (module -> float32 [])."""
         import torch
@@ -156,7 +156,7 @@ class Fp8Blockwise(Scheme):
     def spec(self) -> QuantSpec:
         return QuantSpec("float", 8, PerBlock(self.block_rows, self.block_cols), True, PerToken(), False)
 
-    def quantize(self, weights, stats):
+    def quantize(self, weights, stats, layout=None):
         from streamq.quant import fp8
 
         block = self.spec.weight

@@ -77,7 +77,7 @@ class Int8Dynamic(Scheme):
 
         return smooth_layer(ctx, stats, self.smooth_alpha)
 
-    def quantize(self, weights, stats):
+    def quantize(self, weights, stats, layout=None):
         import torch
 
         from streamq.errors import CheckpointError

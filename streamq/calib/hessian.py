@@ -1,0 +1,117 @@
+"""Hessian observers for GPTQ: H = 2 X^T X / n over the real tokens of a Linear's input
+(Frantar et al. 2022), kept as a plain sum and count so that merging the shares of several
+batches, processes or GPUs is an addition."""
+
+from __future__ import annotations
+
+import torch
+
+from streamq.calib.observers import masked_rows
+
+
+class HessianAccumulator:
+    """sum X^T X and the token count of one Linear input; H = 2 * sum / n at the end.
+
+    The observer protocol of `streamq.calib.observers` (`update(x, mask)`, `merge(other)`
+    returning self, `result()`; constructible without arguments, sized by the first
+    batch). Keeping the plain sum (not a running mean) makes `merge` across processes or
+    batches an addition. Real tokens only: rows whose mask is False add nothing.
+    Statistics stay on the device as float32 (count int64), so `update` never syncs.
+    """
+
+    def __init__(self, in_features: int | None = None, device: torch.device | str | None = None) -> None:
+        self.sum: torch.Tensor | None = None  # float32 [in, in]
+        self.count: torch.Tensor | None = None  # int64 []
+        if in_features is not None:
+            self._allocate(in_features, torch.device(device) if device is not None else torch.device("cpu"))
+
+    def _allocate(self, in_features: int, device: torch.device) -> None:
+        self.sum = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+        self.count = torch.zeros((), dtype=torch.int64, device=device)
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """x: [..., in] any float dtype; mask: bool with x.shape[:-1] elements, or None."""
+        if self.sum is None:
+            self._allocate(x.shape[-1], x.device)
+        assert x.shape[-1] == self.sum.shape[0], (tuple(x.shape), tuple(self.sum.shape))
+        # where, not a product: a non-finite padding row must not leak in as NaN.
+        rows = masked_rows(x, mask).to(torch.float32)
+        self.count += rows.shape[0] if mask is None else mask.sum()
+        self.sum.addmm_(rows.T, rows)
+
+    def merge(self, other: HessianAccumulator) -> HessianAccumulator:
+        if other.sum is None:
+            return self
+        if self.sum is None:
+            self._allocate(other.sum.shape[0], other.sum.device)
+        assert other.sum.shape == self.sum.shape, (tuple(other.sum.shape), tuple(self.sum.shape))
+        self.sum += other.sum.to(self.sum.device)
+        self.count += other.count.to(self.count.device)
+        return self
+
+    def result(self) -> torch.Tensor | None:
+        """H = 2 * sum / n, float32 [in, in]; all zero when only padding was seen, None
+        when nothing was."""
+        if self.sum is None:
+            return None
+        n = self.count.to(torch.float32).clamp(min=1.0)
+        return self.sum * (2.0 / n)
+
+
+class ExpertHessianAccumulator:
+    """One HessianAccumulator per expert, fed by routed rows without a loop over experts.
+
+    `update(x [rows, in], expert_ids [rows] or [rows, k], mask)`: row r goes to
+    every expert in expert_ids[r] (top-k routing repeats the row). Rows are sorted by
+    expert and scattered into a zero-padded [E, chunk, in] block, then one bmm adds
+    X_e^T X_e for all experts at once; padding rows are zero and add nothing.
+    """
+
+    def __init__(
+        self, num_experts: int, in_features: int, device: torch.device | str | None = None, chunk_rows: int = 4096
+    ) -> None:
+        self.num_experts = num_experts
+        self.in_features = in_features
+        self.chunk_rows = chunk_rows  # bound on E * padded rows materialized at once
+        self.sum = torch.zeros(num_experts, in_features, in_features, dtype=torch.float32, device=device)
+        self.count = torch.zeros(num_experts, dtype=torch.int64, device=device)
+
+    def update(self, x: torch.Tensor, expert_ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
+        """x: [..., in]; expert_ids: int [rows] or [rows, k] (rows = x's token count);
+        mask: bool [rows] (real tokens), or None. One host sync (the longest expert)."""
+        e, n = self.num_experts, self.in_features
+        rows = x.reshape(-1, n).to(torch.float32)
+        ids = expert_ids.reshape(rows.shape[0], -1).to(torch.int64)  # [R, k]
+        k = ids.shape[1]
+        if mask is not None:
+            mask = mask.reshape(-1)
+            assert mask.numel() == rows.shape[0], (mask.numel(), rows.shape[0])
+            ids = torch.where(mask[:, None], ids, torch.full_like(ids, e))  # bucket e = dropped
+        ids = ids.reshape(-1)
+        src = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(k)
+        counts = torch.bincount(ids, minlength=e + 1)
+        self.count += counts[:e]
+        order = torch.argsort(ids, stable=True)
+        sorted_ids = ids[order]
+        starts = torch.cumsum(counts, 0) - counts
+        pos = torch.arange(ids.numel(), device=rows.device) - starts[sorted_ids]
+        keep = sorted_ids < e
+        sorted_ids, pos, src = sorted_ids[keep], pos[keep], src[order][keep]
+        longest = int(counts[:e].max().item()) if e > 0 else 0
+        step = max(1, self.chunk_rows // max(e, 1))
+        for p0 in range(0, longest, step):
+            sel = (pos >= p0) & (pos < p0 + step)
+            block = torch.zeros(e, step, n, dtype=torch.float32, device=rows.device)
+            block[sorted_ids[sel], pos[sel] - p0] = rows[src[sel]]
+            self.sum.baddbmm_(block.transpose(1, 2), block)
+
+    def merge(self, other: ExpertHessianAccumulator) -> ExpertHessianAccumulator:
+        assert (other.num_experts, other.in_features) == (self.num_experts, self.in_features)
+        self.sum += other.sum.to(self.sum.device)
+        self.count += other.count.to(self.count.device)
+        return self
+
+    def result(self) -> torch.Tensor:
+        """H_e = 2 * sum_e / n_e, float32 [E, in, in]; zero for an expert no token reached."""
+        n = self.count.to(torch.float32).clamp(min=1.0)
+        return self.sum * (2.0 / n)[:, None, None]

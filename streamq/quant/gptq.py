@@ -1,0 +1,172 @@
+"""GPTQ for INT4 per-group weights, batched over experts; Hessian accumulators.
+
+The solve is Algorithm 1 of Frantar et al. 2022 ("GPTQ: Accurate Post-Training
+Quantization for Generative Pre-trained Transformers"): Cholesky factor of the inverse
+Hessian, columns quantized one at a time with the error spread over the remaining
+columns, lazy batch updates of `block_size` columns. Choices (DESIGN.md, "GPTQ and AWQ
+facts", matching llm-compressor):
+
+- group scales/zero points come from the ORIGINAL weight before the solve ("static
+  groups"), for the original column groups, with or without `actorder`;
+- `actorder` (static) visits columns in decreasing diag(H) (stable sort) order; no g_idx
+  (llm-compressor's `actorder: weight`/`static`);
+- dead columns (diag H = 0): H[i, i] = 1 and W[:, i] = 0;
+- damping `damp_percent * mean(diag H)` per expert; where a Cholesky fails the damping
+  grows by `damp_step` per retry, and after `max_tries` that expert is quantized
+  round-to-nearest (RTN) and flagged; an expert whose H is all zero (no token reached
+  it) is RTN too, never zeros.
+
+Everything is float32 on any device; the experts are one batched problem (bmm /
+cholesky_ex over the leading dimension), with no Python loop over experts. Host syncs:
+one per damping attempt and one at the end (the reasons list), none per column. Peak
+memory is about four copies of the float32 weight (input, working copy, per-column
+scales, per-column zero points when asymmetric) plus two int8 code tensors and the
+[E or 1, in, in] factor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from streamq.quant import int4
+
+# Reasons an expert was not GPTQ-solved (RTN_* go with rtn=True).
+SOLVED = "gptq"
+RTN_NO_TOKENS = "rtn: hessian is zero (no calibration token reached it)"
+RTN_CHOLESKY = "rtn: cholesky failed at every damping tried"
+
+
+@dataclass
+class GPTQResult:
+    """Output of `gptq_quantize` for E experts (E = 1 for a plain Linear).
+
+    codes: int8 [E, out, in] in [-8, 7]; scale: float32 [E, out, in / g];
+    zero_point: int32 [E, out, in / g] or None (symmetric); rtn: bool [E] (expert fell
+    back to round-to-nearest); reasons: one of SOLVED / RTN_* per expert; damp: float32
+    [E], the damping fraction of mean(diag H) that the successful Cholesky used (0 for
+    RTN experts).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    rtn: torch.Tensor
+    reasons: list[str]
+    damp: torch.Tensor
+
+    def dequantize(self, group_size: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return int4.dequantize(self.codes, self.scale, self.zero_point, group_size, dtype)
+
+
+def _inverse_hessian_factor(
+    h: torch.Tensor, damp_percent: float, damp_step: float, max_tries: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of (H + damp * mean(diag H) * I)^-1, per batch element.
+
+    h: float32 [B, in, in] with dead columns already fixed. Returns (U float32
+    [B, in, in], ok bool [B], damp float32 [B]); U is the identity where not ok.
+    """
+    b, n, _ = h.shape
+    eye = torch.eye(n, dtype=h.dtype, device=h.device)
+    mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(dim=-1)  # [B]
+    u = eye.expand(b, n, n).clone()
+    ok = torch.zeros(b, dtype=torch.bool, device=h.device)
+    used = torch.zeros(b, dtype=torch.float32, device=h.device)
+    for attempt in range(max_tries):
+        frac = damp_percent + damp_step * attempt
+        damped = h + (frac * mean_diag)[:, None, None] * eye
+        lower, info = torch.linalg.cholesky_ex(damped)
+        hinv = torch.cholesky_inverse(lower)
+        upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+        good = (info == 0) & (info2 == 0) & torch.isfinite(upper).all(dim=(-2, -1)) & ~ok
+        u = torch.where(good[:, None, None], upper, u)
+        used = torch.where(good, torch.full_like(used, frac), used)
+        ok = ok | good
+        if bool(ok.all()):  # one host sync per attempt, not per column
+            break
+    return u, ok, used
+
+
+def gptq_quantize(
+    w: torch.Tensor,
+    hessian: torch.Tensor,
+    group_size: int,
+    symmetric: bool,
+    actorder: bool = False,
+    damp_percent: float = 0.01,
+    block_size: int = 128,
+    damp_step: float = 0.01,
+    max_tries: int = 10,
+    scale_dtype: torch.dtype = torch.float32,
+) -> GPTQResult:
+    """GPTQ-quantize E weights [E, out, in] (float32) against their Hessians.
+
+    hessian: float32 [E, in, in], or [in, in] shared by all E (one factorization then).
+    `scale_dtype` is the dtype the scales will be stored in (see int4.group_params).
+    Returns codes in the original column order (actorder leaves no trace on disk).
+    """
+    assert w.ndim == 3, f"expected [E, out, in], got {tuple(w.shape)}"
+    assert w.dtype == torch.float32 and hessian.dtype == torch.float32, (w.dtype, hessian.dtype)
+    e, out, n = w.shape
+    shared = hessian.ndim == 2
+    h = (hessian.unsqueeze(0) if shared else hessian).clone()
+    hb = h.shape[0]  # 1 when shared, else E
+    assert tuple(h.shape) == (hb, n, n) and hb in (1, e), (tuple(hessian.shape), tuple(w.shape))
+    assert block_size > 0 and max_tries > 0
+
+    scale, zp = int4.group_params(w, group_size, symmetric, scale_dtype)  # from the original weight
+    rtn_codes = int4.quantize(w, scale, zp, group_size)
+
+    diag = torch.diagonal(h, dim1=-2, dim2=-1)  # view into h: [hb, n]
+    empty = (diag == 0).all(dim=-1)  # H is PSD, so a zero diagonal means H = 0
+    dead = diag == 0
+    # Visiting order from the diagonal before the dead fix (dead columns last), as
+    # llm-compressor; dead columns are decoupled (zero row and column), so their place
+    # in the order changes no code.
+    perm = torch.argsort(diag, dim=-1, descending=True, stable=True) if actorder else None  # [hb, n]
+    diag.masked_fill_(dead, 1.0)
+    work = w.masked_fill(dead[:, None, :], 0.0)
+    # Per-column scale/zero point in visiting order (gather of the original groups).
+    group_of_col = torch.arange(n, device=w.device) // group_size
+    if perm is not None:
+        work = torch.gather(work, 2, perm[:, None, :].expand(e, out, n))
+        h = torch.gather(h, 1, perm[:, :, None].expand(hb, n, n))
+        h = torch.gather(h, 2, perm[:, None, :].expand(hb, n, n))
+        cols = group_of_col[perm]  # [hb, n]
+    else:
+        cols = group_of_col.expand(hb, n)
+    u, ok, damp = _inverse_hessian_factor(h, damp_percent, damp_step, max_tries)
+    ok = ok & ~empty
+    damp = torch.where(ok, damp, torch.zeros_like(damp))
+    col_scale = torch.gather(scale, 2, cols[:, None, :].expand(e, out, n))
+    col_zp = None if zp is None else torch.gather(zp, 2, cols[:, None, :].expand(e, out, n))
+
+    codes = torch.empty(e, out, n, dtype=int4.CODE_DTYPE, device=w.device)
+    for i1 in range(0, n, block_size):
+        i2 = min(i1 + block_size, n)
+        w1 = work[:, :, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        u1 = u[:, i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, :, i]  # [E, out]
+            s = col_scale[:, :, i1 + i]
+            z = None if col_zp is None else col_zp[:, :, i1 + i]
+            q = int4.quantize_elementwise(col, s, z)
+            codes[:, :, i1 + i] = q
+            err = (col - int4.dequantize_elementwise(q, s, z)) / u1[:, i, i][:, None]  # [E, out]
+            w1[:, :, i:] -= err[:, :, None] * u1[:, None, i, i:]
+            err1[:, :, i] = err
+        if i2 < n:
+            work[:, :, i2:] -= torch.matmul(err1, u[:, i1:i2, i2:])
+
+    if perm is not None:
+        codes = torch.empty_like(codes).scatter_(2, perm[:, None, :].expand(e, out, n), codes)
+    rtn = ~ok.expand(e)
+    codes = torch.where(rtn[:, None, None], rtn_codes, codes)
+    reasons = [
+        SOLVED if good else (RTN_NO_TOKENS if no_tokens else RTN_CHOLESKY)
+        for good, no_tokens in zip(ok.expand(e).tolist(), empty.expand(e).tolist(), strict=True)
+    ]
+    return GPTQResult(codes, scale, zp, rtn, reasons, damp.expand(e).clone())

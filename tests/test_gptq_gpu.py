@@ -1,0 +1,72 @@
+"""INT4 / GPTQ on CUDA: same bytes as the CPU where the arithmetic is the same, GPTQ codes
+equal up to float-rounding near-ties. Skipped without a CUDA device."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from streamq.calib import hessian
+from streamq.formats import int4_packing as P
+from streamq.quant import gptq, int4
+
+pytestmark = pytest.mark.gpu
+G = 128
+
+
+def problem(e: int, out: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(e, out, n, generator=gen)
+    mix = torch.eye(n) + 0.1 * torch.randn(n, n, generator=gen)
+    xs = torch.randn(e, 4 * n, n, generator=gen) @ mix
+    return w, 2.0 * xs.transpose(1, 2) @ xs / xs.shape[1]
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_rtn_and_packing_identical_on_cuda(symmetric: bool) -> None:
+    w = torch.randn(4, 64, 512, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    cpu = int4.quantize_rtn(w, G, symmetric, scale_dtype=torch.bfloat16)
+    gpu = int4.quantize_rtn(w.cuda(), G, symmetric, scale_dtype=torch.bfloat16)
+    for a, b in zip(cpu, gpu, strict=True):
+        assert (a is None and b is None) or torch.equal(a, b.cpu())
+    assert torch.equal(P.pack_weight_ct(cpu[0]), P.pack_weight_ct(gpu[0]).cpu())
+    assert torch.equal(int4.dequantize(*cpu, G), int4.dequantize(*gpu, G).cpu())
+
+
+@pytest.mark.parametrize("actorder", [False, True])
+def test_gptq_cuda_matches_cpu(actorder: bool) -> None:
+    w, h = problem(4, 128, 512)
+    h[1] = 0.0
+    cpu = gptq.gptq_quantize(w, h, G, True, actorder=actorder)
+    gpu = gptq.gptq_quantize(w.cuda(), h.cuda(), G, True, actorder=actorder)
+    assert torch.equal(cpu.scale, gpu.scale.cpu())
+    assert cpu.reasons == gpu.reasons and cpu.rtn.tolist() == gpu.rtn.cpu().tolist()
+    differing = (cpu.codes != gpu.codes.cpu()).any(dim=-1).float().mean().item()
+    assert differing < 0.05, differing  # rows touched by a near-tie, of all rows
+
+
+def test_expert_hessians_on_cuda() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x, ids = torch.randn(300, 64, generator=gen), torch.randint(0, 8, (300, 2), generator=gen)
+    cpu, gpu = hessian.ExpertHessianAccumulator(8, 64), hessian.ExpertHessianAccumulator(8, 64, device="cuda")
+    cpu.update(x, ids)
+    gpu.update(x.cuda(), ids.cuda())
+    torch.testing.assert_close(cpu.result(), gpu.result().cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_report_solve_time() -> None:
+    """Not a bound: prints the batched solve time at Qwen3-30B-A3B and -235B-A22B expert shapes."""
+    shapes = ((8, 256, 512, False), (128, 768, 2048, True), (128, 2048, 768, False), (128, 1536, 4096, True))
+    for e, out, n, shared in shapes:
+        w = torch.randn(e, out, n, device="cuda")
+        x = torch.randn(e if not shared else 1, 2 * n, n, device="cuda")
+        h = 2.0 * x.transpose(1, 2) @ x / x.shape[1]
+        h = h[0] if shared else h
+        gptq.gptq_quantize(w[:1], h if shared else h[:1], G, True, actorder=True)
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        gptq.gptq_quantize(w, h, G, True, actorder=True)
+        torch.cuda.synchronize()
+        print(f"\nE={e} out={out} in={n} shared_H={shared}: {time.perf_counter() - t:.3f} s")
