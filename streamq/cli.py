@@ -44,7 +44,7 @@ def _quantize(args: argparse.Namespace) -> int:
         done = finished_run(config)
         if done is not None:
             print(f"{config.save_path}: already complete ({done}); nothing to do. "
-                  "Pass --overwrite to quantize again, or run `streamq verify` to check the checksums.")
+                  "Pass --overwrite to quantize again.")
             return 0
     from streamq.engine.run import quantize
 

@@ -1,10 +1,9 @@
 """Reading a run's manifest without torch: is this job already finished?
 
 `streamq quantize` asks this before importing the engine, so rerunning a finished job
-answers in about a second instead of importing torch, building the skeleton and
-checksumming every shard. The full checks stay where they were: a resumed or
-unfinished run goes through `streamq.engine.state`, and `streamq verify` checks
-the checksums.
+answers after checksumming its shards, without importing torch or building the model
+skeleton. Anything short of complete and intact goes through `streamq.engine.state`,
+which redoes what does not match.
 """
 
 from __future__ import annotations
@@ -13,6 +12,7 @@ import json
 from pathlib import Path
 
 from streamq.config import JobConfig
+from streamq.payload import sha256_file
 
 MANIFEST = "streamq_run.json"  # streamq.engine.state.MANIFEST (that module imports torch)
 INDEX_FILE = "model.safetensors.index.json"
@@ -45,7 +45,8 @@ def finished_run(config: JobConfig) -> str | None:
     """A short description when save_path holds this exact job, complete; else None.
 
     Complete means: the manifest says so, its job hash and source fingerprint match this
-    job, config.json exists, and every recorded shard is there with its recorded size.
+    job, config.json exists, and every recorded shard is there with its recorded size and
+    sha256.
     """
     out = Path(config.save_path)
     manifest = read_manifest(out)
@@ -60,4 +61,9 @@ def finished_run(config: JobConfig) -> str | None:
         path = out / str(info.get("file", ""))
         if not path.is_file() or path.stat().st_size != info.get("bytes"):
             return None
-    return f"{len(shards)} shards, sizes as recorded in {MANIFEST}"
+    # Checksums too (hashlib streams at disk speed): a shard damaged after the run must be
+    # redone by the engine, not reported complete.
+    for info in shards.values():
+        if sha256_file(out / str(info["file"])) != info.get("sha256"):
+            return None
+    return f"{len(shards)} shards, sizes and sha256 as recorded in {MANIFEST}"
