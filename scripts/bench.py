@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing the pack
 
 from streamq.bench import floors, render, worker  # noqa: E402
 from streamq.config import CACHE_LOCATIONS  # noqa: E402
-from streamq.schemes.base import scheme_names  # noqa: E402
+from streamq.schemes.base import get_scheme, scheme_names  # noqa: E402
 from streamq.testing.synthetic import GEOMETRIES, build_config, write_synthetic  # noqa: E402
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -167,13 +167,14 @@ def before_read(state: str) -> None:
 
 
 def job_config(args: argparse.Namespace, algo: str, src: Path, save: Path) -> dict:
+    scheme = get_scheme(algo)
+    quant = {"name": algo, "bits": scheme.bits, "hidden_cache": args.hidden_cache}
     cfg: dict = {
         "global": {"save_path": str(save), "device": args.device},
         "model": {"name": args.geometry, "model_path": str(src)},
-        "compression": {"name": "PTQ", "quantization": {"name": algo, "bits": 8,
-                                                         "hidden_cache": args.hidden_cache}},
+        "compression": {"name": "PTQ", "quantization": quant},
     }
-    if algo == "fp8_static":
+    if scheme.from_yaml(quant, "bench").needs_calibration:  # the scheme's defaults otherwise
         cfg["dataset"] = dataset(args)
     return cfg
 
@@ -283,7 +284,7 @@ def run_bench(args: argparse.Namespace, algos: list[str]) -> dict:
         "geometry": args.geometry, "layers": args.layers, "vocab_size": args.vocab_size,
         "machine": machine,
         "source": {"path": str(src), "files": len(files), "bytes": src_bytes, "reused": reused},
-        "dataset": dataset(args) if "fp8_static" in algos else None,
+        "dataset": dataset(args) if any("dataset" in job_config(args, a, src, src) for a in algos) else None,
         "cache": {"state": state, "requested": args.cache, "note": note},
         "repeat": args.repeat,
         "io_floor": io_read,

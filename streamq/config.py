@@ -237,7 +237,7 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
     _require(raw, source)
     g, m, c = raw["global"], raw["model"], raw["compression"]
     q = c["quantization"]
-    _one_of(c["name"], ("quantization", "PTQ"), "compression.name", source)
+    _one_of(c["name"], ("quantization", "PTQ", "PTQWeightOnly"), "compression.name", source)
 
     algo = q["name"]
     scheme = get_scheme(algo, source).from_yaml(q, source)

@@ -124,3 +124,54 @@ def load_script(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def scheme_config(model_path: str | Path, save_path: str | Path, algorithm: str, *, save_name: str | None = None,
+                  block_size: tuple[int, int] | None = None, smooth: bool = False, smooth_alpha: float | None = None,
+                  device: str = "cpu") -> dict[str, Any]:
+    """An AngelSlim-style config dict for the plug-in schemes (int8_dynamic, fp8_blockwise),
+    with each scheme's own quant_method keys; `save_name` None keeps the scheme's default."""
+    quant: dict[str, Any] = {"name": algorithm, "bits": 8, "ignore_layers": ["lm_head", "model.embed_tokens"]}
+    if algorithm == "int8_dynamic":
+        quant["quant_method"] = {"weight": "per-channel", "activation": "per-token"}
+    elif algorithm == "fp8_blockwise":
+        quant["quant_method"] = {"block_size": list(block_size or (128, 128))}
+    if save_name is not None:
+        quant["save_name"] = save_name
+    if smooth:
+        quant["quant_helpers"] = ["smooth"]
+        if smooth_alpha is not None:
+            quant["smooth_alpha"] = smooth_alpha
+    cfg: dict[str, Any] = {
+        "global": {"save_path": str(save_path), "device": device},
+        "model": {"name": "tiny", "model_path": str(model_path)},
+        "compression": {"name": "PTQ", "quantization": quant},
+    }
+    if smooth:
+        cfg["dataset"] = {"name": "TextDataset", "data_path": str(CALIB_FILE), "num_samples": 8,
+                          "max_seq_length": 64, "batch_size": 4}
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def quantized_scheme(tiny_models, tmp_path_factory):
+    """quantized_scheme(variant, algorithm, save_name=None, block_size=None, smooth=False) -> output dir.
+
+    The plug-in schemes' jobs (`scheme_config`), each run once per session; read-only for tests.
+    """
+    root = tmp_path_factory.mktemp("quantized_scheme")
+    cache: dict[tuple, Path] = {}
+
+    def get(variant: str, algorithm: str, save_name: str | None = None, block_size: tuple[int, int] | None = None,
+            smooth: bool = False) -> Path:
+        key = (variant, algorithm, save_name, tuple(block_size) if block_size else None, smooth)
+        if key not in cache:
+            block = f"{key[3][0]}x{key[3][1]}" if key[3] else None
+            out = root / "-".join(str(k) for k in (variant, algorithm, save_name, block, "smooth" if smooth else None)
+                                  if k is not None)
+            run_job(scheme_config(tiny_models[variant], out, algorithm, save_name=save_name, block_size=block_size,
+                                  smooth=smooth))
+            cache[key] = out
+        return cache[key]
+
+    return get

@@ -18,6 +18,8 @@ from conftest import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYERS = 2
+# Every registered scheme that runs without options: the plug-in ones go through the same path.
+ALGOS = ("fp8_dynamic", "fp8_static", "int8_dynamic", "fp8_blockwise")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +32,7 @@ def bench_run(bench, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("bench")
     argv = ["--geometry", "tiny-dense", "--layers", str(LAYERS), "--samples", "4", "--seq-len", "16",
             "--batch-size", "2", "--device", "cpu", "--cache", "warm", "--repeat", "2",
-            "--workdir", str(workdir), "--keep"]
+            "--workdir", str(workdir), "--keep", "--algos", ",".join(ALGOS)]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert bench.main(argv) == 0
@@ -60,7 +62,7 @@ def test_bench_end_to_end(bench_run):
     cf = result["compute_floor"]
     assert cf["seconds"] > 0 and len(cf["per_layer"]) == LAYERS and cf["tokens"] == 4 * 16
 
-    assert set(result["algos"]) == {"fp8_dynamic", "fp8_static"}
+    assert set(result["algos"]) == set(ALGOS)
     for algo, a in result["algos"].items():
         out = Path(a["output_dir"])
         assert out.is_dir(), f"{algo}: --keep must keep the output"
@@ -76,10 +78,17 @@ def test_bench_end_to_end(bench_run):
         assert [s["layer"] for s in a["stages"]] == list(range(LAYERS))
         assert a["rss_samples"] and all(r > 0 for _, r in a["rss_samples"])
     assert result["algos"]["fp8_static"]["compute_floor_s"] == cf["seconds"]
-    assert result["algos"]["fp8_dynamic"]["compute_floor_s"] == 0
+    for algo in ("fp8_dynamic", "int8_dynamic", "fp8_blockwise"):  # nothing to calibrate
+        assert result["algos"][algo]["compute_floor_s"] == 0
+    # The outputs are what each scheme writes: INT8 compressed-tensors, block FP8 in vLLM's layout.
+    for algo, method in (("int8_dynamic", "compressed-tensors"), ("fp8_blockwise", "fp8")):
+        qc = json.loads((Path(result["algos"][algo]["output_dir"]) / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == method, (algo, qc)
+    assert "weight_block_size" in json.loads(
+        (Path(result["algos"]["fp8_blockwise"]["output_dir"]) / "config.json").read_text())["quantization_config"]
 
     md = (results / "bench.md").read_text()
-    assert "| fp8_dynamic |" in md and "| fp8_static |" in md and "wall / floor" in md
+    assert all(f"| {algo} |" in md for algo in ALGOS) and "wall / floor" in md
     assert result["command"].startswith("python scripts/bench.py --geometry tiny-dense --layers 2")
     assert "--repeat 2" in result["command"] and "repeats: 2" in md
     assert "| fp8_static |" in printed and "reproduce: python scripts/bench.py" in printed

@@ -50,12 +50,13 @@ BAD = {
                           ["'compression.quantization.ignore_layers'", "a list"]),
     "low-memory-not-bool": (lambda c: _set(c, "compression.quantization.low_memory", "yes please"),
                             ["'compression.quantization.low_memory'", "true/false"]),
-    "int4-gptq": (lambda c: _set(_set(c, "compression.quantization.name", "int4_gptq"),
-                                 "compression.quantization.bits", 4),
-                  ["'compression.quantization.name'", "int4_gptq", "not support", "fp8_dynamic", "fp8_static"]),
+    "int4-gptq-fp8-format": (lambda c: _set(_set(_set(c, "compression.quantization.name", "int4_gptq"),
+                                                "compression.quantization.bits", 4),
+                                           "compression.quantization.quant_method", {"weight": "per-group"}),
+                             ["int4_gptq", "save_name 'fp8'", "compressed-tensors, gptq"]),
     "unknown-algorithm": (lambda c: _set(c, "compression.quantization.name", "nvfp4"),
                           ["'compression.quantization.name'", "nvfp4", "fp8_blockwise, fp8_dynamic, fp8_static, "
-                           "int8_dynamic"]),
+                           "int4_gptq"]),
     "bits-4-with-fp8": (lambda c: _set(c, "compression.quantization.bits", 4),
                         ["'compression.quantization.bits'", "fp8_dynamic", "bits: 8"]),
     "per-channel-with-fp8-format": (
@@ -182,10 +183,18 @@ def test_shipped_configs_exist():
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO).as_posix())
 def test_shipped_config_parses(path):
     job = load_config(path)
-    assert job.quant.name in ("fp8_dynamic", "fp8_static") and job.quant.bits == 8
-    assert job.quant.weight == "per-tensor" and job.quant.save_name == "fp8"
+    assert job.quant.bits == (4 if job.quant.name.startswith("int4") else 8)
+    # (weight granularity, output format) each shipped algorithm is configured with
+    expected = {"fp8_dynamic": ("per-tensor", "fp8"), "fp8_static": ("per-tensor", "fp8"),
+                "int8_dynamic": ("per-channel", "compressed-tensors"), "fp8_blockwise": ("per-block", "fp8"),
+                "int4_gptq": ("per-group", "compressed-tensors")}
+    assert job.quant.name in expected, job.quant.name
+    assert (job.quant.weight, job.format.save_name) == expected[job.quant.name]
     assert job.quant.ignore_layers[0] == "lm_head"
-    assert job.dataset is not None or job.quant.name == "fp8_dynamic"
+    assert (job.dataset is not None) == job.scheme.needs_calibration
+    if job.quant.name == "fp8_blockwise":  # AngelSlim's shape: PTQWeightOnly, save_name fp8_blockwise, num_workers
+        assert job.quant.save_name == "fp8_blockwise" and job.scheme.block_rows == job.scheme.block_cols == 128
+        assert any(n.startswith("compression.quantization.quant_method.num_workers") for n in job.notes), job.notes
     raw = __import__("yaml").safe_load(path.read_text())
     noted = [k for k in NOTED_KEYS if k.split(".")[1] in raw.get(k.split(".")[0], {})]
     for key in noted:  # AngelSlim keys streamq has no use for: a note each, never an error

@@ -6,9 +6,9 @@ import math
 from pathlib import Path
 
 # Foreground stages of the layer loop, in order; `read` runs in a background thread.
-STAGES = ("wait_read", "to_device", "calibrate", "quantize", "wait_write")
+STAGES = ("wait_read", "to_device", "calibrate", "quantize", "propagate", "wait_write")
 STAGE_COLORS = {"wait_read": "#d62728", "to_device": "#ff7f0e", "calibrate": "#1f77b4", "quantize": "#2ca02c",
-                "wait_write": "#9467bd"}
+                "propagate": "#17becf", "wait_write": "#9467bd"}
 
 
 def fmt_bytes(n: float | None) -> str:

@@ -105,6 +105,13 @@ class ExpertHessianAccumulator:
             block[sorted_ids[sel], pos[sel] - p0] = rows[src[sel]]
             self.sum.baddbmm_(block.transpose(1, 2), block)
 
+    def update_expert(self, expert: int, x: torch.Tensor) -> None:
+        """Every row of x [..., in] (real tokens only) goes to one expert: a plain addmm, not
+        the zero-padded block over all experts `update` builds."""
+        rows = x.reshape(-1, self.in_features).to(torch.float32)
+        self.sum[expert].addmm_(rows.T, rows)
+        self.count[expert] += rows.shape[0]
+
     def merge(self, other: ExpertHessianAccumulator) -> ExpertHessianAccumulator:
         assert (other.num_experts, other.in_features) == (self.num_experts, self.in_features)
         self.sum += other.sum.to(self.sum.device)

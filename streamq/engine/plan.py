@@ -13,6 +13,10 @@ GPU (device = cuda)
   static    the embedding (materialized for the input capture, kept all run), the layer
             in the compute dtype, one batch's activations (hidden states in/out, q/k/v,
             MLP or MoE intermediates, padding mask), the hidden cache if on the device.
+  scheme    what `Scheme.statistics_bytes` names (GPTQ): statistics (Hessians) in both the
+            replay and the quantize phase, and the solve's working set in place of the
+            per-weight quantize temporaries; on CPU the same on the host. A scheme that
+            propagates quantized outputs replays every layer twice (time).
 HOST
   baseline  the process RSS after imports and `prepare` (measured when planning), plus
             what CUDA adds (context, kernels, cuBLAS).
@@ -39,6 +43,7 @@ from typing import Any
 from streamq.calib.cache import pinned_cache_bytes
 from streamq.checkpoint.reader import DTYPE_BYTES
 from streamq.checkpoint.writer import SAFETENSORS_METADATA, safetensors_header
+from streamq.engine import tp_check
 from streamq.engine.staging import output_arena_bytes
 from streamq.errors import BudgetError
 
@@ -136,6 +141,11 @@ class LayerSizes:
     out_file_bytes: int  # the layer's output shard on disk (header included)
     quant_numels: tuple[int, ...]  # elements of each quantized weight, in the engine's order
     source_elem: int  # bytes per element of the quantized weights as stored
+    # What the scheme holds on the compute device besides the layer and the activations
+    # (`Scheme.statistics_bytes`, e.g. GPTQ): statistics alive from the replay through the
+    # solve, and the solve's own working set (by label, for the breakdown).
+    statistics: tuple[tuple[str, int], ...] = ()
+    solve: tuple[tuple[str, int], ...] = ()
 
     def output_bytes(self) -> int:
         """The output dict handed to the writer: FP8 weights, scales, copied tensors."""
@@ -310,6 +320,7 @@ class Inputs:
     model_path: str = ""
     algorithm: str = ""
     startup_seconds: float = 0.0  # imports and `prepare`, as the planning process measured them
+    propagate_quantized: bool = False  # a second replay per layer (GPTQ's quantized outputs)
 
 
 @dataclass
@@ -442,8 +453,13 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
         if choice.location != "device":
             act = {"hidden states in": (max(b.tokens for b in inputs.batches) * inputs.shape.hidden
                                         * inputs.compute_elem)} | act
-        phases.append(fixed | act)
-        phases.append(fixed | {"quantize temporaries": max(lay.quantize_transient(False), lay.absmax_transient)})
+        stats = dict(lay.statistics)
+        phases.append(fixed | stats | act)
+        if lay.solve:  # the scheme's solve replaces the per-weight quantize temporaries
+            phases.append(fixed | stats | dict(lay.solve))
+        else:
+            phases.append(fixed | stats | {"quantize temporaries": max(lay.quantize_transient(False),
+                                                                         lay.absmax_transient)})
     return _max_phase(phases)
 
 
@@ -508,7 +524,9 @@ def _host_cpu_layer(inputs: Inputs, choice: _Choice, lay: LayerSizes, fixed: dic
     act = _largest_activation(inputs, choice.micro_batch)
     # glibc keeps freed blocks under its mmap threshold: a batch's activations stay resident.
     retained = {"activations (kept by malloc)": sum(act.values())}
-    layer = source | {"layer (compute dtype)": lay.param_bytes}
+    layer = source | {"layer (compute dtype)": lay.param_bytes} | dict(lay.statistics)
+    if lay.solve:
+        quant = {"quantized output": lay.fp8_bytes} | dict(lay.solve)
     return [fixed | layer | act, fixed | layer | retained | quant]
 
 
@@ -536,6 +554,8 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
         calibrate = 0.0
         if inputs.static:
             calibrate = 2 * _active_params(inputs, lay) * tokens / flops + cache_traffic * choice.expert_groups
+            if inputs.propagate_quantized:  # the quantized layer is replayed once more
+                calibrate *= 2
         t.read.append(lay.source_bytes / a.disk_read_bps)
         t.write.append(lay.out_file_bytes / a.disk_write_bps)
         t.compute.append(transfer + calibrate + lay.quantized_source_bytes / elementwise)
@@ -678,6 +698,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     fmt = config.quant.save_name
     layers = [measure_layer(lay.index, _tensors(reader, reader.layers[lay.index]), lay.quantized, lay.experts,
                             elem, config.format, config.scheme.spec) for lay in job.layouts]
+    layers = [_with_scheme_memory(config, reader, lay, sizes) for lay, sizes in zip(job.layouts, layers, strict=True)]
     other = _tensors(reader, sorted(reader.other))
     stem = [t for t in other if t.name.startswith("model.") and not t.name.startswith("model.layers.")]
     return Inputs(
@@ -694,7 +715,19 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         checkpoint_layers=int(getattr(config, "cache_checkpoint_layers", 0) or 0),
         checkpoint_minutes=float(getattr(config, "cache_checkpoint_minutes", 0) or 0),
         model_path=str(reader.path), algorithm=config.quant.name,
+        propagate_quantized=static and config.scheme.propagates_quantized,
     )
+
+
+def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes) -> LayerSizes:
+    """The scheme's statistics and solve memory for one layer (`statistics_bytes`, e.g.
+    GPTQ's Hessians), from the quantized Linears' shapes."""
+    method = getattr(config.scheme, "statistics_bytes", None)
+    if method is None or not config.scheme.needs_calibration:
+        return sizes
+    shapes = {m: tuple(reader.tensors[n].shape) for m, n in layout.quantized.items()}
+    stats, solve = method(shapes, layout.experts, config.quant.moe_calibrate_all_experts)
+    return replace(sizes, statistics=tuple(stats.items()), solve=tuple(solve.items()))
 
 
 def _elem(dtype: Any) -> int:
@@ -770,7 +803,9 @@ def make_plan(job: Any, max_gpu_memory: int | None = None, max_cpu_memory: int |
     host_budget, host_label = _host_budget(max_cpu_memory or job.config.max_cpu_memory, baseline)
     best = choose(inputs, gpu_budget, host_budget, baseline, a, gpu_label, host_label,
                   allow_micro_batch, allow_expert_groups)
-    return _to_plan(inputs, best, baseline, gpu_budget, host_budget, a)
+    plan = _to_plan(inputs, best, baseline, gpu_budget, host_budget, a)
+    plan.notes.extend(f"warning: {w}" for w in tp_check.plan_warnings(job))  # block FP8 vs vLLM's TP splits
+    return plan
 
 
 def _to_plan(inputs: Inputs, best: _Evaluated, baseline: int, gpu_budget: int | None, host_budget: int | None,

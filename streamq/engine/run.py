@@ -73,6 +73,7 @@ class Report:
     peak_host_bytes: int = 0
     cache_location: str = ""
     uncovered_experts: int = 0
+    rtn_fallbacks: list[str] = field(default_factory=list)  # modules a solver quantized round-to-nearest instead
     stages: list[dict] = field(default_factory=list)  # per layer: seconds per stage
     phases: dict[str, float] = field(default_factory=dict)  # seconds of the whole run, in order
     layer_gpu_bytes: list[int] = field(default_factory=list)
@@ -85,6 +86,9 @@ class Report:
         if self.cache_location:
             lines.append(f"hidden-state cache: {self.cache_location}; MoE experts no calibration token reached: "
                          f"{self.uncovered_experts}")
+        if self.rtn_fallbacks:
+            lines.append(f"modules quantized round-to-nearest instead of solved: {len(self.rtn_fallbacks)} "
+                         "(rtn_fallbacks in the report)")
         return "\n".join(lines)
 
 
@@ -101,6 +105,7 @@ class _Calibrator:
         # On the device once, not per batch and layer: a pageable copy would synchronize.
         self.masks = [b.attention_mask.to(job.device).bool() for b in job.batches]
         self.uncovered = 0
+        self.fallbacks: list[str] = []  # "layer i: <module>: <why>", from the scheme
         self.last_checkpoint = time.monotonic()
 
     def capture_inputs(self) -> None:
@@ -127,6 +132,7 @@ class _Calibrator:
         fused = fused_expert_modules(layer)
         kind = scheme.observer_kind()
         shared: dict[str, str] = {}  # module -> the module whose observer it shares
+        blocks: dict[str, list[tuple]] = {}
         if observe:
             watch = {}
             if kind is not None:
@@ -140,6 +146,12 @@ class _Calibrator:
                 for group in smoothing_groups(layer, layout):
                     watch[group.observed] = smoothing
             obs.watch_linears(layer, watch)
+            blocks = {name: [] for name in scheme.recorded_blocks(layer, layout)}
+            for name, records in blocks.items():
+                def record(_mod, args, kwargs, output, _records=records):
+                    _records.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs),
+                                     output.detach() if torch.is_tensor(output) else output))
+                obs._handles.append(layer.get_submodule(name).register_forward_hook(record, with_kwargs=True))
             if kind is not None:
                 obs.expert_kind = kind
                 for parent, module in fused.items():
@@ -169,7 +181,7 @@ class _Calibrator:
         for module in shared:
             if values.get(module) is None:
                 raise CheckpointError(f"Linear '{module}' received no input during calibration")
-        return LayerStats(values)
+        return LayerStats(values, blocks, self.masks)
 
     def _expert_hessians(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
         out = {}
@@ -315,6 +327,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
     plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
+    for note in plan.notes:
+        if note.startswith("warning: "):
+            log.warning("%s", note)
     _check_disk_space(plan.disk_needed, out_dir)
     state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite, config.job_identity())
     state.expect(output_files(job.reader.path, job.num_layers + 1))  # listed before written: --overwrite's list
@@ -386,6 +401,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             arenas.close()
         if calib is not None:
             report.uncovered_experts = calib.uncovered
+            report.rtn_fallbacks = calib.fallbacks
             calib.cache.close()
             release_outside_layers(job.skeleton)
     clock.mark("teardown")
@@ -509,10 +525,15 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
     for note in getattr(scheme, "fallbacks", ()):
         log.warning("layer %d: %s", i, note)
+        if calib is not None:
+            calib.fallbacks.append(f"layer {i}: {note}")
     if scheme.propagates_quantized:
-        t2 = time.monotonic()
+        stages["quantize"] = time.monotonic() - t
+        t = time.monotonic()
+        progress.step("propagate")
         calib.run_layer(layer, layout, observe=False, advance=True)
-        stages["propagate"] = time.monotonic() - t2
+        stages["propagate"] = time.monotonic() - t
+        t = time.monotonic()
     if redo:
         ctx.weights.clear()
         release_layer(layer)
@@ -535,7 +556,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         out[name] = src.to("cpu").clone() if arena is None else arena.take(src.shape, src.dtype).copy_(src)
     if calib is not None:
         release_layer(decoder_layers(job.skeleton)[i])
-    stages["quantize"] = time.monotonic() - t
+    stages["quantize"] = stages.get("quantize", 0.0) + time.monotonic() - t
     progress.step("write")
     # The previous shard must be on disk before this one is queued: one pending output
     # overlaps the next layer's compute, a second would only hold more host memory.

@@ -160,8 +160,8 @@ class CompressedTensors(Format):
         type_, bits = w.get("type"), w.get("num_bits")
         if _FORMAT_OF.get((type_, bits)) != fmt:
             want = next(k for k, v in _FORMAT_OF.items() if v == fmt)
-            raise ValueError(f"{where}.weights must have num_bits {want[1]} and type '{want[0]}' for format "
-                             f"{fmt!r} (got {bits!r}, {type_!r})")
+            raise ValueError(f"quantization_config.format is {fmt!r}, which needs {where}.weights with num_bits "
+                             f"{want[1]} and type '{want[0]}' (got {bits!r}, {type_!r})")
         if w.get("dynamic") is not False:
             raise ValueError(f"{where}.weights.dynamic must be false (weights are quantized offline)")
         strategy = w.get("strategy")

@@ -163,8 +163,7 @@ def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
         acc = obs.expert_hessian(f"{key}.down", num_experts, self.down_proj.shape[-1], x.device)
         for e in range(num_experts):
             gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-            rows = self.act_fn(gate) * up
-            acc.update(rows, torch.full((rows.shape[0],), e, dtype=torch.int64, device=x.device))
+            acc.update_expert(e, self.act_fn(gate) * up)
         return
     obs.expert_hessian(f"{key}.gate_up", num_experts, hidden_states.shape[-1],
                        hidden_states.device).update(hidden_states, top_k_index, mask)

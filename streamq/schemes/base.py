@@ -16,7 +16,7 @@ the tensor math lives in `streamq.quant` and is imported when a layer is quantiz
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from streamq.errors import ConfigError
@@ -46,10 +46,16 @@ class QuantizedLinear:
 
 @dataclass(frozen=True)
 class LayerStats:
-    """Statistics of one layer's replay, by full module name (what `observers` asked for)."""
+    """Statistics of one layer's replay, by full module name (what `observers` asked for).
+
+    blocks: relative module name -> one (args, kwargs, output) per calibration batch, for
+    the modules `recorded_blocks` named (a search that reruns a block on its own inputs);
+    masks: bool [B, T] real-token mask per batch, in the same order.
+    """
 
     values: dict[str, Any]
-    uncovered_experts: int = 0
+    blocks: dict[str, list[tuple]] = field(default_factory=dict)
+    masks: list = field(default_factory=list)
 
 
 class Scheme:
@@ -97,6 +103,11 @@ class Scheme:
         """A per-channel statistic the transform needs on the smoothing groups' inputs, or None."""
         return None
 
+    def recorded_blocks(self, layer: Any, layout: Any) -> list[str]:
+        """Modules of the layer (relative names) whose inputs and outputs of every
+        calibration batch the transform needs (AWQ's per-block loss); default none."""
+        return []
+
     def transform(self, layer_ctx: Any, stats: LayerStats) -> dict[str, torch.Tensor]:
         """Rescale the layer before quantizing; returns the non-quantized tensors it changed
         (by tensor name, in the source dtype) and updates `layer_ctx.weights` in place."""
@@ -117,6 +128,22 @@ class Scheme:
         from dataclasses import asdict
 
         return asdict(self)
+
+
+def require_finite(values: dict[str, torch.Tensor]) -> None:
+    """Raise naming the first module whose statistic (a weight's absmax or scale) is NaN or
+    Inf. NaN propagates through max and Inf is its own max, so checking a weight's absmax
+    checks the weight. One host synchronization for the whole layer, not one per tensor."""
+    import torch
+
+    from streamq.errors import CheckpointError
+
+    if not values:
+        return
+    finite = torch.stack([torch.isfinite(v).all() for v in values.values()]).cpu()
+    if not bool(finite.all()):
+        bad = list(values)[int((~finite).nonzero()[0])]
+        raise CheckpointError(f"tensor '{bad}.weight' contains NaN or Inf values; refusing to quantize it")
 
 
 SCHEMES: dict[str, type[Scheme]] = {}

@@ -16,7 +16,7 @@ from streamq.quant.granularity import (
     PerTensor,
     PerToken,
 )
-from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of, register
+from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of, register, require_finite
 
 
 def _fused_absmax(absmax: dict, shared: bool) -> dict:
@@ -36,22 +36,11 @@ def _fused_absmax(absmax: dict, shared: bool) -> dict:
 
 
 def checked_absmax(weights: dict, granularity) -> dict:
-    """Absmax of every weight; NaN or Inf anywhere is an error naming the tensor.
-
-    NaN propagates through max and Inf is its own max, so checking the absmax checks the
-    weight. One host synchronization for the whole layer, not one per tensor.
-    """
-    import torch
-
-    from streamq.errors import CheckpointError
+    """Absmax of every weight at `granularity` (float32); NaN or Inf anywhere is an error."""
     from streamq.quant import fp8
 
     absmax = {name: fp8.weight_absmax(w, granularity) for name, w in weights.items()}
-    if absmax:
-        finite = torch.stack([torch.isfinite(a).all() for a in absmax.values()]).cpu()
-        if not bool(finite.all()):
-            bad = list(absmax)[int((~finite).nonzero()[0])]
-            raise CheckpointError(f"tensor '{bad}.weight' contains NaN or Inf values; refusing to quantize it")
+    require_finite(absmax)
     return absmax
 
 

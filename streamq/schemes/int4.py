@@ -19,11 +19,54 @@ from typing import Any
 from streamq.errors import ConfigError
 from streamq.formats.base import QuantSpec
 from streamq.quant.granularity import PerGroup
-from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of, register
+from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of, register, require_finite
 
 # Bytes of float32 work the batched expert solve may hold at once (weights, Hessians and
 # their factors, about four copies of the chunk's weights and two of its Hessians).
-EXPERT_SOLVE_BYTES = 4 << 30
+# 12 GiB holds 36 of Qwen3-235B-A22B's experts: four launch-bound column loops per layer
+# instead of eleven.
+EXPERT_SOLVE_BYTES = 12 << 30
+
+# What one `streamq.quant.gptq.gptq_quantize` call allocates, in copies of its float32 weight
+# stack [E, out, in] and of its Hessians [E or 1, in, in] (the planner's model; measured on an
+# H200 within 3% for Qwen3-235B-A22B shapes, tests/test_gptq_memory_gpu.py):
+# - column loop: the stack, the working copy, the per-column scales and the lazy-update
+#   product (float32), the per-column zero points (int32, asymmetric), the codes, the RTN
+#   codes and their final selection (int8); the Hessian's clone and its inverse factor;
+# - Cholesky (before the loop, the peak when each expert has its own Hessian): the stack,
+#   the working copy, the RTN codes; the Hessian's clone, the factor it replaces and the new
+#   one, the damped Hessian, its Cholesky factor, the inverse, the upper factor of that, the
+#   finiteness mask (about 8 copies; one more with actorder's permuted copy), plus one
+#   identity [in, in].
+SOLVE_LOOP_WEIGHT_COPIES = 4
+SOLVE_LOOP_HESSIAN_COPIES = 2
+SOLVE_FACTOR_WEIGHT_COPIES = 2
+SOLVE_FACTOR_HESSIAN_COPIES = 8
+
+
+def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool) -> int:
+    """Experts solved at once: [chunk, rows, cols] weights within EXPERT_SOLVE_BYTES."""
+    per_expert = 4 * (4 * rows * cols + (2 * cols * cols if per_expert_hessian else 0))
+    return max(1, min(num, EXPERT_SOLVE_BYTES // max(per_expert, 1)))
+
+
+def solve_bytes(experts: int, rows: int, cols: int, hessians: int, symmetric: bool = True,
+                actorder: bool = False) -> int:
+    """Peak bytes of one gptq_quantize call on [experts, rows, cols] weights with `hessians`
+    (1 shared, or one per expert) [cols, cols] float32 Hessians: the weight stack included,
+    the caller's Hessians not (they are the statistics)."""
+    weight, hessian = experts * rows * cols, hessians * cols * cols
+    loop = 4 * (SOLVE_LOOP_WEIGHT_COPIES + (0 if symmetric else 1)) * weight + 3 * weight \
+        + 4 * SOLVE_LOOP_HESSIAN_COPIES * hessian
+    factor_copies = SOLVE_FACTOR_HESSIAN_COPIES + (1 if actorder else 0)
+    factor = 4 * SOLVE_FACTOR_WEIGHT_COPIES * weight + weight + 4 * factor_copies * hessian + 4 * cols * cols
+    return max(loop, factor)
+
+
+def _value(q: dict[str, Any], key: str, default: Any) -> Any:
+    """A setting, with YAML's null meaning the default (the config walker lets null through)."""
+    value = q.get(key)
+    return default if value is None else value
 
 
 def _group_size(q: dict[str, Any], source: str) -> int:
@@ -31,7 +74,7 @@ def _group_size(q: dict[str, Any], source: str) -> int:
     if method.get("weight", "per-group") != "per-group":
         raise ConfigError(f"{source}: '{Q}.quant_method.weight' is {method['weight']!r}; W4A16 quantizes weights "
                           "per-group (allowed: per-group)")
-    size = method.get("group_size", 128)
+    size = _value(method, "group_size", 128)
     if size == -1:
         return 128  # AngelSlim's -1: the default group
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 8:
@@ -93,11 +136,12 @@ class Int4Rtn(_W4A16):
     @classmethod
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
         check_bits(cls, q, source)
-        return cls(_group_size(q, source), bool(q.get("sym", True)))
+        return cls(_group_size(q, source), bool(_value(q, "sym", True)))
 
     def quantize(self, weights, stats, layout=None):
         from streamq.quant import int4
 
+        require_finite({name: w.abs().amax() for name, w in weights.items()})
         for name, w in weights.items():
             self._check_shape(name, w)
             codes, scale, zp = int4.quantize_rtn(w, self.group_size, self.sym, _scale_dtype(w))
@@ -124,21 +168,22 @@ class Int4Gptq(_W4A16):
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
         check_bits(cls, q, source)
         actorder = q.get("actorder", False)
-        one_of(actorder, (False, "static", True), f"{Q}.actorder", source)
         if actorder == "group":
             raise ConfigError(f"{source}: '{Q}.actorder' is 'group', which vLLM refuses; allowed: static, false")
-        damp = q.get("damp_percent", 0.01)
+        # null / false: column order; static / weight (llm-compressor's names) / true: decreasing diag(H)
+        one_of(actorder, (None, False, True, "static", "weight"), f"{Q}.actorder", source)
+        damp = _value(q, "damp_percent", 0.01)
         if not 0 < float(damp) < 1:
             raise ConfigError(f"{source}: '{Q}.damp_percent' is {damp}; allowed: a number in (0, 1), e.g. 0.01")
-        block = q.get("block_size", 128)
+        block = _value(q, "block_size", 128)
         if block <= 0:
             raise ConfigError(f"{source}: '{Q}.block_size' is {block}; allowed: a positive integer, e.g. 128")
-        propagate = one_of(q.get("propagate", "quantized"), ("quantized", "original"), f"{Q}.propagate", source)
-        min_tokens = q.get("min_expert_tokens", 1)
+        propagate = one_of(_value(q, "propagate", "quantized"), ("quantized", "original"), f"{Q}.propagate", source)
+        min_tokens = _value(q, "min_expert_tokens", 1)
         if min_tokens < 0:
             raise ConfigError(f"{source}: '{Q}.min_expert_tokens' is {min_tokens}; allowed: 0 or more")
-        return cls(_group_size(q, source), bool(q.get("sym", True)), actorder in ("static", True), float(damp),
-                   block, propagate, min_tokens)
+        return cls(_group_size(q, source), bool(_value(q, "sym", True)), actorder in ("static", "weight", True),
+                   float(damp), block, propagate, min_tokens)
 
     @property
     def spec(self) -> QuantSpec:
@@ -161,11 +206,55 @@ class Int4Gptq(_W4A16):
         d.pop("fallbacks", None)
         return d
 
-    def _solve(self, w, h):
+    def statistics_bytes(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
+                         all_experts: bool = False) -> tuple[dict[str, int], dict[str, int]]:
+        """Device bytes one layer's statistics and solve hold besides the layer and its
+        activations (for the planner), from the quantized Linears' [out, in] shapes by module
+        name; `experts` maps the fused experts' members to their `ExpertRef`. Returns
+        (statistics, solve working set), each by label.
+
+        "Hessians (float32)": one [in, in] per distinct input, alive from the replay through
+        the solve: q/k/v share one, a dense gate/up one; per expert gate/up [E, H, H] and down
+        [E, I, I], or one gate/up [H, H] for all experts with all-experts calibration.
+        "GPTQ solve": the largest single solve (`solve_bytes`): a stack of modules sharing a
+        Hessian, or one chunk of experts plus that chunk's Hessians copied for experts that
+        fall back to round-to-nearest (counted always: a budget must hold when it happens).
+        """
+        from streamq.model.fusion import fused_group_key
+
+        hessians = solve = 0
+        stacks: dict[str, list[tuple[int, int]]] = {}
+        for module, shape in linears.items():
+            if module not in experts:
+                stacks.setdefault(fused_group_key(module), []).append(shape)
+        for shapes in stacks.values():
+            cols = shapes[0][1]
+            hessians += 4 * cols * cols
+            solve = max(solve, solve_bytes(1, sum(out for out, _ in shapes), cols, 1, self.sym, self.actorder))
+        problems: dict[tuple[str, str], dict[int, list[int]]] = {}
+        for module, ref in experts.items():
+            if module in linears:
+                kind = "down" if ref.proj == "down_proj" else "gate_up"
+                rows_cols = problems.setdefault((ref.parent, kind), {}).setdefault(ref.index, [0, linears[module][1]])
+                rows_cols[0] += linears[module][0]
+        for (_, kind), members in problems.items():
+            num = 1 + max(members)
+            rows, cols = members[max(members)]
+            shared = all_experts and kind == "gate_up"
+            hessians += 4 * cols * cols * (1 if shared else num)
+            chunk = expert_chunk(rows, cols, num, not shared)
+            fallback_copy = 0 if shared else 4 * chunk * cols * cols
+            solve = max(solve, solve_bytes(chunk, rows, cols, 1 if shared else chunk, self.sym, self.actorder)
+                        + fallback_copy)
+        return {"Hessians (float32)": hessians}, {"GPTQ solve": solve}
+
+    def _solve(self, w, h, scale_dtype):
+        """w float32 [E, out, in]; `scale_dtype` the dtype the scales are stored in (the source
+        weight's, not w's float32), so codes are chosen against the scale a loader reads."""
         from streamq.quant.gptq import gptq_quantize
 
         return gptq_quantize(w, h, self.group_size, self.sym, self.actorder, self.damp_percent, self.block_size,
-                             scale_dtype=_scale_dtype(w))
+                             scale_dtype=scale_dtype)
 
     def quantize(self, weights, stats, layout=None):
         """GPTQ every Linear of the layer. `stats.values`: module -> H float32 [in, in] for
@@ -177,17 +266,29 @@ class Int4Gptq(_W4A16):
         import torch
 
         self.fallbacks.clear()
+        require_finite({name: w.abs().amax() for name, w in weights.items()})
         experts = {} if layout is None else {m: ref for m, ref in layout.experts.items() if m in weights}
-        for name, w in weights.items():
-            if name in experts:
-                continue
-            self._check_shape(name, w)
-            out_dtype = _scale_dtype(w)
-            r = self._solve(w.to(torch.float32).unsqueeze(0), stats.values[name])
+        # Modules with one Hessian (q/k/v, a dense gate/up) are solved as one stack of rows:
+        # GPTQ treats every output row on its own, so stacking changes no code, only the
+        # number of launch-bound column loops.
+        stacks: dict[int, list[str]] = {}
+        for name in weights:
+            if name not in experts:
+                self._check_shape(name, weights[name])
+                stacks.setdefault(id(stats.values[name]), []).append(name)
+        for names in stacks.values():
+            rows = [weights[n].shape[0] for n in names]
+            w = torch.cat([weights[n] for n in names]).to(torch.float32).unsqueeze(0)
+            r = self._solve(w, stats.values[names[0]], _scale_dtype(weights[names[0]]))
+            del w
             if bool(r.rtn[0]):
-                self.fallbacks.append(f"{name}: {r.reasons[0]}")
-            zp = None if r.zero_point is None else r.zero_point[0]
-            yield name, QuantizedLinear(r.codes[0], r.scale[0].to(out_dtype), zero_point=zp)
+                self.fallbacks.append(f"{', '.join(names)}: {r.reasons[0]}")
+            start = 0
+            for n, count in zip(names, rows, strict=True):
+                sl = slice(start, start + count)
+                start += count
+                zp = None if r.zero_point is None else r.zero_point[0, sl]
+                yield n, QuantizedLinear(r.codes[0, sl], r.scale[0, sl].to(_scale_dtype(weights[n])), zero_point=zp)
         by_parent: dict[str, dict[tuple[int, str], str]] = {}
         for module, ref in experts.items():
             by_parent.setdefault(layout.prefix + ref.parent, {})[(ref.index, ref.proj)] = module
@@ -206,23 +307,24 @@ class Int4Gptq(_W4A16):
             sample = weights[members[(0, projs[0])]]
             rows, cols = sample.shape[0] * len(projs), sample.shape[1]
             self._check_shape(members[(0, projs[0])], sample)
-            per_expert = 4 * (4 * rows * cols + (2 * cols * cols if h_all.ndim == 3 else 0))
-            chunk = max(1, min(num, EXPERT_SOLVE_BYTES // max(per_expert, 1)))
+            chunk = expert_chunk(rows, cols, num, h_all.ndim == 3)
+            few: list[int] = []
             if count is not None and h_all.ndim == 3:
                 few = (count < self.min_expert_tokens).nonzero().flatten().tolist()
                 for e in few if kind == "gate_up" else ():
                     self.fallbacks.append(f"{parent}.{e}: {int(count[e])} calibration tokens < min_expert_tokens "
                                           f"{self.min_expert_tokens}, quantized round-to-nearest")
-                if few:  # H = 0: the solve quantizes these round-to-nearest, never zeros
-                    h_all = h_all.clone()
-                    h_all[few] = 0
             for e0 in range(0, num, chunk):
                 es = range(e0, min(num, e0 + chunk))
+                out_dtype = _scale_dtype(weights[members[(e0, projs[0])]])
                 w = torch.stack([torch.cat([weights[members[(e, p)]] for p in projs]) for e in es]).to(torch.float32)
                 h = h_all if h_all.ndim == 2 else h_all[e0:e0 + len(es)]
-                r = self._solve(w, h)
+                low = [e - e0 for e in few if e in es]
+                if low:  # H = 0: the solve quantizes these round-to-nearest, never zeros
+                    h = h.clone()  # this chunk's only: a copy of every expert's Hessian would be GiBs
+                    h[low] = 0
+                r = self._solve(w, h, out_dtype)
                 del w
-                out_dtype = _scale_dtype(weights[members[(e0, projs[0])]])
                 for j, e in enumerate(es):
                     if bool(r.rtn[j]) and (count is None or int(count[e]) >= self.min_expert_tokens):
                         self.fallbacks.append(f"{parent}.{e}.{kind}: {r.reasons[j]}")

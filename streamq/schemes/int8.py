@@ -17,7 +17,7 @@ from typing import Any
 from streamq.errors import ConfigError
 from streamq.formats.base import QuantSpec
 from streamq.quant.granularity import PerChannel, PerToken
-from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, register
+from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, register, require_finite
 
 HELPERS = ("smooth",)
 
@@ -78,16 +78,9 @@ class Int8Dynamic(Scheme):
         return smooth_layer(ctx, stats, self.smooth_alpha)
 
     def quantize(self, weights, stats, layout=None):
-        import torch
-
-        from streamq.errors import CheckpointError
         from streamq.quant import int8
 
         scales = {name: int8.channel_scale(w) for name, w in weights.items()}
-        if scales:
-            finite = torch.stack([torch.isfinite(s).all() for s in scales.values()]).cpu()
-            if not bool(finite.all()):
-                bad = list(scales)[int((~finite).nonzero()[0])]
-                raise CheckpointError(f"tensor '{bad}.weight' contains NaN or Inf values; refusing to quantize it")
+        require_finite(scales)
         for name, w in weights.items():
             yield name, QuantizedLinear(int8.quantize_int8(w, scales[name]), scales[name])

@@ -127,11 +127,13 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def tiny_config(arch: str, num_layers: int = 2) -> PreTrainedConfig:
-    """The config of a tiny model of `arch` (see module docstring for the shapes)."""
+def tiny_config(arch: str, num_layers: int = 2, overrides: dict | None = None) -> PreTrainedConfig:
+    """The config of a tiny model of `arch` (see module docstring for the shapes);
+    `overrides` changes config values (e.g. sizes that a group size of 128 divides)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; expected one of {ARCHS}")
-    return AutoConfig.for_model(arch, num_hidden_layers=num_layers, **_COMMON_CONFIG, **_ARCH_CONFIG[arch])
+    values = {**_COMMON_CONFIG, **_ARCH_CONFIG[arch], **(overrides or {})}
+    return AutoConfig.for_model(arch, num_hidden_layers=num_layers, **values)
 
 
 @torch.no_grad()
@@ -191,10 +193,12 @@ def build_tiny_model(
     seed: int = 0,
     split_layer_across_shards: bool = False,
     with_tokenizer: bool = True,
+    overrides: dict | None = None,
 ) -> Path:
-    """Save a seeded bf16 tiny `arch` checkpoint (plus tokenizer, generation config)."""
+    """Save a seeded bf16 tiny `arch` checkpoint (plus tokenizer, generation config);
+    `overrides` changes config values (see `tiny_config`)."""
     out_dir = Path(out_dir)
-    model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers), dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_config(tiny_config(arch, num_layers, overrides), dtype=torch.bfloat16)
     _fill_weights(model, seed)
     model.save_pretrained(out_dir)
     if split_layer_across_shards:

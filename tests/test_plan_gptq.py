@@ -1,0 +1,100 @@
+"""`streamq plan` for int4_gptq: Hessians and the solve in the peak, the second replay in the
+time; the DESIGN.md numbers for Qwen3-235B-A22B on its synthetic geometry (headers only)."""
+
+from __future__ import annotations
+
+import pytest
+from test_plan import write_header_only
+
+from streamq.config import parse_config
+from streamq.engine.job import prepare
+from streamq.engine.plan import make_plan
+from streamq.model.fusion import fused_group_key
+
+GiB = 2**30
+HESSIANS, SOLVE = "Hessians (float32)", "GPTQ solve"
+
+
+@pytest.fixture(scope="module")
+def big235(tmp_path_factory):
+    return write_header_only(tmp_path_factory.mktemp("plan-gptq-235b") / "q235", "qwen3-235b-a22b", layers=2)
+
+
+def _job(model, out, algorithm="int4_gptq", **quant):
+    q = {"name": algorithm, "bits": 4 if algorithm.startswith("int4") else 8, "ignore_layers": ["lm_head"], **quant}
+    if algorithm.startswith("int4"):
+        q["quant_method"] = {"weight": "per-group", "group_size": 128}
+    cfg = {"global": {"save_path": str(out), "device": "cpu"}, "model": {"model_path": str(model)},
+           "compression": {"name": "PTQ", "quantization": q},
+           "dataset": {"name": "RandomTokens", "max_seq_length": 2048, "num_samples": 64, "batch_size": 4}}
+    return prepare(parse_config(cfg))
+
+
+def _plan(job):
+    return make_plan(job, max_gpu_memory=200 * GiB, max_cpu_memory=10**13, device_type="cuda",
+                     baseline_host_bytes=GiB)
+
+
+def _layer_shapes(job):
+    layout = job.layouts[0]
+    return {m: tuple(job.reader.tensors[n].shape) for m, n in layout.quantized.items()}, layout.experts
+
+
+def test_qwen3_235b_hessian_bytes(big235, tmp_path):
+    """DESIGN.md: one Hessian per Linear 17.6 GiB, one per distinct input 9.4 GiB, with
+    all-experts calibration 1.5 GiB."""
+    job = _job(big235, tmp_path / "out")
+    shapes, experts = _layer_shapes(job)
+    per_linear = sum(4 * cols * cols for _, cols in shapes.values())
+    assert round(per_linear / GiB, 1) == 17.6
+    # One per distinct input: q/k/v share (the fused groups), each expert's gate/up share.
+    distinct = {(fused_group_key(m) if m not in experts else (experts[m].index, experts[m].proj == "down_proj")):
+                shape[1] for m, shape in shapes.items()}
+    assert len(distinct) == 2 + 2 * 128
+    stats, _ = job.config.scheme.statistics_bytes(shapes, experts, False)
+    assert stats[HESSIANS] == sum(4 * c * c for c in distinct.values())
+    assert round(stats[HESSIANS] / GiB, 1) == 9.4
+    stats, _ = job.config.scheme.statistics_bytes(shapes, experts, True)
+    assert round(stats[HESSIANS] / GiB, 1) == 1.5
+    # 4096^2 (q/k/v) + 8192^2 (o) + 4096^2 (gate/up of every expert) + 128 x 1536^2 (down), float32
+    assert stats[HESSIANS] == 4 * (2 * 4096**2 + 8192**2 + 128 * 1536**2)
+
+
+def test_plan_counts_hessians_solve_and_the_second_replay(big235, tmp_path):
+    gptq = _plan(_job(big235, tmp_path / "a"))
+    original = _plan(_job(big235, tmp_path / "b", propagate="original"))
+    shared = _plan(_job(big235, tmp_path / "c", moe_calibrate_all_experts=True))
+    fp8 = _plan(_job(big235, tmp_path / "d", "fp8_static"))
+    for plan in (gptq, original):
+        assert round(plan.gpu_breakdown[HESSIANS] / GiB, 1) == 9.4
+        # The peak is the solve: Hessians + the largest chunk of experts' working set.
+        assert plan.gpu_breakdown[SOLVE] > 10 * GiB
+        assert plan.predicted_peak_gpu_bytes > fp8.predicted_peak_gpu_bytes + 19 * GiB
+    assert round(shared.gpu_breakdown[HESSIANS] / GiB, 1) == 1.5
+    assert shared.predicted_peak_gpu_bytes < gptq.predicted_peak_gpu_bytes
+    assert "GPTQ solve" in gptq.summary()
+
+
+def test_propagating_quantized_replays_twice(big235, tmp_path):
+    """The quantized layer is replayed once more: a second forward of every calibration token."""
+    from streamq.engine.plan import Assumptions, _active_params, _Choice, _layer_times, inputs_from_job
+
+    a, choice = Assumptions(), _Choice("device", 4, 1)
+    times = {}
+    for propagate in ("quantized", "original"):
+        inputs = inputs_from_job(_job(big235, tmp_path / propagate, propagate=propagate), "cuda")
+        assert inputs.propagate_quantized == (propagate == "quantized")
+        times[propagate] = _layer_times(inputs, a, choice).compute
+    tokens = 64 * 2048
+    replay = [2 * _active_params(inputs, lay) * tokens / a.gpu_flops for lay in inputs.layers]
+    assert all(r > 0 for r in replay)
+    for q, o, r in zip(times["quantized"], times["original"], replay, strict=True):
+        assert q == pytest.approx(o + r)
+
+
+def test_plan_on_cpu_counts_hessians_on_the_host(tiny_models, tmp_path):
+    plan = make_plan(_job(tiny_models["qwen3_moe"], tmp_path / "out"), max_cpu_memory=10**13,
+                     baseline_host_bytes=GiB)
+    # tiny MoE: 64^2 (q/k/v) + 64^2 (o) + 12 x 64^2 (gate/up) + 12 x 32^2 (down), float32
+    assert plan.host_breakdown[HESSIANS] == 4 * (14 * 64**2 + 12 * 32**2)
+    assert plan.host_breakdown[SOLVE] > 0 and plan.gpu_breakdown == {}
