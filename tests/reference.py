@@ -65,3 +65,52 @@ def reference_static(model_path: Path, batches: list, scheme: Scheme, fmt: str, 
         expected.update({n: source[n] for n in layout.copied})
     expected.update({n: source[n] for n in reader.other})
     return expected
+
+
+@torch.no_grad()
+def reference_awq(model_path: Path, batches: list, scheme: Scheme, fmt: str, ignore: tuple[str, ...]
+                  ) -> dict[str, torch.Tensor]:
+    """int4_awq on the whole model in memory: forward hooks record every layer's AWQ
+    statistics (channel_absmean observers) and parent blocks' inputs and outputs over all
+    batches of the unquantized model, then each layer is transformed and quantized with the
+    scheme's own functions. Every tensor the quantized checkpoint should contain, by name."""
+    from streamq.engine.run import LayerContext
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16,
+                                                 attn_implementation="sdpa").eval()
+    reader = CheckpointReader(model_path)
+    layers = model.model.layers
+    ignore = IgnoreMatcher(ignore)
+    layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore) for i in range(len(layers))]
+    observers, records = [], []
+    for layout, layer in zip(layouts, layers, strict=True):
+        obs = LayerObserver()
+        obs.watch_linears(layer, dict.fromkeys(scheme.smoothing_inputs(layer, layout), scheme.smoothing_kind()))
+        blocks = {name: [] for name in scheme.recorded_blocks(layer, layout)}
+        for name, rec in blocks.items():
+            def hook(_mod, args, kwargs, output, _rec=rec):
+                _rec.append((args, dict(kwargs), output))
+            obs._handles.append(layer.get_submodule(name).register_forward_hook(hook, with_kwargs=True))
+        observers.append(obs)
+        records.append(blocks)
+    masks = [batch.attention_mask.bool() for batch in batches]
+    for batch, mask in zip(batches, masks, strict=True):
+        for obs in observers:
+            obs.token_mask = mask
+        model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False)
+    for obs in observers:
+        obs.close()
+
+    source = reader.read(list(reader.tensors))
+    expected: dict[str, torch.Tensor] = {}
+    for layout, layer, obs, blocks in zip(layouts, layers, observers, records, strict=True):
+        stats = LayerStats({layout.prefix + n: o.result() for n, o in obs.observers.items()}, blocks, masks)
+        tensors = {n: source[n] for n in reader.layers[layout.index]}
+        weights = {m: source[n] for m, n in layout.quantized.items()}
+        ctx = LayerContext(layout, layer, weights, tensors, torch.device("cpu"))
+        changed = scheme.transform(ctx, stats)
+        for module, q in scheme.quantize(ctx.weights, stats, layout):
+            expected.update(get_format(fmt).pack(module, q, scheme.spec))
+        expected.update({n: changed.get(n, source[n]) for n in layout.copied})
+    expected.update({n: source[n] for n in reader.other})
+    return expected

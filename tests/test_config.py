@@ -54,9 +54,15 @@ BAD = {
                                                 "compression.quantization.bits", 4),
                                            "compression.quantization.quant_method", {"weight": "per-group"}),
                              ["int4_gptq", "save_name 'fp8'", "compressed-tensors, gptq"]),
+    "int4-awq-n-grid": (lambda c: _set(_set(_set(_set(c, "compression.quantization.name", "int4_awq"),
+                                                "compression.quantization.bits", 4),
+                                           "compression.quantization.quant_method",
+                                           {"weight": "per-group", "group_size": 128}),
+                                      "compression.quantization.n_grid", 0),
+                        ["'compression.quantization.n_grid'", "positive integer"]),
     "unknown-algorithm": (lambda c: _set(c, "compression.quantization.name", "nvfp4"),
                           ["'compression.quantization.name'", "nvfp4", "fp8_blockwise, fp8_dynamic, fp8_static, "
-                           "int4_gptq"]),
+                           "int4_awq, int4_gptq, int4_rtn, int8_dynamic"]),
     "bits-4-with-fp8": (lambda c: _set(c, "compression.quantization.bits", 4),
                         ["'compression.quantization.bits'", "fp8_dynamic", "bits: 8"]),
     "per-channel-with-fp8-format": (

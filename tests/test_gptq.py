@@ -257,7 +257,7 @@ def test_expert_hessian_accumulator_matches_per_expert_loop() -> None:
     x = torch.randn(rows, n, generator=gen)
     ids = torch.randint(0, e - 1, (rows, k), generator=gen)  # expert e-1 never chosen
     mask = torch.rand(rows, generator=gen) > 0.2
-    acc = hessian.ExpertHessianAccumulator(e, n, chunk_rows=24)  # chunks of 4 padded rows
+    acc = hessian.ExpertHessianAccumulator(e, n)
     acc.update(x[:30], ids[:30], mask[:30])
     other = hessian.ExpertHessianAccumulator(e, n)
     other.update(x[30:], ids[30:], mask[30:])

@@ -215,7 +215,7 @@ def edit_config(out, change) -> None:
 @pytest.mark.parametrize("change, needle", [
     (lambda qc: qc.pop("activation_scheme"), "activation_scheme"),
     (lambda qc: qc.update(activation_scheme="dynamic"), "dynamic activations, but an input_scale is stored"),
-    (lambda qc: qc.update(quant_method="awq"), "quant_method is 'awq'"),
+    (lambda qc: qc.update(quant_method="hqq"), "quant_method is 'hqq'"),
     (lambda qc: qc.update(ignored_layers="lm_head"), "ignored_layers must be a list"),
     (lambda qc: qc.update(ignored_layers=["model.layers.0.self_attn.q_proj"]), "lists it as ignored"),
 ])

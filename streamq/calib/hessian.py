@@ -59,28 +59,26 @@ class HessianAccumulator:
 
 
 class ExpertHessianAccumulator:
-    """One HessianAccumulator per expert, fed by routed rows without a loop over experts.
+    """One HessianAccumulator per expert, fed by routed rows.
 
-    `update(x [rows, in], expert_ids [rows] or [rows, k], mask)`: row r goes to
-    every expert in expert_ids[r] (top-k routing repeats the row). Rows are sorted by
-    expert and scattered into a zero-padded [E, chunk, in] block, then one bmm adds
-    X_e^T X_e for all experts at once; padding rows are zero and add nothing.
+    `update(x [rows, in], expert_ids [rows] or [rows, k], mask)`: row r goes to every
+    expert in expert_ids[r] (top-k routing repeats the row). Rows are sorted by expert
+    (one gather) and each expert adds X_e^T X_e with one addmm over exactly its rows: the
+    work is the routed rows', however unbalanced the routing (a zero-padded [E, longest,
+    in] block would cost E times the busiest expert's rows).
     """
 
-    def __init__(
-        self, num_experts: int, in_features: int, device: torch.device | str | None = None, chunk_rows: int = 4096
-    ) -> None:
+    def __init__(self, num_experts: int, in_features: int, device: torch.device | str | None = None) -> None:
         self.num_experts = num_experts
         self.in_features = in_features
-        self.chunk_rows = chunk_rows  # bound on E * padded rows materialized at once
         self.sum = torch.zeros(num_experts, in_features, in_features, dtype=torch.float32, device=device)
         self.count = torch.zeros(num_experts, dtype=torch.int64, device=device)
 
     def update(self, x: torch.Tensor, expert_ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """x: [..., in]; expert_ids: int [rows] or [rows, k] (rows = x's token count);
-        mask: bool [rows] (real tokens), or None. One host sync (the longest expert)."""
+        mask: bool [rows] (real tokens), or None. One host sync (the per-expert counts)."""
         e, n = self.num_experts, self.in_features
-        rows = x.reshape(-1, n).to(torch.float32)
+        rows = x.reshape(-1, n)
         ids = expert_ids.reshape(rows.shape[0], -1).to(torch.int64)  # [R, k]
         k = ids.shape[1]
         if mask is not None:
@@ -88,22 +86,17 @@ class ExpertHessianAccumulator:
             assert mask.numel() == rows.shape[0], (mask.numel(), rows.shape[0])
             ids = torch.where(mask[:, None], ids, torch.full_like(ids, e))  # bucket e = dropped
         ids = ids.reshape(-1)
-        src = torch.arange(rows.shape[0], device=rows.device).repeat_interleave(k)
         counts = torch.bincount(ids, minlength=e + 1)
         self.count += counts[:e]
         order = torch.argsort(ids, stable=True)
-        sorted_ids = ids[order]
-        starts = torch.cumsum(counts, 0) - counts
-        pos = torch.arange(ids.numel(), device=rows.device) - starts[sorted_ids]
-        keep = sorted_ids < e
-        sorted_ids, pos, src = sorted_ids[keep], pos[keep], src[order][keep]
-        longest = int(counts[:e].max().item()) if e > 0 else 0
-        step = max(1, self.chunk_rows // max(e, 1))
-        for p0 in range(0, longest, step):
-            sel = (pos >= p0) & (pos < p0 + step)
-            block = torch.zeros(e, step, n, dtype=torch.float32, device=rows.device)
-            block[sorted_ids[sel], pos[sel] - p0] = rows[src[sel]]
-            self.sum.baddbmm_(block.transpose(1, 2), block)
+        src = order // k  # the token of each routed row, rows grouped by expert
+        sizes = counts.tolist()
+        start = 0
+        for expert, size in enumerate(sizes[:e]):
+            if size:
+                xe = rows[src[start:start + size]].to(torch.float32)
+                self.sum[expert].addmm_(xe.T, xe)
+            start += size
 
     def update_expert(self, expert: int, x: torch.Tensor) -> None:
         """Every row of x [..., in] (real tokens only) goes to one expert: a plain addmm, not

@@ -57,13 +57,48 @@ class ChannelAbsMax(AbsMax):
         self._fold(masked_rows(x, mask).abs().amax(dim=0).to(torch.float32))
 
 
+class ChannelAbsMean:
+    """Mean |x| of every input channel over real tokens: float32 [in] (AWQ's x_mean).
+
+    Keeps the float32 sum of |x| and the token count; `merge` adds both (a second process's
+    share), `result` divides once, so the mean of several shares equals the mean of all.
+    """
+
+    def __init__(self) -> None:
+        self.sum: torch.Tensor | None = None
+        self.count: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        rows = masked_rows(x, mask).abs().to(torch.float32).sum(dim=0)
+        n = torch.tensor(x.reshape(-1, x.shape[-1]).shape[0], device=x.device) if mask is None \
+            else mask.reshape(-1).sum()
+        self._add(rows, n.to(torch.int64))
+
+    def _add(self, total: torch.Tensor, n: torch.Tensor) -> None:
+        if self.sum is None:
+            self.sum, self.count = total, n
+        else:
+            self.sum, self.count = self.sum + total.to(self.sum.device), self.count + n.to(self.count.device)
+
+    def merge(self, other: ChannelAbsMean) -> ChannelAbsMean:
+        if other.sum is not None:
+            self._add(other.sum, other.count)
+        return self
+
+    def result(self) -> torch.Tensor | None:
+        if self.sum is None:
+            return None
+        return self.sum / self.count.clamp(min=1).to(torch.float32)
+
+
 def _hessian() -> AbsMax:
     from streamq.calib.hessian import HessianAccumulator
 
     return HessianAccumulator()  # the same update / merge / result protocol
 
 
-OBSERVERS = {"absmax": AbsMax, "channel_absmax": ChannelAbsMax, "hessian": _hessian}
+OBSERVERS = {"absmax": AbsMax, "channel_absmax": ChannelAbsMax, "channel_absmean": ChannelAbsMean,
+             "hessian": _hessian}
 
 
 class LayerObserver:

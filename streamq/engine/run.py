@@ -51,7 +51,6 @@ from streamq.model.skeleton import (
     materialize_outside_layers,
     release_outside_layers,
 )
-from streamq.model.smoothing import smoothing_groups
 from streamq.paths import calibration_file, check_save_path
 from streamq.pinned import host_buffer, page_lock, unregister
 from streamq.schemes.base import LayerStats
@@ -143,8 +142,8 @@ class _Calibrator:
                         watch[layout.rel(rep)] = kind
             smoothing = scheme.smoothing_kind()
             if smoothing is not None:
-                for group in smoothing_groups(layer, layout):
-                    watch[group.observed] = smoothing
+                for name in scheme.smoothing_inputs(layer, layout):
+                    watch[name] = smoothing
             obs.watch_linears(layer, watch)
             blocks = {name: [] for name in scheme.recorded_blocks(layer, layout)}
             for name, records in blocks.items():

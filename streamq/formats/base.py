@@ -157,4 +157,4 @@ def ignore_entry_matches(entry: str, module: str) -> bool:
 
 def _load_builtin() -> None:
     # The built-in formats register themselves on import.
-    from streamq.formats import compressed_tensors, gptq, vllm_fp8  # noqa: F401
+    from streamq.formats import awq, compressed_tensors, gptq, vllm_fp8  # noqa: F401

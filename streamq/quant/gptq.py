@@ -69,23 +69,31 @@ def _inverse_hessian_factor(
     [B, in, in], ok bool [B], damp float32 [B]); U is the identity where not ok.
     """
     b, n, _ = h.shape
-    eye = torch.eye(n, dtype=h.dtype, device=h.device)
     mean_diag = torch.diagonal(h, dim1=-2, dim2=-1).mean(dim=-1)  # [B]
-    u = eye.expand(b, n, n).clone()
+    u = torch.empty_like(h)
     ok = torch.zeros(b, dtype=torch.bool, device=h.device)
     used = torch.zeros(b, dtype=torch.float32, device=h.device)
     for attempt in range(max_tries):
         frac = damp_percent + damp_step * attempt
-        damped = h + (frac * mean_diag)[:, None, None] * eye
+        # Each intermediate is dropped as soon as the next exists: at most two [B, n, n]
+        # temporaries live beside h and u (this is the solve's memory peak for big experts).
+        damped = h.clone()
+        torch.diagonal(damped, dim1=-2, dim2=-1).add_((frac * mean_diag)[:, None])
         lower, info = torch.linalg.cholesky_ex(damped)
+        del damped
         hinv = torch.cholesky_inverse(lower)
+        del lower
         upper, info2 = torch.linalg.cholesky_ex(hinv, upper=True)
+        del hinv
         good = (info == 0) & (info2 == 0) & torch.isfinite(upper).all(dim=(-2, -1)) & ~ok
-        u = torch.where(good[:, None, None], upper, u)
+        u[good] = upper[good]
+        del upper
         used = torch.where(good, torch.full_like(used, frac), used)
         ok = ok | good
         if bool(ok.all()):  # one host sync per attempt, not per column
             break
+    if not bool(ok.all()):
+        u[~ok] = torch.eye(n, dtype=h.dtype, device=h.device)
     return u, ok, used
 
 

@@ -103,6 +103,13 @@ class Scheme:
         """A per-channel statistic the transform needs on the smoothing groups' inputs, or None."""
         return None
 
+    def smoothing_inputs(self, layer: Any, layout: Any) -> list[str]:
+        """Modules of the layer (relative names) whose inputs feed `smoothing_kind` statistics;
+        default: the SmoothQuant groups' (`streamq.model.smoothing.smoothing_groups`)."""
+        from streamq.model.smoothing import smoothing_groups
+
+        return [g.observed for g in smoothing_groups(layer, layout)]
+
     def recorded_blocks(self, layer: Any, layout: Any) -> list[str]:
         """Modules of the layer (relative names) whose inputs and outputs of every
         calibration batch the transform needs (AWQ's per-block loss); default none."""
@@ -148,7 +155,7 @@ def require_finite(values: dict[str, torch.Tensor]) -> None:
 
 SCHEMES: dict[str, type[Scheme]] = {}
 # Names AngelSlim configs use that no module implements yet.
-PLANNED: tuple[str, ...] = ("int4_awq",)
+PLANNED: tuple[str, ...] = ()
 
 
 def register(cls: type[Scheme]) -> type[Scheme]:
@@ -186,4 +193,4 @@ def check_bits(cls: type[Scheme], q: dict[str, Any], source: str) -> None:
 
 def _load_builtin() -> None:
     # The built-in schemes register themselves on import.
-    from streamq.schemes import fp8, int4, int8  # noqa: F401
+    from streamq.schemes import awq, fp8, int4, int8  # noqa: F401

@@ -21,10 +21,8 @@ from streamq.formats.base import QuantSpec
 from streamq.quant.granularity import PerGroup
 from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of, register, require_finite
 
-# Bytes of float32 work the batched expert solve may hold at once (weights, Hessians and
-# their factors, about four copies of the chunk's weights and two of its Hessians).
-# 12 GiB holds 36 of Qwen3-235B-A22B's experts: four launch-bound column loops per layer
-# instead of eleven.
+# Bytes the batched expert solve may hold at once (`solve_bytes`): on Qwen3-235B-A22B, 28
+# experts' gate/up at a time, five launch-bound column loops per layer instead of eleven.
 EXPERT_SOLVE_BYTES = 12 << 30
 
 # What one `streamq.quant.gptq.gptq_quantize` call allocates, in copies of its float32 weight
@@ -34,19 +32,19 @@ EXPERT_SOLVE_BYTES = 12 << 30
 #   product (float32), the per-column zero points (int32, asymmetric), the codes, the RTN
 #   codes and their final selection (int8); the Hessian's clone and its inverse factor;
 # - Cholesky (before the loop, the peak when each expert has its own Hessian): the stack,
-#   the working copy, the RTN codes; the Hessian's clone, the factor it replaces and the new
-#   one, the damped Hessian, its Cholesky factor, the inverse, the upper factor of that, the
-#   finiteness mask (about 8 copies; one more with actorder's permuted copy), plus one
-#   identity [in, in].
+#   the working copy, the RTN codes; the Hessian's clone, the factor, two live temporaries of
+#   the damped / Cholesky / inverse / upper chain (each freed when the next exists) and the
+#   selection of the good factors (5 copies; one more with actorder's permuted copy), plus
+#   one identity [in, in].
 SOLVE_LOOP_WEIGHT_COPIES = 4
 SOLVE_LOOP_HESSIAN_COPIES = 2
 SOLVE_FACTOR_WEIGHT_COPIES = 2
-SOLVE_FACTOR_HESSIAN_COPIES = 8
+SOLVE_FACTOR_HESSIAN_COPIES = 5
 
 
 def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool) -> int:
-    """Experts solved at once: [chunk, rows, cols] weights within EXPERT_SOLVE_BYTES."""
-    per_expert = 4 * (4 * rows * cols + (2 * cols * cols if per_expert_hessian else 0))
+    """Experts solved at once: the most whose solve (`solve_bytes`) fits EXPERT_SOLVE_BYTES."""
+    per_expert = solve_bytes(1, rows, cols, 1 if per_expert_hessian else 0)
     return max(1, min(num, EXPERT_SOLVE_BYTES // max(per_expert, 1)))
 
 
@@ -144,8 +142,13 @@ class Int4Rtn(_W4A16):
         require_finite({name: w.abs().amax() for name, w in weights.items()})
         for name, w in weights.items():
             self._check_shape(name, w)
-            codes, scale, zp = int4.quantize_rtn(w, self.group_size, self.sym, _scale_dtype(w))
-            yield name, QuantizedLinear(codes, scale.to(_scale_dtype(w)), zero_point=zp)
+            dtype = self._storage_dtype(name, w)
+            codes, scale, zp = int4.quantize_rtn(w, self.group_size, self.sym, dtype)
+            yield name, QuantizedLinear(codes, scale.to(dtype), zero_point=zp)
+
+    def _storage_dtype(self, name: str, w):
+        """The dtype the scale of module `name` is stored in (the model dtype)."""
+        return _scale_dtype(w)
 
 
 @register

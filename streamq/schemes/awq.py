@@ -1,0 +1,306 @@
+"""int4_awq: W4A16 with AWQ scaling (Lin et al. 2023, "AWQ: Activation-aware Weight
+Quantization for LLM Compression and Acceleration"), in the form AutoAWQ implements it.
+
+Per decoder layer, from the calibration replay of the unquantized layer:
+
+- statistics: the mean |x| of every input channel of each smoothing group over real tokens
+  (observer "channel_absmean", sum and count, merged by adding); the inputs and outputs of
+  each group's parent block on every batch (`recorded_blocks`), and the real-token masks;
+- search, group by group in layer order (`streamq.model.smoothing.awq_groups`): for each of
+  `n_grid` ratios r a candidate s = x_mean^r / w_mean^(1-r) (duo scaling, normalized by
+  sqrt(max * min); `streamq.quant.smooth.awq_candidates`); the group's weights become
+  Q(W * s) / s (4-bit round-to-nearest, scales rounded to the stored dtype), the parent block
+  is re-run on its recorded inputs, and the loss is the squared error against the recorded
+  unquantized output, summed over real tokens (a sum, so per-rank losses add up); the
+  smallest loss wins (`pick`, ties to the lowest ratio);
+- apply: the source (norm weight, or v_proj / up_proj rows) divided by s, the group's Linears
+  (and the MoE router, which is not quantized) multiplied by s (`rescale_group`, shared with
+  SmoothQuant). The layer then computes the same function before quantization, and routing
+  logits are unchanged;
+- quantize: round-to-nearest W4 of the rescaled weights (`Int4Rtn`), scales in the model dtype.
+
+Order of groups: every search runs against the layer as it was calibrated (its modules keep
+the original weights; recorded inputs and outputs are the unquantized layer's), in layer order
+(q/k/v, o_proj, gate/up, down), and each group's scale is applied to the weights to quantize
+before the next search. No group's targets were rescaled on their input side by an earlier
+group, so this is exactly AutoAWQ's order (search all on the original layer, then apply all).
+Each later search fake-quantizes the current weights, so an earlier group's row rescaling of a
+source (v_proj, up_proj) is what the next quantization sees.
+
+MoE: post_attention_layernorm -> router + every expert's gate/up is one group whose parent
+is the whole MoE block; up_proj -> down_proj is one group per expert, its parent that
+expert's MLP, evaluated on the tokens the model routed to it (from the recorded experts
+inputs and routing); the loss is down_proj's output error there (gate/up unquantized, as
+AutoAWQ inspects down_proj). An expert no calibration token reached keeps s = 1 and is
+quantized round-to-nearest like the others (reported in `fallbacks`). The per-expert x_mean
+is computed from this process's recorded tokens (a multi-process run would add sums and counts).
+
+`mse_range: true` adds AutoAWQ's clipping search (`_clip`) after the scales are applied: for
+every Linear but q_proj / k_proj, per (row, group) the clip maximum r * absmax (r = 1, 0.95,
+..., 0.55) with the smallest output error on up to 512 sampled real-token inputs (inputs
+divided by the Linear's AWQ scale); the weight is clamped to it, then quantized.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from streamq.errors import ConfigError
+from streamq.schemes.base import Q, Scheme, check_bits, register
+from streamq.schemes.int4 import Int4Rtn, _group_size, _scale_dtype
+
+
+def _first(out: Any):
+    return out[0] if isinstance(out, tuple) else out
+
+
+@register
+@dataclass(frozen=True)
+class Int4Awq(Int4Rtn):
+    n_grid: int = 20
+    duo_scaling: bool = True
+    mse_range: bool = False
+    # Per layer, set by `transform`: the source dtype of each module's weight (scales are
+    # stored in it), notes for the report, and the ratio each group chose (tests, logs).
+    source_dtypes: dict = field(default_factory=dict, compare=False, repr=False)
+    fallbacks: list = field(default_factory=list, compare=False, repr=False)
+    chosen: dict = field(default_factory=dict, compare=False, repr=False)
+
+    name = "int4_awq"
+    keys = {"n_grid": (int,), "duo_scaling": (bool,)}
+    method_keys = {"weight": (str,), "group_size": (int,), "zero_point": (bool,), "mse_range": (bool,)}
+
+    @classmethod
+    def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
+        check_bits(cls, q, source)
+        method = q.get("quant_method") or {}
+        n_grid = q.get("n_grid", 20)
+        if n_grid < 1:
+            raise ConfigError(f"{source}: '{Q}.n_grid' is {n_grid}; allowed: a positive integer, e.g. 20")
+        return cls(_group_size(q, source), not bool(method.get("zero_point", True)), int(n_grid),
+                   bool(q.get("duo_scaling", True)), bool(method.get("mse_range", False)))
+
+    @property
+    def needs_calibration(self) -> bool:
+        return True
+
+    def identity(self) -> dict[str, Any]:
+        return {"group_size": self.group_size, "sym": self.sym, "n_grid": self.n_grid,
+                "duo_scaling": self.duo_scaling, "mse_range": self.mse_range}
+
+    def smoothing_kind(self) -> str | None:
+        return "channel_absmean"
+
+    def smoothing_inputs(self, layer, layout) -> list[str]:
+        from streamq.model.smoothing import awq_groups
+
+        return [g.observed for g in awq_groups(layer, layout) if g.observed is not None]
+
+    def recorded_blocks(self, layer, layout) -> list[str]:
+        from streamq.model.smoothing import awq_groups
+
+        blocks = [g.parent for g in awq_groups(layer, layout)]
+        if self.mse_range:  # the clipping search needs every Linear's input
+            blocks += [b for b in CLIP_INPUTS.values() if b in dict(layer.named_modules())]
+        return list(dict.fromkeys(blocks))
+
+    def _storage_dtype(self, name: str, w):
+        import torch
+
+        src = self.source_dtypes.get(name)
+        return _scale_dtype(w if src is None else torch.empty(0, dtype=src))
+
+    def _fake_quant(self, module: str):
+        """W -> its 4-bit round trip (float32), as `quantize` will store it."""
+        from streamq.quant import int4
+
+        def fq(w):
+            dtype = self._storage_dtype(module, w)
+            codes, scale, zp = int4.quantize_rtn(w, self.group_size, self.sym, dtype)
+            return int4.dequantize(codes, scale, zp, self.group_size, w.dtype)
+
+        return fq
+
+    def transform(self, ctx, stats):
+        import torch
+
+        from streamq.model.layer import layer_weight_views
+        from streamq.model.smoothing import awq_groups, rescale_group
+        from streamq.quant.smooth import awq_candidates, awq_weight_mean, grid_losses, pick
+
+        self.fallbacks.clear()
+        self.chosen.clear()
+        self.source_dtypes.clear()
+        self.source_dtypes.update({m: ctx.tensors[n].dtype for m, n in ctx.layout.quantized.items()})
+        changed: dict[str, torch.Tensor] = {}
+        col_scale: dict[str, torch.Tensor] = {}  # module -> the AWQ scale its columns were multiplied by
+        views = layer_weight_views(ctx.layer, ctx.layout)
+        prefix = ctx.layout.prefix
+        with torch.no_grad():
+            for group in awq_groups(ctx.layer, ctx.layout):
+                for m in group.targets:
+                    self._check_shape(m, ctx.weights[m])
+                # The weights to search from: ctx.weights, unless they are the layer's own
+                # parameters (views), which the search overwrites and restores.
+                saved = {m: views[m].clone() for m in group.targets}
+                base = {m: saved[m] if _aliases(ctx.weights[m], views[m]) else ctx.weights[m]
+                        for m in group.targets}
+                if group.expert is None:
+                    x_mean = stats.values[prefix + group.observed]
+                    loss_fn = self._block_loss(ctx, stats, group, base, views)
+                else:
+                    x_mean, loss_fn = self._expert_loss(ctx, stats, group, base, views)
+                    if x_mean is None:
+                        self.fallbacks.append(f"{prefix}{group.source}: no calibration token reached this expert; "
+                                              "AWQ scale 1, quantized round-to-nearest")
+                        continue
+                w_mean = awq_weight_mean([base[m] for m in group.targets], self.group_size)
+                ratios, candidates = awq_candidates(x_mean.to(w_mean.device), w_mean, self.n_grid,
+                                                    self.duo_scaling)
+                try:
+                    # A multi-process run all-reduce-sums these losses before `pick`.
+                    losses = grid_losses(candidates, loss_fn)
+                finally:
+                    for m in group.targets:
+                        views[m].copy_(saved[m])
+                s, best = pick(losses, candidates)
+                self.chosen[prefix + group.source] = float(ratios[best])
+                rescale_group(ctx, group.source, group.targets, s, changed, group.extras)
+                for m in group.targets:
+                    col_scale[m] = s
+                del saved, base
+            if self.mse_range:
+                self._clip(ctx, stats, col_scale)
+        return changed
+
+    def _clip(self, ctx, stats, col_scale) -> None:
+        """AutoAWQ's clipping search (`mse_range: true`) on every quantized Linear but q_proj
+        and k_proj (AutoAWQ skips them: their error is amplified by q k^T): per (row, group)
+        the clip maximum r * absmax with the smallest output error on (up to 512 sampled)
+        calibration inputs, divided by the AWQ scales applied to the Linear; the weight is
+        clamped to it before round-to-nearest."""
+        import torch
+
+        from streamq.quant.smooth import clamp_to_clip, clip_search
+
+        g = self.group_size
+        for m in list(ctx.weights):
+            rel = ctx.layout.rel(m)
+            if rel.rpartition(".")[2] in ("q_proj", "k_proj"):
+                continue
+            x = self._linear_input(ctx, stats, m)
+            if x is None:
+                self.fallbacks.append(f"{m}: no calibration input, not clipped")
+                continue
+            w = ctx.weights[m].to(torch.float32)
+            if m in col_scale:
+                x = x.to(torch.float32) / col_scale[m].to(x.device)
+            fq = self._fake_quant(m)
+            clip = clip_search(w, x.to(torch.float32), g, lambda wr, c, _fq=fq: _fq(clamp_to_clip(wr, c, g)),
+                               n_grid=20)
+            ctx.weights[m] = clamp_to_clip(w, clip.to(w.dtype), g)
+
+    def _linear_input(self, ctx, stats, module):
+        """The real-token inputs [n, in] of one quantized Linear over all batches, from the
+        recorded blocks (as the unsmoothed layer saw them), or None."""
+        import torch
+        from torch.nn import functional as F
+
+        ref = ctx.layout.experts.get(module)
+        rel = ctx.layout.rel(module)
+        if ref is None:
+            block = CLIP_INPUTS.get(rel)
+            if block is None or block not in stats.blocks:
+                return None
+            rows = []
+            for b, (args, kwargs, _) in enumerate(stats.blocks[block]):
+                x = args[0] if args else kwargs["hidden_states"]
+                rows.append(x.reshape(-1, x.shape[-1])[stats.masks[b].reshape(-1).to(x.device)])
+            return torch.cat(rows)
+        if ref.parent not in stats.blocks:
+            return None
+        experts = ctx.layer.get_submodule(ref.parent)
+        rows = []
+        for b, (args, kwargs, _) in enumerate(stats.blocks[ref.parent]):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            sel = (index == ref.index).any(dim=-1) & stats.masks[b].reshape(-1).to(index.device)
+            x = hidden[sel]
+            if ref.proj == "down_proj":
+                gate, up = F.linear(x, experts.gate_up_proj[ref.index]).chunk(2, dim=-1)
+                x = experts.act_fn(gate) * up
+            rows.append(x)
+        x = torch.cat(rows)
+        return x if x.shape[0] else None
+
+    def _block_loss(self, ctx, stats, group, base, views):
+        """loss(s): the parent block re-run with the targets' weights Q(W s)/s, squared error
+        against its recorded unquantized output over real tokens (a float32 sum)."""
+        import torch
+
+        from streamq.quant.smooth import scaled_fake_quantize, sum_squared_error
+
+        parent = ctx.layer.get_submodule(group.parent)
+        records = stats.blocks[group.parent]
+
+        def loss(s):
+            for m in group.targets:
+                views[m].copy_(scaled_fake_quantize(base[m], s, self._fake_quant(m)).to(views[m].dtype))
+            total = torch.zeros((), dtype=torch.float32, device=s.device)
+            for b, (args, kwargs, ref) in enumerate(records):
+                out, ref = _first(parent(*args, **kwargs)), _first(ref)
+                mask = stats.masks[b].to(out.device)
+                total += sum_squared_error(ref[mask], out[mask]).to(total.device)
+            return total
+
+        return loss
+
+    def _expert_loss(self, ctx, stats, group, base, views):
+        """(x_mean of the expert's down_proj input over its routed real tokens, loss(s)) for
+        one expert's up_proj -> down_proj group; (None, None) if no token reached it."""
+        import torch
+        from torch.nn import functional as F
+
+        from streamq.quant.smooth import scaled_fake_quantize, sum_squared_error
+
+        parent, e = group.expert
+        experts = ctx.layer.get_submodule(parent)
+        down = group.targets[0]
+        inters, refs = [], []
+        total = None
+        count = 0
+        for b, (args, kwargs, _out) in enumerate(stats.blocks[parent]):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            index = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            rows = (index == e).any(dim=-1) & stats.masks[b].reshape(-1).to(index.device)
+            if not bool(rows.any()):
+                continue
+            gate, up = F.linear(hidden[rows], experts.gate_up_proj[e]).chunk(2, dim=-1)
+            h = experts.act_fn(gate) * up
+            inters.append(h)
+            refs.append(F.linear(h, views[down]))
+            a = h.abs().to(torch.float32).sum(dim=0)
+            total = a if total is None else total + a
+            count += h.shape[0]
+        if total is None:
+            return None, None
+        fq = self._fake_quant(down)
+
+        def loss(s):
+            w = scaled_fake_quantize(base[down], s, fq).to(views[down].dtype)
+            out = torch.zeros((), dtype=torch.float32, device=s.device)
+            for h, ref in zip(inters, refs, strict=True):
+                out += sum_squared_error(ref, F.linear(h, w)).to(out.device)
+            return out
+
+        return total / count, loss
+
+
+# Quantized Linear (relative name) -> the recorded block whose input is its input.
+CLIP_INPUTS = {"self_attn.v_proj": "self_attn", "self_attn.o_proj": "self_attn.o_proj", "mlp.gate_proj": "mlp",
+               "mlp.up_proj": "mlp", "mlp.down_proj": "mlp.down_proj"}
+
+
+def _aliases(a, b) -> bool:
+    return a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
