@@ -14,7 +14,7 @@ DEMO    := build/demo
 help:
 	@echo "make install                   create $(VENV) and install streamq (+ test tools)"
 	@echo "make demo                      build a tiny MoE model offline, quantize it (fp8_dynamic + fp8_static)"
-	@echo "make quantize CONFIG=... [ARGS='--save-path P --device cuda --overwrite']"
+	@echo "make quantize CONFIG=... [ARGS='--model-path P --data-path P --save-path P --device cuda --overwrite']"
 	@echo "make test                      install and run the test suite"
 	@echo "make lint                      ruff"
 	@echo "make bench                     benchmark against the I/O and compute floor (bench_out/)"

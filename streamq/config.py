@@ -286,8 +286,6 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
         for key in ("max_seq_length", "num_samples", "batch_size"):
             if getattr(dataset, key) < 1:
                 raise ConfigError(f"{source}: 'dataset.{key}' must be at least 1, got {getattr(dataset, key)}")
-        if dataset.name == "TextDataset" and not dataset.data_path:
-            raise ConfigError(f"{source}: 'dataset.data_path' is required for dataset.name: TextDataset")
     if scheme.needs_calibration and dataset is None:
         raise ConfigError(f"{source}: {algo} calibrates on data and needs a 'dataset' section")
     if not scheme.needs_calibration and dataset is not None:
@@ -307,12 +305,21 @@ def parse_config(raw: Any, source: str = "<config>", overrides: dict[str, Any] |
             continue
         if key == "model_path":
             job.model.model_path = value
+        elif key == "data_path":
+            if job.dataset is None:
+                notes.append("--data-path is not used: the config has no dataset section"
+                             + ("" if scheme.needs_calibration else f" ({algo} needs no calibration)"))
+            else:
+                job.dataset.data_path = value
         elif key in ("save_path", "device"):
             setattr(job, key, value)
         elif key in ("max_gpu_memory", "max_cpu_memory"):
             setattr(job, key, parse_size(value, f"--{key.replace('_', '-')}"))
         else:
             raise AssertionError(f"unknown override {key}")
+    if dataset is not None and dataset.name == "TextDataset" and not dataset.data_path:
+        raise ConfigError(f"{source}: 'dataset.data_path' is required for dataset.name: TextDataset "
+                          "(or pass --data-path)")
     check_device(job.device, source)
     return job
 

@@ -1,13 +1,17 @@
 """`streamq verify`: check a finished checkpoint without loading its weights (a CI gate).
 
-Everything is decided from safetensors headers, `config.json`, the index and the run
-manifest; the only tensor data read are the scales (a few bytes per Linear). Each
+Structure is decided from safetensors headers, `config.json`, the index and the run
+manifest; tensor data is read for the scales, the shards' checksums and the FP8 NaN scan
+(the last two streamed in chunks and skipped by `--fast`). Each
 problem is one line naming the file and, where there is one, the tensor.
 
 Checks:
   * `config.json` exists and carries a well-formed `quantization_config` of a format
     streamq writes (parsed by that format, `streamq.formats`);
-  * `streamq_run.json`, when present, says the run is complete and its shard sizes match;
+  * `streamq_run.json`, when present, says the run is complete and its shards' sizes and
+    sha256 match (`--fast`: sizes only);
+  * no F8_E4M3 weight holds a NaN code (bytes 0x7F / 0xFF), scanned in chunks (not with
+    `--fast`);
   * the index maps every tensor to an existing, untruncated shard whose header lists
     exactly the tensors mapped to it, and `total_size` matches;
   * every quantized Linear holds exactly the tensors the format's specs describe (names,
@@ -23,6 +27,7 @@ from __future__ import annotations
 import json
 import math
 import re
+import struct
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -132,7 +137,11 @@ def check_config(out: Path, add_problem) -> tuple[dict | None, Declared | None]:
 # --------------------------------------------------------------------------- manifest
 
 
-def check_manifest(out: Path, add_problem) -> None:
+def check_manifest(out: Path, add_problem, fast: bool = False) -> None:
+    """The run manifest, when present: status complete, and every shard it recorded there
+    with its recorded size and (unless `fast`) sha256."""
+    from streamq.payload import sha256_file
+
     path = out / MANIFEST
     if not path.is_file():
         return  # not required: a checkpoint may have been copied without it
@@ -151,6 +160,9 @@ def check_manifest(out: Path, add_problem) -> None:
         elif file.stat().st_size != info.get("bytes"):
             add_problem(f"{file.stat().st_size} bytes, {MANIFEST} recorded {info.get('bytes')} for shard '{key}'",
                         file.name)
+        elif not fast and sha256_file(file) != info.get("sha256"):
+            add_problem(f"sha256 differs from the one {MANIFEST} recorded for shard '{key}' (same size: the "
+                        "file was changed or damaged after it was written)", file.name)
 
 
 # --------------------------------------------------------------------------- index and headers
@@ -294,7 +306,7 @@ def check_quantized(entries: dict[str, HeaderEntry], declared: Declared, add_pro
 
 def check_scale_values(out: Path, entries: dict[str, HeaderEntry], names: list[str], add_problem) -> None:
     """Read the (tiny) scale tensors: every value finite and > 0."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     by_file: dict[str, list[str]] = {}
     for n in names:
@@ -309,7 +321,7 @@ def check_scale_values(out: Path, entries: dict[str, HeaderEntry], names: list[s
                         add_problem(f"scale must be finite and > 0, found {bad[0]!r}"
                                     + (f" ({len(bad)} of {len(values)} values)" if len(values) > 1 else ""),
                                     file, name)
-        except (OSError, RuntimeError) as e:
+        except (OSError, RuntimeError, SafetensorError) as e:  # SafetensorError: e.g. bytes after the data
             add_problem(f"cannot read scale tensors: {e}", file)
 
 
@@ -440,11 +452,30 @@ def _compare_configs(config: dict, source: Path, add_problem) -> None:
 # --------------------------------------------------------------------------- entry point
 
 
-def verify_checkpoint(path: str | Path, source: str | Path | None = None, manifest: bool = True) -> VerifyResult:
+def check_fp8_payloads(out: Path, entries: dict[str, HeaderEntry], add_problem) -> None:
+    """Every F8_E4M3 tensor's bytes, in chunks: no NaN codes (0x7F / 0xFF)."""
+    from streamq.payload import FP8_E4M3, fp8_nan_counts
+
+    for file in sorted({e.file for e in entries.values() if e.dtype == FP8_E4M3}):
+        try:
+            found = fp8_nan_counts(out / file)
+        except (OSError, ValueError, KeyError, struct.error) as e:
+            add_problem(f"cannot scan FP8 data: {e}", file)
+            continue
+        for name, (nan, total) in sorted(found.items()):
+            if entries.get(name) is not None and entries[name].file == file:
+                add_problem(f"{nan} of {total} FP8 values are NaN (byte 0x7F/0xFF)", file, name)
+
+
+def verify_checkpoint(path: str | Path, source: str | Path | None = None, manifest: bool = True,
+                      fast: bool = False) -> VerifyResult:
     """All checks; never raises for a bad checkpoint (problems are collected).
 
     `manifest=False` skips the run manifest (the engine's own end-of-run check, made
-    before the manifest says complete)."""
+    before the manifest says complete). `fast` reads no tensor data beyond the scales:
+    shard sizes are checked against the manifest, their sha256 and the FP8 NaN scan are
+    skipped.
+    """
     out = Path(path)
     result = VerifyResult(str(out))
 
@@ -455,7 +486,7 @@ def verify_checkpoint(path: str | Path, source: str | Path | None = None, manife
         add("not a directory", str(out))
         return result
     if manifest:
-        check_manifest(out, add)
+        check_manifest(out, add, fast)
     config, fmt = check_config(out, add)
     entries, unavailable = load_headers(out, add)
     result.tensors = len(entries)
@@ -467,6 +498,8 @@ def verify_checkpoint(path: str | Path, source: str | Path | None = None, manife
         check_scale_values(out, entries, scales, add)
         if result.quantized_linears == 0 and entries:
             add("quantization_config is set but no tensor is quantized", "config.json")
+    if not fast:
+        check_fp8_payloads(out, entries, add)
     if config is not None:
         check_layers(set(entries) | unavailable, config, add)
     if source is not None:
@@ -483,8 +516,8 @@ def format_result(result: VerifyResult) -> str:
     return "\n".join(lines)
 
 
-def verify_command(path: str, source: str | None = None, as_json: bool = False) -> int:
+def verify_command(path: str, source: str | None = None, as_json: bool = False, fast: bool = False) -> int:
     """`streamq verify`: print the result; exit code 0 when clean, 1 on any problem."""
-    result = verify_checkpoint(path, source)
+    result = verify_checkpoint(path, source, fast=fast)
     print(json.dumps(result.to_dict(), indent=2) if as_json else format_result(result))
     return 0 if result.ok else 1

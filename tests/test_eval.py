@@ -112,6 +112,7 @@ def test_wrong_scale_is_flagged_by_name(quantized, tmp_path, capsys):
     assert cli_main(argv) == 0  # flagged, but only --fail-on-outlier turns that into an exit code
     out = capsys.readouterr().out
     assert f"layer {BROKEN_LAYER}: relative error" in out and "x the median" in out
+    assert f"wrote the JSON report to {tmp_path / 'r.json'}" in out
     data = json.loads((tmp_path / "r.json").read_text())
     assert [o["layer"] for o in data["outliers"]] == [BROKEN_LAYER]
     assert data["layers"][BROKEN_LAYER]["rel_error"] > 1.0
@@ -119,7 +120,7 @@ def test_wrong_scale_is_flagged_by_name(quantized, tmp_path, capsys):
 
 
 def test_plot_is_written(quantized, tmp_path):
-    pytest.importorskip("matplotlib")
+    # matplotlib is in the test extra: this test runs, it does not skip.
     report = _eval(TRAINED / "dense", quantized["dense", "fp8_dynamic"], batch_size=4)
     report.plot(tmp_path / "errors.png")
     assert (tmp_path / "errors.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

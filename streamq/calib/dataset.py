@@ -142,7 +142,9 @@ def _read_lines(path: Path) -> list[str]:
     try:
         return path.read_text(encoding="utf-8").splitlines()
     except FileNotFoundError:
-        raise DatasetError(f"calibration file not found: {path}") from None
+        # The absolute path tried: a relative data_path is taken from the current directory.
+        raise DatasetError(f"dataset.data_path: calibration file not found: {path} (tried {path.absolute()}; "
+                           "relative paths are taken from the current directory)") from None
     except (OSError, UnicodeDecodeError) as err:
         raise DatasetError(f"cannot read calibration file {path}: {err}") from None
 

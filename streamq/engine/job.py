@@ -57,8 +57,13 @@ class Job:
         return sorted(set(names), key=names.index)
 
 
-def prepare(config: JobConfig) -> Job:
-    """Validate source, architecture and calibration data; read no weights."""
+def prepare(config: JobConfig, load_data: bool = True) -> Job:
+    """Validate source, architecture and calibration data; read no weights.
+
+    `load_data=False` (the planner) leaves `batches` empty: the plan then sizes the
+    calibration cache from dataset.num_samples x dataset.max_seq_length, so a job can be
+    planned before its calibration file is at hand.
+    """
     reader = CheckpointReader(config.model.model_path)
     hf_config = load_model_config(reader.path, config.model.trust_remote_code)
     dtype = compute_dtype(hf_config, config.model.torch_dtype)
@@ -71,7 +76,8 @@ def prepare(config: JobConfig) -> Job:
     layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore) for i in range(len(layers))]
     job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
     if config.scheme.needs_calibration:
-        job.batches = load_calibration(config, reader.path, hf_config)
+        if load_data:
+            job.batches = load_calibration(config, reader.path, hf_config)
         for lay in layouts:
             for parent, module in fused_expert_modules(layers[lay.index]).items():
                 check_supported(module, lay.prefix + parent)

@@ -38,6 +38,7 @@ import math
 import os
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from streamq.calib.cache import pinned_cache_bytes
@@ -854,8 +855,19 @@ def plan_command(config_path: str, overrides: dict[str, Any], as_json: bool = Fa
     target = None
     if config.device.startswith("cuda") and not torch.cuda.is_available():
         target, config.device = "cuda", "cpu"
-    job = prepare(config)
+    # The calibration file is not needed to plan. When it is there it is loaded as a run
+    # would (real batch shapes; the tokenizer's memory is in the measured baseline).
+    from streamq.paths import calibration_file
+
+    data = calibration_file(config)
+    load_data = data is None or Path(data).is_file()
+    job = prepare(config, load_data=load_data)
     startup = time.time() - psutil.Process().create_time()  # imports + prepare, as a run will spend them
     plan = make_plan(job, device_type=target, startup_seconds=startup)
+    if not load_data and plan.cache_location != "none" and config.dataset is not None:
+        d = config.dataset
+        plan.notes.append(f"hidden cache sized from dataset.num_samples x dataset.max_seq_length ({d.num_samples} x "
+                          f"{d.max_seq_length}, every sample at full length); the calibration file is not read, "
+                          "so the host baseline lacks the tokenizer")
     print(json.dumps(plan.to_dict(), indent=2) if as_json else plan.summary())
     return 0

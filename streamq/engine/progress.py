@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import resource
 import sys
 import time
@@ -47,15 +48,42 @@ def fmt_bytes(n: float) -> str:
     return str(n)
 
 
+# Width of the bar where the terminal reports no usable width (a pty with no size set,
+# some CI runners and container consoles report 0 columns; tqdm then prints nothing).
+FIXED_BAR_COLUMNS = 100
+FIXED_BAR_ROWS = 20
+_MIN_COLUMNS = 20  # narrower than this, a bar shows nothing useful
+
+
+def terminal_columns(stream) -> int:
+    """Columns of the terminal behind `stream`, 0 when it reports none (or is no terminal)."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
+
+
 class LayerProgress:
-    """A tqdm bar on a terminal; one log line per layer otherwise (CI logs, files)."""
+    """A tqdm bar on a terminal; one log line per layer otherwise (CI logs, files).
+
+    A terminal that reports (almost) zero columns gets a bar of fixed width: tqdm sized
+    to the terminal would print an empty line there.
+    """
 
     def __init__(self, total: int, desc: str, enabled: bool = True):
         self.total, self.start = total, time.monotonic()
         self.done = 0
         self.bytes = 0
         self.tty = enabled and sys.stderr.isatty()
-        self.bar = tqdm(total=total, desc=desc, unit="layer", dynamic_ncols=True) if self.tty else None
+        self.bar = None
+        if self.tty:
+            if terminal_columns(sys.stderr) >= _MIN_COLUMNS:
+                self.bar = tqdm(total=total, desc=desc, unit="layer", dynamic_ncols=True, file=sys.stderr)
+            else:
+                # Both given: tqdm then does not ask the terminal, whose 0 x 0 it would take as
+                # -1 rows and hide the bar.
+                self.bar = tqdm(total=total, desc=desc, unit="layer", ncols=FIXED_BAR_COLUMNS,
+                                nrows=FIXED_BAR_ROWS, file=sys.stderr)
         self.enabled = enabled
 
     def step(self, step: str) -> None:

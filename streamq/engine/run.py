@@ -38,7 +38,7 @@ from streamq.engine.job import Job, prepare
 from streamq.engine.plan import make_plan
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
 from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes
-from streamq.engine.state import CACHE_DIR, RunState, open_run
+from streamq.engine.state import CACHE_DIR, RunState, open_run, output_files
 from streamq.errors import BudgetError, CheckpointError, OutputError
 from streamq.formats.base import INPUT_SCALE, SCALE
 from streamq.model import capture as capture_mod
@@ -51,6 +51,7 @@ from streamq.model.skeleton import (
     materialize_outside_layers,
     release_outside_layers,
 )
+from streamq.paths import calibration_file, check_save_path
 from streamq.pinned import host_buffer, page_lock, unregister
 from streamq.schemes.base import LayerStats
 from streamq.verify import verify_checkpoint
@@ -320,6 +321,7 @@ class _Writer:
 def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = True) -> Report:
     """Run a whole job; returns the report (also written to the output directory)."""
     start = time.monotonic()
+    check_save_path(config.save_path, config.model.model_path, calibration_file(config))  # before anything
     job = prepare(config)
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
@@ -329,6 +331,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             log.warning("%s", note)
     _check_disk_space(plan.disk_needed, out_dir)
     state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite, config.job_identity())
+    state.expect(output_files(job.reader.path, job.num_layers + 1))  # listed before written: --overwrite's list
     (out_dir / "config.json").unlink(missing_ok=True)  # until the end, nothing looks finished
     state.status = "running"
     state.save()
@@ -342,6 +345,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     n = job.num_layers
     done = [state.shard_ok(f"layer-{i}") for i in range(n)]
     first_todo = next((i for i in range(n) if not done[i]), n)
+    if state.resumed:
+        log.info("resuming %s: %d of %d layers already done", out_dir, sum(done), n)
     calib, begin = None, 0
     cache_root = out_dir / CACHE_DIR
     if config.scheme.needs_calibration:
@@ -574,7 +579,9 @@ def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_
     write_config(job.reader.path, out_dir, job.config.format.config_block(job.config.scheme.spec, job.ignored))
     # The same checks `streamq verify --source` makes (the run's own bookkeeping aside):
     # a run never ends with success for an output it would reject.
-    result = verify_checkpoint(out_dir, job.reader.path, manifest=False)
+    # fast: re-reading every output byte (NaN scan) would double the run's I/O; scales are
+    # checked before each layer is written.
+    result = verify_checkpoint(out_dir, job.reader.path, manifest=False, fast=True)
     if not result.ok:
         (out_dir / "config.json").unlink(missing_ok=True)
         shown = "; ".join(str(p) for p in result.problems[:3])

@@ -2,23 +2,33 @@
 
 `streamq_run.json` is written before any shard and updated (atomically) after each
 one, so a rerun of the same command skips finished layers whose files still match
-their checksums. A directory without it is never written into unless `--overwrite`.
+their checksums. It also lists every file the run writes (`files`), recorded before the
+file is written: `--overwrite` deletes exactly those (and their temporaries), so a
+user's own files in the directory survive. A non-empty directory without a manifest is
+never written into, with or without `--overwrite`.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import shutil
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from streamq.checkpoint.writer import atomic_write_json, sha256_file
+from streamq.checkpoint.reader import INDEX_FILE
+from streamq.checkpoint.writer import AUX_FILES, atomic_write_json, sha256_file
 from streamq.errors import OutputError
+
+log = logging.getLogger("streamq")
 
 MANIFEST = "streamq_run.json"
 CACHE_DIR = ".streamq_cache"
-# What --overwrite may delete in a directory streamq did not create: checkpoint files only.
-_OVERWRITABLE_SUFFIXES = (".safetensors", ".json", ".txt", ".model", ".jinja", ".tmp", ".md", ".png")
+REPORT_FILE = "streamq_report.json"
+# Files every run writes besides its shards and the aux files it copies. A manifest from
+# before `files` was recorded is cleared with these plus its shards.
+RUN_FILES = (MANIFEST, REPORT_FILE, INDEX_FILE, "config.json")
 
 
 @dataclass
@@ -30,6 +40,7 @@ class RunState:
     shards: dict[str, dict] = field(default_factory=dict)  # shard key ("layer-3", "rest") -> file info
     resumed: bool = False
     job: dict | None = None  # JobConfig.job_identity(), so a refusal can say what changed
+    files: list[str] = field(default_factory=lambda: list(RUN_FILES))  # what --overwrite may delete
 
     @property
     def path(self) -> Path:
@@ -37,7 +48,16 @@ class RunState:
 
     def save(self) -> None:
         atomic_write_json(self.path, {"streamq_manifest": 1, "job_hash": self.job_hash, "source": self.source,
-                                      "status": self.status, "shards": self.shards, "job": self.job})
+                                      "status": self.status, "shards": self.shards, "job": self.job,
+                                      "files": self.files})
+
+    def expect(self, names: Iterable[str]) -> None:
+        """Record files this run is about to write (before writing them), so a later
+        --overwrite knows they are streamq's even if the run is killed mid-way."""
+        new = [n for n in names if n not in self.files]
+        if new:
+            self.files.extend(new)
+            self.save()
 
     def shard_ok(self, key: str) -> bool:
         """A finished shard counts only if its file is there with the recorded size and checksum."""
@@ -45,7 +65,15 @@ class RunState:
         if info is None:
             return False
         path = self.out_dir / info["file"]
-        if not path.is_file() or path.stat().st_size != info["bytes"] or sha256_file(path) != info["sha256"]:
+        problem = None
+        if not path.is_file():
+            problem = "is missing"
+        elif path.stat().st_size != info["bytes"]:
+            problem = f"has {path.stat().st_size} bytes, {MANIFEST} recorded {info['bytes']}"
+        elif sha256_file(path) != info["sha256"]:
+            problem = f"does not match the sha256 recorded in {MANIFEST}"
+        if problem is not None:
+            log.warning("%s: shard '%s' (%s) %s; redoing it", self.out_dir, info["file"], key, problem)
             del self.shards[key]
             return False
         return True
@@ -84,20 +112,46 @@ def _describe_change(old: dict, job_hash: str, source: dict, job: dict | None = 
     return f"the source checkpoint changed ({', '.join(changed[:3])})"
 
 
-def clear_directory(out_dir: Path) -> None:
-    """--overwrite: delete a previous checkpoint; anything that is not one stops us."""
-    entries = list(out_dir.iterdir())
-    for entry in entries:
-        if entry.name == CACHE_DIR:
-            continue
-        if entry.is_dir() or not entry.name.endswith(_OVERWRITABLE_SUFFIXES) and not entry.name.startswith("tokenizer"):
-            raise OutputError(f"{out_dir}: refusing to overwrite: '{entry.name}' is not a checkpoint file; "
-                              "choose an empty or new save_path")
-    for entry in entries:
-        if entry.name == CACHE_DIR:
-            shutil.rmtree(entry)
-        else:
-            entry.unlink()
+def output_files(model_path: Path, total_shards: int) -> list[str]:
+    """Every file a run of this job writes into save_path (recorded in the manifest first)."""
+    from streamq.checkpoint.writer import shard_name
+
+    return ([shard_name(i, total_shards) for i in range(total_shards)] + list(RUN_FILES)
+            + [name for name in AUX_FILES if (model_path / name).is_file()])
+
+
+def _listed_files(manifest: dict) -> set[str]:
+    """The plain file names a manifest says streamq wrote (never a path: nothing outside out_dir)."""
+    names = set(RUN_FILES)
+    names.update(str(n) for n in manifest.get("files") or [] if isinstance(n, str))
+    names.update(str(info.get("file", "")) for info in (manifest.get("shards") or {}).values()
+                 if isinstance(info, dict))
+    return {n for n in names if n and Path(n).name == n and n not in (".", "..")}
+
+
+def clear_directory(out_dir: Path, manifest: dict) -> list[str]:
+    """--overwrite: delete what the manifest lists (and their temporaries, and the cache).
+
+    Anything else in the directory (a user's notes, logs, subdirectories) is left as it is.
+    Returns the names deleted.
+    """
+    removed = []
+    for name in sorted(_listed_files(manifest)):
+        for candidate in (out_dir / name, out_dir / f".{name}.tmp"):
+            if candidate.is_symlink() or candidate.is_file():
+                candidate.unlink()
+                removed.append(candidate.name)
+    cache = out_dir / CACHE_DIR
+    if cache.is_dir() and not cache.is_symlink():
+        shutil.rmtree(cache)
+        removed.append(CACHE_DIR)
+    return removed
+
+
+def _not_ours(out_dir: Path, overwrite: bool) -> OutputError:
+    why = "--overwrite removes only files a streamq run recorded, " if overwrite else ""
+    return OutputError(f"save_path '{out_dir}' is not empty and was not created by streamq (it has no {MANIFEST}); "
+                       f"{why}so nothing in it was touched. Choose a new (or empty) directory as save_path")
 
 
 def open_run(out_dir: Path, job_hash: str, source: dict, overwrite: bool, job: dict | None = None) -> RunState:
@@ -110,22 +164,25 @@ def open_run(out_dir: Path, job_hash: str, source: dict, overwrite: bool, job: d
         if manifest.is_file():
             try:
                 old = json.loads(manifest.read_text())
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, UnicodeDecodeError):
                 old = None
-        same = old is not None and old.get("job_hash") == job_hash and old.get("source") == source
+            if not isinstance(old, dict) or "job_hash" not in old:
+                old = None  # a file by that name that streamq did not write
+        if old is None:
+            raise _not_ours(out_dir, overwrite)
+        same = old.get("job_hash") == job_hash and old.get("source") == source
         if same and not overwrite:
             state = RunState(out_dir, job_hash, source, status=old.get("status", "running"),
-                             shards=old.get("shards", {}), resumed=True, job=job)
-            for tmp in out_dir.glob(".*.tmp"):
-                tmp.unlink()  # a write that was cut off
+                             shards=old.get("shards", {}), resumed=True, job=job,
+                             files=sorted(_listed_files(old)))
+            for name in state.files:
+                (out_dir / f".{name}.tmp").unlink(missing_ok=True)  # a write that was cut off
             return state
         if not overwrite:
-            if old is None:
-                raise OutputError(f"save_path '{out_dir}' is not empty and was not created by streamq; "
-                                  "choose another directory or pass --overwrite")
             raise OutputError(f"save_path '{out_dir}' holds a different streamq job: "
                               f"{_describe_change(old, job_hash, source, job)}. Rerun with --overwrite to start over.")
-        clear_directory(out_dir)
+        removed = clear_directory(out_dir, old)
+        log.info("--overwrite: removed %d file(s) of the previous streamq run in %s", len(removed), out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = RunState(out_dir, job_hash, source, job=job)
     state.save()
