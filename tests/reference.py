@@ -21,6 +21,7 @@ from streamq.checkpoint.reader import CheckpointReader
 from streamq.model.ignore import IgnoreMatcher
 from streamq.model.layout import fused_expert_modules, plan_layer
 from streamq.model.moe import instrument_experts
+from streamq.model.skeleton import attention_implementation, load_model_config
 from streamq.quant.scheme import QuantScheme, quantize_weights
 
 
@@ -28,8 +29,9 @@ from streamq.quant.scheme import QuantScheme, quantize_weights
 def reference_static(model_path: Path, batches: list, scheme: QuantScheme, fmt: str,
                      all_experts: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor the quantized checkpoint should contain, by name."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path), dtype=torch.bfloat16,
+        attn_implementation=attention_implementation(load_model_config(Path(model_path)))).eval()
     reader = CheckpointReader(model_path)
     layers = model.model.layers
     ignore = IgnoreMatcher(scheme.ignore)

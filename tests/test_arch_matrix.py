@@ -13,12 +13,22 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_config, read_tensors, run_job
 from reference import reference_static
 from test_static_streaming import assert_bytes_equal, reference_batches
+from transformers import AutoModelForCausalLM
 
+from streamq.checkpoint.reader import CheckpointReader
 from streamq.config import parse_config
-from streamq.testing.arch_matrix import MATRIX, build_arch_model
+from streamq.model.capture import capture
+from streamq.model.skeleton import (
+    attention_implementation,
+    build_skeleton,
+    load_model_config,
+    materialize_outside_layers,
+)
+from streamq.testing.arch_matrix import MATRIX, build_arch_model, matrix_config
 
 ARCHS = tuple(MATRIX)
 # arch or (arch, algorithm) -> why it does not work yet (strict: an xfail that starts passing fails).
@@ -32,7 +42,6 @@ XFAIL: dict = {
     "deepseek_v3": _MTP,
     "glm4_moe": _MTP,
     "qwen3_next": "the separate mtp.* stack is taken for decoder layers",
-    ("gemma3_text", "fp8_static"): "embed_scale (a buffer not in the checkpoint) is left uninitialized",
 }
 ALGS = ("fp8_dynamic", "fp8_static")
 NUM_SAMPLES, SEQ_LEN, BATCH = 4, 32, 2
@@ -77,3 +86,48 @@ def test_matches_whole_model_reference(arch_models, arch_outputs, arch, algorith
     assert_bytes_equal(read_tensors(out), expected)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "lm_head" in qc["ignored_layers"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_captured_layer0_inputs_equal_full_forward(arch_models, arch):
+    """The stem streamq materializes (embedding, computed buffers, rotary tables, masks) gives
+    layer 0 exactly what a full transformers forward gives it."""
+    model_dir = arch_models[arch]
+    reader = CheckpointReader(model_dir)
+    config = load_model_config(model_dir)
+    skeleton = build_skeleton(config, torch.bfloat16)
+    materialize_outside_layers(skeleton, reader.read([n for n in reader.other if n.startswith("model.")]),
+                               torch.device("cpu"))
+    ids = torch.tensor([[0, 17, 250, 33, 99, 7, 1, 1], [0, 5, 6, 7, 8, 9, 10, 11]])
+    mask = torch.tensor([[1, 1, 1, 1, 1, 1, 0, 0], [1] * 8])
+    hidden, kwargs = capture(skeleton, input_ids=ids, attention_mask=mask)
+
+    full = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16,
+                                                attn_implementation=attention_implementation(config)).eval()
+    seen = {}
+
+    def hook(_module, args, kw):
+        seen["hidden"], seen["kwargs"] = (args[0] if args else kw["hidden_states"]), kw
+
+    full.model.layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    with torch.no_grad():
+        full(input_ids=ids, attention_mask=mask, use_cache=False)
+    assert torch.equal(hidden, seen["hidden"])
+    for key in ("position_embeddings", "position_embeddings_global", "position_embeddings_local"):
+        if key in seen["kwargs"] and seen["kwargs"][key] is not None:
+            for a, b in zip(kwargs[0][key], seen["kwargs"][key], strict=True):
+                assert torch.equal(a, b), key
+    for name, buf in skeleton.named_buffers():
+        if not buf.is_meta:
+            assert torch.equal(buf, full.get_buffer(name)), name
+
+
+def test_attention_implementation_follows_model_support(monkeypatch):
+    from transformers import LlamaForCausalLM
+
+    config = matrix_config("llama")
+    assert attention_implementation(config) == "sdpa"
+    assert build_skeleton(config, torch.bfloat16).config._attn_implementation == "sdpa"
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_sdpa", False)
+    assert attention_implementation(config) == "eager"
+    assert build_skeleton(config, torch.bfloat16).config._attn_implementation == "eager"

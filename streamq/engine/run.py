@@ -390,7 +390,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         layer = decoder_layers(job.skeleton)[i]
         t = time.monotonic()
         progress.step("calibrate")
-        materialize_layer(layer, layout, tensors, job.device)
+        materialize_layer(layer, layout, tensors, job.device, job.skeleton)
         stages["to_device"] = time.monotonic() - t
         t = time.monotonic()
         input_absmax = calib.run_layer(layer, layout, observe=not already_written)

@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from streamq.errors import CheckpointError
+from streamq.model.buffers import init_missing_buffers
 from streamq.model.layout import LayerLayout, fused_expert_modules
 
 
@@ -16,13 +17,14 @@ def _expert_names(prefix: str, parent: str, e: int) -> tuple[str, str, str]:
 
 @torch.no_grad()
 def materialize_layer(layer: nn.Module, layout: LayerLayout, tensors: dict[str, torch.Tensor],
-                      device: torch.device) -> None:
+                      device: torch.device, model: nn.Module | None = None) -> None:
     """Allocate the layer on `device` and copy the checkpoint tensors in.
 
     Fused expert parameters are filled expert by expert ([gate; up] along dim 0, the
     layout transformers' own loader builds), so no second copy of the layer exists.
     """
     layer.to_empty(device=device)
+    init_missing_buffers(model if model is not None else layer, layer, layout.prefix, tensors)
     fused = fused_expert_modules(layer)
     for name, param in layer.named_parameters():
         full = layout.prefix + name
@@ -44,13 +46,8 @@ def materialize_layer(layer: nn.Module, layout: LayerLayout, tensors: dict[str, 
         else:
             raise CheckpointError(f"layer {layout.index}: parameter '{full}' is not in the checkpoint")
     for name, buf in layer.named_buffers():
-        full = layout.prefix + name
-        if full in tensors:
-            buf.copy_(tensors[full])
-        else:
-            raise CheckpointError(f"layer {layout.index}: buffer '{full}' is not in the checkpoint; "
-                                  "this architecture keeps computed state in its layers, which streamq "
-                                  "does not support")
+        if layout.prefix + name in tensors:
+            buf.copy_(tensors[layout.prefix + name])
 
 
 def layer_weight_views(layer: nn.Module, layout: LayerLayout) -> dict[str, torch.Tensor]:

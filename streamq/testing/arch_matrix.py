@@ -24,7 +24,7 @@ _COMMON = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, int
                pad_token_id=PAD_ID, tie_word_embeddings=False)
 _MOE = dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32)
 _MLA = dict(n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, n_shared_experts=1,
-            first_k_dense_replace=1, n_group=1, topk_group=1)
+            first_k_dense_replace=1, n_group=1, topk_group=1, num_key_value_heads=4)
 
 # model_type -> config overrides (on top of _COMMON). Every MoE layer has its experts in memory fused.
 MATRIX = {
@@ -42,7 +42,7 @@ MATRIX = {
                         v_head_dim=16),
     "deepseek_v3": dict(_MLA, kv_lora_rank=16, q_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8,
                         v_head_dim=16, num_nextn_predict_layers=1),
-    "glm4_moe": dict(_MLA, head_dim=16, num_nextn_predict_layers=1),
+    "glm4_moe": dict(_MLA, head_dim=16, num_key_value_heads=2, num_nextn_predict_layers=1),
     "phi3": dict(),
     "olmoe": dict(num_experts=8, num_experts_per_tok=2),
     "llama4_text": dict(head_dim=16, num_local_experts=4, num_experts_per_tok=1, intermediate_size_mlp=128,
