@@ -35,6 +35,7 @@ def reference_static(model_path: Path, batches: list, scheme: QuantScheme, fmt: 
     reader = CheckpointReader(model_path)
     layers = model.model.layers
     ignore = IgnoreMatcher(scheme.ignore)
+    reader.carry_layers_from(len(layers))  # next-token-prediction layers: copied as they are
     layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore) for i in range(len(layers))]
     observers = []
     for layout, layer in zip(layouts, layers, strict=True):

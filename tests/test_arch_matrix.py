@@ -39,9 +39,6 @@ XFAIL: dict = {
     "mixtral": _RENAMED + ": block_sparse_moe.experts.<e>.w1/w2/w3",
     "granitemoe": _FUSED_ON_DISK + ": block_sparse_moe.input_linear/output_linear",
     "llama4_text": _FUSED_ON_DISK + ": feed_forward.experts.gate_up_proj/down_proj",
-    "deepseek_v3": _MTP,
-    "glm4_moe": _MTP,
-    "qwen3_next": "the separate mtp.* stack is taken for decoder layers",
 }
 ALGS = ("fp8_dynamic", "fp8_static")
 NUM_SAMPLES, SEQ_LEN, BATCH = 4, 32, 2
@@ -131,3 +128,27 @@ def test_attention_implementation_follows_model_support(monkeypatch):
     monkeypatch.setattr(LlamaForCausalLM, "_supports_sdpa", False)
     assert attention_implementation(config) == "eager"
     assert build_skeleton(config, torch.bfloat16).config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("arch,carried", [("deepseek_v3", "model.layers.2"), ("glm4_moe", "model.layers.2"),
+                                          ("qwen3_next", "mtp")])
+def test_prediction_layers_carried_listed_and_reported(arch_models, arch_outputs, arch, carried):
+    """Layers past num_hidden_layers and separate `mtp.*` stacks: never merged into the
+    decoder, never refused; copied bit for bit, every Linear of them in the ignore list,
+    named in the report; the output passes verify against its source."""
+    from streamq.verify import verify_checkpoint
+
+    _, out = arch_outputs(arch, "fp8_static")
+    source, written = read_tensors(arch_models[arch]), read_tensors(out)
+    mine = [n for n in source if n.startswith(carried + ".")]
+    assert len(mine) > 10
+    for name in mine:
+        assert torch.equal(written[name].view(torch.uint8), source[name].view(torch.uint8)), name
+    ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignored_layers"]
+    linears = {n[: -len(".weight")] for n in mine if n.endswith("proj.weight") or n.endswith("head.weight")}
+    assert linears and linears <= set(ignored)
+    assert not [n for n in ignored if "norm" in n.rpartition(".")[2]]
+    notes = json.loads((out / "streamq_report.json").read_text())["report"]["notes"]
+    assert any(carried in note for note in notes), notes
+    result = verify_checkpoint(out, arch_models[arch])
+    assert result.ok, result.problems

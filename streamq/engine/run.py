@@ -346,7 +346,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     report.bytes_read = job.reader.bytes_read
     report.peak_gpu_bytes = peak_gpu_bytes(job.device)
     report.peak_host_bytes = peak_host_rss()
-    report.notes = config.notes
+    report.notes = config.notes + job.notes
     atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "plan": plan.to_dict(),
                                               "report": report.__dict__})
     return report
