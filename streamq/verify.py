@@ -36,6 +36,7 @@ SCALE_DTYPE = "F32"
 QUANT_SUFFIXES = (".weight_scale", ".input_scale")
 EXPERT_RE = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?P<parent>.*experts)\.(?P<idx>\d+)\.")
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PROJ_NAMES = (EXPERT_PROJS, ("w1", "w3", "w2"))  # names on disk: Qwen/DeepSeek style, Mixtral style
 # compressed-tensors strategies a float-quantized checkpoint of ours may use.
 CT_WEIGHT_STRATEGIES = ("tensor", "channel")
 CT_ACTIVATION_STRATEGIES = ("tensor", "token")
@@ -391,12 +392,13 @@ def check_layers(names: set[str], config: dict, add_problem) -> None:
     """
     layers: dict[int, str] = {}
     experts: dict[str, set[int]] = {}
+    decoder = "model.layers" if any(n.startswith("model.layers.") for n in names) else None  # not mtp.layers
     for name in names:
         m = LAYER_RE.match(name)
-        if m:
+        if m and decoder in (None, m.group("prefix")):
             layers[int(m.group("idx"))] = f"{m.group('prefix')}.{m.group('idx')}"
         e = EXPERT_RE.match(name)
-        if e and name.endswith(".weight") and name.split(".")[-2] in EXPERT_PROJS:
+        if e and name.endswith(".weight") and any(name.split(".")[-2] in p for p in EXPERT_PROJ_NAMES):
             experts.setdefault(f"{e.group('layer')}.{e.group('parent')}", set()).add(int(e.group("idx")))
     declared = config.get("num_hidden_layers")
     if isinstance(declared, int):
@@ -417,7 +419,8 @@ def check_layers(names: set[str], config: dict, add_problem) -> None:
                     add_problem(f"{len(lost)} of {n} experts missing under '{parent}': {_ranges(lost)}", INDEX_FILE)
     for parent, found in sorted(experts.items()):
         for e in sorted(found):
-            for proj in EXPERT_PROJS:
+            projs = next((p for p in EXPERT_PROJ_NAMES if f"{parent}.{e}.{p[0]}.weight" in names), EXPERT_PROJS)
+            for proj in projs:
                 name = f"{parent}.{e}.{proj}.weight"
                 if name not in names:
                     add_problem(f"expert {e} of '{parent}' has no {proj}", INDEX_FILE, name)

@@ -21,6 +21,7 @@ from streamq.checkpoint.reader import CheckpointReader
 from streamq.model.ignore import IgnoreMatcher
 from streamq.model.layout import fused_expert_modules, plan_layer
 from streamq.model.moe import instrument_experts
+from streamq.model.names import NameMap
 from streamq.model.skeleton import attention_implementation, load_model_config
 from streamq.quant.scheme import QuantScheme, quantize_weights
 
@@ -36,7 +37,8 @@ def reference_static(model_path: Path, batches: list, scheme: QuantScheme, fmt: 
     layers = model.model.layers
     ignore = IgnoreMatcher(scheme.ignore)
     reader.carry_layers_from(len(layers))  # next-token-prediction layers: copied as they are
-    layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore) for i in range(len(layers))]
+    names = NameMap(model)
+    layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore, names) for i in range(len(layers))]
     observers = []
     for layout, layer in zip(layouts, layers, strict=True):
         obs = LayerObserver()

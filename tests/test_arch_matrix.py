@@ -29,6 +29,7 @@ from streamq.model.skeleton import (
     materialize_outside_layers,
 )
 from streamq.testing.arch_matrix import MATRIX, build_arch_model, matrix_config
+from streamq.verify import verify_checkpoint
 
 ARCHS = tuple(MATRIX)
 # arch or (arch, algorithm) -> why it does not work yet (strict: an xfail that starts passing fails).
@@ -36,7 +37,6 @@ _RENAMED = "experts on disk under names transformers renames and fuses on load (
 _FUSED_ON_DISK = "experts stored fused on disk (3D tensors)"
 _MTP = "next-token-prediction layer beyond num_hidden_layers is refused"
 XFAIL: dict = {
-    "mixtral": _RENAMED + ": block_sparse_moe.experts.<e>.w1/w2/w3",
     "granitemoe": _FUSED_ON_DISK + ": block_sparse_moe.input_linear/output_linear",
     "llama4_text": _FUSED_ON_DISK + ": feed_forward.experts.gate_up_proj/down_proj",
 }
@@ -83,6 +83,8 @@ def test_matches_whole_model_reference(arch_models, arch_outputs, arch, algorith
     assert_bytes_equal(read_tensors(out), expected)
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     assert "lm_head" in qc["ignored_layers"]
+    result = verify_checkpoint(out, arch_models[arch])
+    assert result.ok, result.problems
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -136,8 +138,6 @@ def test_prediction_layers_carried_listed_and_reported(arch_models, arch_outputs
     """Layers past num_hidden_layers and separate `mtp.*` stacks: never merged into the
     decoder, never refused; copied bit for bit, every Linear of them in the ignore list,
     named in the report; the output passes verify against its source."""
-    from streamq.verify import verify_checkpoint
-
     _, out = arch_outputs(arch, "fp8_static")
     source, written = read_tensors(arch_models[arch]), read_tensors(out)
     mine = [n for n in source if n.startswith(carried + ".")]
@@ -152,3 +152,48 @@ def test_prediction_layers_carried_listed_and_reported(arch_models, arch_outputs
     assert any(carried in note for note in notes), notes
     result = verify_checkpoint(out, arch_models[arch])
     assert result.ok, result.problems
+
+
+MOE_ROUTERS = {  # arch -> (layer, router modules on disk) for one MoE layer
+    "mixtral": (0, ["block_sparse_moe.gate"]),
+    "qwen2_moe": (0, ["mlp.gate", "mlp.shared_expert_gate"]),
+    "qwen3_moe": (0, ["mlp.gate"]),
+    "qwen3_next": (0, ["mlp.gate", "mlp.shared_expert_gate"]),
+    "deepseek_v2": (1, ["mlp.gate"]),
+    "deepseek_v3": (1, ["mlp.gate"]),
+    "glm4_moe": (1, ["mlp.gate"]),
+    "olmoe": (0, ["mlp.gate"]),
+}
+
+
+@pytest.mark.parametrize("arch", sorted(MOE_ROUTERS))
+def test_routers_found_by_structure_kept_and_listed(arch_models, arch_outputs, arch):
+    """Routers (whatever their name) and shared-expert gates stay in high precision, bit for
+    bit, and every one is in the ignore list; no expert or MLP projection is taken for one."""
+    _, out = arch_outputs(arch, "fp8_dynamic")
+    layer, routers = MOE_ROUTERS[arch]
+    source, written = read_tensors(arch_models[arch]), read_tensors(out)
+    ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignored_layers"]
+    for router in routers:
+        name = f"model.layers.{layer}.{router}"
+        assert name in ignored, (name, ignored)
+        assert torch.equal(written[name + ".weight"], source[name + ".weight"])
+        assert name + ".weight_scale" not in written
+    listed = [n for n in ignored if n.startswith(("model.layers.0.", "model.layers.1."))]  # decoder only
+    assert not [n for n in listed if n.endswith(("_proj", ".w1", ".w2", ".w3"))], listed
+    experts = [n for n in written if n.startswith(f"model.layers.{layer}.") and ".experts." in n
+               and n.endswith(".weight")]
+    assert len(experts) >= 12 and all(written[n].dtype == torch.float8_e4m3fn for n in experts)
+
+
+@pytest.mark.parametrize("arch,members", [
+    ("deepseek_v3", ["model.layers.0.self_attn.q_a_proj", "model.layers.0.self_attn.kv_a_proj_with_mqa"]),
+    ("mixtral", ["model.layers.1.block_sparse_moe.experts.2.w1", "model.layers.1.block_sparse_moe.experts.2.w3"]),
+    ("llama", [f"model.layers.0.self_attn.{p}_proj" for p in "qkv"]),
+    ("qwen3_moe", ["model.layers.0.mlp.experts.5.gate_proj", "model.layers.0.mlp.experts.5.up_proj"]),
+])
+def test_modules_vllm_fuses_share_one_weight_scale(arch_outputs, arch, members):
+    _, out = arch_outputs(arch, "fp8_dynamic")
+    written = read_tensors(out)
+    scales = [written[m + ".weight_scale"] for m in members]
+    assert all(torch.equal(s, scales[0]) for s in scales), scales

@@ -19,6 +19,7 @@ from streamq.errors import CheckpointError, ConfigError
 from streamq.model.ignore import IgnoreMatcher
 from streamq.model.layout import LayerLayout, fused_expert_modules, natural_key, plan_layer
 from streamq.model.moe import check_supported
+from streamq.model.names import NameMap
 from streamq.model.skeleton import build_skeleton, compute_dtype, decoder_layers, load_model_config
 
 
@@ -101,7 +102,9 @@ def prepare(config: JobConfig) -> Job:
         raise CheckpointError(f"{reader.path}: config.json declares {len(layers)} decoder layers, the "
                               f"safetensors hold layers {sorted(reader.layers)[:3]}... ({len(reader.layers)} in all)")
     ignore = IgnoreMatcher(tuple(config.quant.ignore_layers))
-    layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore) for i in range(len(layers))]
+    names = NameMap(skeleton)  # transformers' own disk -> memory conversion for this model
+    layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore, names)
+               for i in range(len(layers))]
     job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
     if config.scheme.static_activations:
         job.batches = load_calibration(config, reader.path, hf_config)

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 import torch
 
 from streamq.errors import CheckpointError
+from streamq.model.fused import fused_group_key
 from streamq.quant import fp8
 from streamq.quant.granularity import Granularity, PerTensor
 
@@ -33,18 +34,6 @@ class QuantScheme:
         scale; writing that shared scale up front avoids a second rounding at load time.
         """
         return isinstance(self.weight, PerTensor)
-
-
-FUSED_GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-
-
-def fused_group_key(module_name: str) -> str:
-    """Modules vLLM fuses into one kernel share a key (parent + group); others are alone."""
-    parent, _, leaf = module_name.rpartition(".")
-    for group in FUSED_GROUPS:
-        if leaf in group:
-            return f"{parent}.{'+'.join(group)}"
-    return module_name
 
 
 @dataclass
