@@ -10,6 +10,7 @@ naming the reason (XFAIL below), never a silent pass.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ from transformers import AutoModelForCausalLM
 
 from streamq.checkpoint.reader import CheckpointReader
 from streamq.config import parse_config
+from streamq.errors import CheckpointError
 from streamq.model.capture import capture
 from streamq.model.skeleton import (
     attention_implementation,
@@ -33,9 +35,7 @@ from streamq.verify import verify_checkpoint
 
 ARCHS = tuple(MATRIX)
 # arch or (arch, algorithm) -> why it does not work yet (strict: an xfail that starts passing fails).
-_RENAMED = "experts on disk under names transformers renames and fuses on load (conversion mapping)"
-_FUSED_ON_DISK = "experts stored fused on disk (3D tensors)"
-_MTP = "next-token-prediction layer beyond num_hidden_layers is refused"
+_FUSED_ON_DISK = "refused with a clear error: experts stored fused on disk (3D tensors)"
 XFAIL: dict = {
     "granitemoe": _FUSED_ON_DISK + ": block_sparse_moe.input_linear/output_linear",
     "llama4_text": _FUSED_ON_DISK + ": feed_forward.experts.gate_up_proj/down_proj",
@@ -46,7 +46,7 @@ NUM_SAMPLES, SEQ_LEN, BATCH = 4, 32, 2
 
 def _param(arch: str, *rest):
     reason = XFAIL.get((arch, *rest)) or XFAIL.get(arch)
-    marks = [pytest.mark.xfail(reason=reason, strict=True)] if reason else []
+    marks = [pytest.mark.xfail(reason=reason, strict=True, raises=CheckpointError)] if reason else []
     return pytest.param(arch, *rest, marks=marks, id="-".join([arch, *rest]))
 
 
@@ -197,3 +197,12 @@ def test_modules_vllm_fuses_share_one_weight_scale(arch_outputs, arch, members):
     written = read_tensors(out)
     scales = [written[m + ".weight_scale"] for m in members]
     assert all(torch.equal(s, scales[0]) for s in scales), scales
+
+
+@pytest.mark.parametrize("arch,disk", [("granitemoe", "block_sparse_moe.input_linear.weight"),
+                                       ("llama4_text", "feed_forward.experts.down_proj")])
+def test_experts_fused_on_disk_refused_naming_the_layout(arch_models, tmp_path, arch, disk):
+    out = tmp_path / "out"
+    with pytest.raises(CheckpointError, match=rf"stored fused on disk as 'model\.layers\.0\.{re.escape(disk)}'"):
+        run_job(make_config(arch_models[arch], out))
+    assert not out.exists()
