@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from streamq.calib.cache import HiddenStateCache, latest_checkpoint, load_checkpoint, save_checkpoint
+from streamq.calib.checks import check_activation_stats
 from streamq.calib.observers import LayerObserver
 from streamq.checkpoint import formats
 from streamq.checkpoint.reader import CheckpointReader
@@ -394,6 +395,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         stages["to_device"] = time.monotonic() - t
         t = time.monotonic()
         input_absmax = calib.run_layer(layer, layout, observe=not already_written)
+        check_activation_stats(i, input_absmax, job.dtype)  # non-finite / all-zero inputs: stop before writing
         stages["calibrate"] = time.monotonic() - t
         weights = layer_weight_views(layer, layout)
     else:

@@ -20,11 +20,11 @@ def materialize_layer(layer: nn.Module, layout: LayerLayout, tensors: dict[str, 
     """
     layer.to_empty(device=device)
     init_missing_buffers(model if model is not None else layer, layer, layout.prefix,
-                         {layout.prefix + rel for rel in layout.sources})
+                         {layout.prefix + rel for rel in layout.sources} | set(tensors))
     fused = fused_expert_modules(layer)
     for name, param in layer.named_parameters():
         parent, _, attr = name.rpartition(".")
-        source = layout.sources.get(name)
+        source = _source(layout, name, tensors)
         if source is not None:
             if tuple(tensors[source].shape) != tuple(param.shape):
                 raise CheckpointError(f"tensor '{source}' has shape {tuple(tensors[source].shape)}, the model "
@@ -33,17 +33,30 @@ def materialize_layer(layer: nn.Module, layout: LayerLayout, tensors: dict[str, 
         elif parent in fused and attr in ("gate_up_proj", "down_proj"):
             for e in range(param.shape[0]):
                 if attr == "gate_up_proj":
-                    gate = tensors[layout.expert_sources[(parent, e, "gate_proj")]]
-                    up = tensors[layout.expert_sources[(parent, e, "up_proj")]]
+                    gate = tensors[_expert_source(layout, parent, e, "gate_proj")]
+                    up = tensors[_expert_source(layout, parent, e, "up_proj")]
                     param[e, :gate.shape[0]].copy_(gate, non_blocking=True)
                     param[e, gate.shape[0]:].copy_(up, non_blocking=True)
                 else:
-                    param[e].copy_(tensors[layout.expert_sources[(parent, e, "down_proj")]], non_blocking=True)
+                    param[e].copy_(tensors[_expert_source(layout, parent, e, "down_proj")], non_blocking=True)
         else:
             raise CheckpointError(f"layer {layout.index}: parameter '{layout.prefix}{name}' is not in the checkpoint")
     for name, buf in layer.named_buffers():
-        if name in layout.sources:
-            buf.copy_(tensors[layout.sources[name]])
+        source = _source(layout, name, tensors)
+        if source is not None:
+            buf.copy_(tensors[source])
+
+
+def _source(layout: LayerLayout, name: str, tensors: dict) -> str | None:
+    """The disk tensor of a parameter in memory; a layout without a plan (eval reads layers
+    back by their memory names) uses the name itself."""
+    if name in layout.sources:
+        return layout.sources[name]
+    return layout.prefix + name if layout.prefix + name in tensors else None
+
+
+def _expert_source(layout: LayerLayout, parent: str, e: int, role: str) -> str:
+    return layout.expert_sources.get((parent, e, role), f"{layout.prefix}{parent}.{e}.{role}.weight")
 
 
 def layer_weight_views(layer: nn.Module, layout: LayerLayout) -> dict[str, torch.Tensor]:
