@@ -40,7 +40,10 @@ XFAIL: dict = {
     "granitemoe": _FUSED_ON_DISK + ": block_sparse_moe.input_linear/output_linear",
     "llama4_text": _FUSED_ON_DISK + ": feed_forward.experts.gate_up_proj/down_proj",
 }
-ALGS = ("fp8_dynamic", "fp8_static")
+# Each job runs once: dynamic in the compressed-tensors format (which transformers loads back),
+# static in vLLM's fp8 format.
+FORMAT = {"fp8_dynamic": "compressed-tensors", "fp8_static": "fp8"}
+ALGS = tuple(FORMAT)
 NUM_SAMPLES, SEQ_LEN, BATCH = 4, 32, 2
 
 
@@ -48,6 +51,11 @@ def _param(arch: str, *rest):
     reason = XFAIL.get((arch, *rest)) or XFAIL.get(arch)
     marks = [pytest.mark.xfail(reason=reason, strict=True, raises=CheckpointError)] if reason else []
     return pytest.param(arch, *rest, marks=marks, id="-".join([arch, *rest]))
+
+
+def ignore_list(out: Path) -> list[str]:
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    return qc["ignored_layers"] if "ignored_layers" in qc else qc["ignore"]
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +70,8 @@ def arch_outputs(arch_models, tmp_path_factory):
     root = tmp_path_factory.mktemp("arch_out")
     cache: dict[tuple[str, str, str], tuple] = {}
 
-    def get(arch: str, algorithm: str, save_name: str = "fp8"):
+    def get(arch: str, algorithm: str):
+        save_name = FORMAT[algorithm]
         key = (arch, algorithm, save_name)
         if key not in cache:
             out = root / "-".join(key)
@@ -79,10 +88,9 @@ def arch_outputs(arch_models, tmp_path_factory):
 def test_matches_whole_model_reference(arch_models, arch_outputs, arch, algorithm):
     job, out = arch_outputs(arch, algorithm)
     batches = reference_batches(arch_models[arch], BATCH, NUM_SAMPLES, SEQ_LEN)
-    expected = reference_static(arch_models[arch], batches, job.scheme, "fp8")
+    expected = reference_static(arch_models[arch], batches, job.scheme, FORMAT[algorithm])
     assert_bytes_equal(read_tensors(out), expected)
-    qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert "lm_head" in qc["ignored_layers"]
+    assert "lm_head" in ignore_list(out)
     result = verify_checkpoint(out, arch_models[arch])
     assert result.ok, result.problems
 
@@ -144,7 +152,7 @@ def test_prediction_layers_carried_listed_and_reported(arch_models, arch_outputs
     assert len(mine) > 10
     for name in mine:
         assert torch.equal(written[name].view(torch.uint8), source[name].view(torch.uint8)), name
-    ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignored_layers"]
+    ignored = ignore_list(out)
     linears = {n[: -len(".weight")] for n in mine if n.endswith("proj.weight") or n.endswith("head.weight")}
     assert linears and linears <= set(ignored)
     assert not [n for n in ignored if "norm" in n.rpartition(".")[2]]
@@ -173,7 +181,7 @@ def test_routers_found_by_structure_kept_and_listed(arch_models, arch_outputs, a
     _, out = arch_outputs(arch, "fp8_dynamic")
     layer, routers = MOE_ROUTERS[arch]
     source, written = read_tensors(arch_models[arch]), read_tensors(out)
-    ignored = json.loads((out / "config.json").read_text())["quantization_config"]["ignored_layers"]
+    ignored = ignore_list(out)
     for router in routers:
         name = f"model.layers.{layer}.{router}"
         assert name in ignored, (name, ignored)
@@ -206,3 +214,24 @@ def test_experts_fused_on_disk_refused_naming_the_layout(arch_models, tmp_path, 
     with pytest.raises(CheckpointError, match=rf"stored fused on disk as 'model\.layers\.0\.{re.escape(disk)}'"):
         run_job(make_config(arch_models[arch], out))
     assert not out.exists()
+
+
+# Relative logit error of FP8 through 2 tiny layers is 4-5% (see test_compressed_tensors_load);
+# Gemma-3 measures 13% (its sqrt(hidden) embedding scale and four norms per layer; not investigated
+# further: its bytes match the reference exactly).
+MAX_LOAD_ERR = {"gemma3_text": 0.2}
+# Architectures whose compressed-tensors output transformers cannot load back yet, and why.
+LOAD_XFAIL: dict[str, str] = {}
+
+
+@pytest.mark.parametrize("arch", [pytest.param(a, marks=[pytest.mark.xfail(reason=LOAD_XFAIL[a], strict=True)]
+                                               if a in LOAD_XFAIL else []) for a in ARCHS if a not in XFAIL])
+def test_compressed_tensors_output_loads_in_transformers(arch_models, arch_outputs, arch):
+    """transformers (compressed-tensors) loads the output and computes about what bf16 does."""
+    _, out = arch_outputs(arch, "fp8_dynamic")
+    ids = torch.tensor([[0, 17, 250, 33, 99, 7, 11, 42, 5, 300, 12, 64]])
+    with torch.no_grad():
+        ref = AutoModelForCausalLM.from_pretrained(arch_models[arch], dtype=torch.bfloat16)(input_ids=ids).logits
+        got = AutoModelForCausalLM.from_pretrained(out)(input_ids=ids).logits
+    err = float((got.float() - ref.float()).norm() / ref.float().norm())
+    assert torch.isfinite(got).all() and 1e-4 < err < MAX_LOAD_ERR.get(arch, 0.1), err
