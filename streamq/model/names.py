@@ -49,16 +49,24 @@ class NameMap:
         transforms = _transforms(model) if model is not None else []
         self.renamings = [t for t in transforms if not hasattr(t, "operations")]
         self.converters = [t for t in transforms if hasattr(t, "operations")]
+        # transformers without a conversion mapping for a fused-experts model: the per-expert
+        # layout every Qwen/DeepSeek-style checkpoint uses (what transformers 5.x maps itself).
+        self.classic = model is not None and not transforms and any(
+            isinstance(getattr(m, "gate_up_proj", None), nn.Parameter) for m in model.modules())
 
     def to_memory(self, disk: str) -> MemoryName:
         key = disk
         for renaming in self.renamings:
-            key, _ = renaming.rename_source_key(key)
+            key, _ = _rename(renaming, key)
         for conv in self.converters:
-            target, pattern = conv.rename_source_key(key)
+            target, pattern = _rename(conv, key)
             if pattern is None:
                 continue
             return self._converted(disk, key, target, pattern, conv)
+        m = _CLASSIC.match(key) if self.classic else None
+        if m:
+            target = "gate_up_proj" if m.group("role") != "down_proj" else "down_proj"
+            return MemoryName(f"{m.group('parent')}.{target}", int(m.group("idx")), m.group("role"))
         return MemoryName(key)
 
     @staticmethod
@@ -74,3 +82,21 @@ class NameMap:
             return MemoryName(target, problem=f"tensor '{disk}' is converted on load into '{target}' by "
                                               f"{'+'.join(ops)}, a layout streamq cannot map to experts")
         return MemoryName(target, expert=int(m.group(1)), role=roles[sources.index(pattern)])
+
+
+_CLASSIC = re.compile(r"^(?P<parent>.+\.experts)\.(?P<idx>\d+)\.(?P<role>gate_proj|up_proj|down_proj)\.weight$")
+
+
+def _rename(transform, key: str) -> tuple[str, str | None]:
+    """transformers' own `rename_source_key` where it has one; else its patterns applied the
+    same way (a source pattern with `*` for the expert index, replaced by the first target)."""
+    method = getattr(transform, "rename_source_key", None)
+    if method is not None:
+        return method(key)
+    targets = list(getattr(transform, "target_patterns", []) or [])
+    for pattern in getattr(transform, "source_patterns", []) or []:
+        regex = pattern if "*" not in pattern else re.escape(pattern).replace(r"\*", r"\d+")
+        m = re.search(regex, key)
+        if m and targets:
+            return key[:m.start()] + re.sub(regex, targets[0], m.group(0)) + key[m.end():], pattern
+    return key, None
