@@ -47,6 +47,7 @@ from streamq.formats.base import (
 MANIFEST = "streamq_run.json"  # streamq.engine.state.MANIFEST, without importing torch-heavy modules
 EXPERT_RE = re.compile(r"^(?P<layer>(?:.*\.)?layers\.\d+)\.(?P<parent>.*experts)\.(?P<idx>\d+)\.")
 EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+EXPERT_PROJ_NAMES = (EXPERT_PROJS, ("w1", "w3", "w2"))  # names on disk: Qwen/DeepSeek style, Mixtral style
 # Weight dtypes that only a quantized Linear has (an unquantized one keeps its float dtype).
 QUANTIZED_WEIGHT_DTYPES = ("F8_E4M3", "I8")
 
@@ -350,13 +351,14 @@ def check_layers(names: set[str], config: dict, add_problem) -> None:
     """
     layers: dict[int, str] = {}
     experts: dict[str, set[int]] = {}
+    decoder = "model.layers" if any(n.startswith("model.layers.") for n in names) else None  # not mtp.layers
     for name in names:
         m = LAYER_RE.match(name)
-        if m:
+        if m and decoder in (None, m.group("prefix")):
             layers[int(m.group("idx"))] = f"{m.group('prefix')}.{m.group('idx')}"
         e = EXPERT_RE.match(name)
         # Any tensor of the projection counts (`weight`, or a packed format's `weight_packed`).
-        if e and name.split(".")[-2] in EXPERT_PROJS:
+        if e and any(name.split(".")[-2] in p for p in EXPERT_PROJ_NAMES):
             experts.setdefault(f"{e.group('layer')}.{e.group('parent')}", set()).add(int(e.group("idx")))
     declared = config.get("num_hidden_layers")
     if isinstance(declared, int):
@@ -378,7 +380,8 @@ def check_layers(names: set[str], config: dict, add_problem) -> None:
     modules = {name.rpartition(".")[0] for name in names}
     for parent, found in sorted(experts.items()):
         for e in sorted(found):
-            for proj in EXPERT_PROJS:
+            projs = next((p for p in EXPERT_PROJ_NAMES if f"{parent}.{e}.{p[0]}" in modules), EXPERT_PROJS)
+            for proj in projs:
                 if f"{parent}.{e}.{proj}" not in modules:
                     add_problem(f"expert {e} of '{parent}' has no {proj}", INDEX_FILE, f"{parent}.{e}.{proj}.weight")
 

@@ -21,6 +21,8 @@ from streamq.formats.base import get_format
 from streamq.model.ignore import IgnoreMatcher
 from streamq.model.layout import fused_expert_modules, plan_layer
 from streamq.model.moe import instrument_experts
+from streamq.model.names import NameMap
+from streamq.model.skeleton import attention_implementation, load_model_config
 from streamq.schemes.base import LayerStats, Scheme
 
 
@@ -28,12 +30,15 @@ from streamq.schemes.base import LayerStats, Scheme
 def reference_static(model_path: Path, batches: list, scheme: Scheme, fmt: str, ignore: tuple[str, ...],
                      all_experts: bool = False) -> dict[str, torch.Tensor]:
     """Every tensor the quantized checkpoint should contain, by name."""
-    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.bfloat16,
-                                                 attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(model_path), dtype=torch.bfloat16,
+        attn_implementation=attention_implementation(load_model_config(Path(model_path)))).eval()
     reader = CheckpointReader(model_path)
     layers = model.model.layers
     ignore = IgnoreMatcher(ignore)
-    layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore) for i in range(len(layers))]
+    reader.carry_layers_from(len(layers))  # next-token-prediction layers: copied as they are
+    names = NameMap(model)
+    layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore, names) for i in range(len(layers))]
     observers = []
     for layout, layer in zip(layouts, layers, strict=True):
         obs = LayerObserver()

@@ -9,7 +9,7 @@ from test_plan import write_header_only
 from streamq.config import parse_config
 from streamq.engine.job import prepare
 from streamq.engine.plan import make_plan
-from streamq.model.fusion import fused_group_key
+from streamq.model.fused import fused_group_key
 
 GiB = 2**30
 HESSIANS, SOLVE = "Hessians (float32)", "GPTQ solve"

@@ -93,17 +93,30 @@ class CheckpointReader:
             raise CheckpointError(f"{self.path / 'config.json'}: missing; is this a Hugging Face checkpoint?")
         self.tensors: dict[str, TensorInfo] = {}
         self._load_index()
-        self.layers: dict[int, list[str]] = {}
+        # The decoder stack is `model.layers` (or, failing that, the largest `*.layers` stack);
+        # other stacks (Qwen3-Next's `mtp.layers`) are not decoder layers.
+        stacks: dict[str, dict[int, list[str]]] = {}
         self.other: list[str] = []
-        self.layer_prefix = ""
         for name in self.tensors:
             m = LAYER_RE.match(name)
             if m:
-                self.layer_prefix = m.group("prefix")
-                self.layers.setdefault(int(m.group("idx")), []).append(name)
+                stacks.setdefault(m.group("prefix"), {}).setdefault(int(m.group("idx")), []).append(name)
             else:
                 self.other.append(name)
+        self.layer_prefix = "model.layers" if "model.layers" in stacks or not stacks else \
+            max(stacks, key=lambda p: sum(len(v) for v in stacks[p].values()))
+        self.layers: dict[int, list[str]] = stacks.pop(self.layer_prefix, {})
+        self.other += [n for stack in stacks.values() for names in stack.values() for n in names]
+        self.carried_layers: dict[int, list[str]] = {}  # decoder-stack indices past the config's layers
         self.bytes_read = 0
+
+    def carry_layers_from(self, num_layers: int) -> list[str]:
+        """Layers at or past `num_layers` (DeepSeek-V3 / GLM-4.5 next-token-prediction layers)
+        are not decoder layers: they move to the tensors copied as they are. Returns their names."""
+        for idx in sorted(i for i in self.layers if i >= num_layers):
+            self.carried_layers[idx] = self.layers.pop(idx)
+            self.other += self.carried_layers[idx]
+        return [n for names in self.carried_layers.values() for n in names]
 
     def _load_index(self) -> None:
         index_path = self.path / INDEX_FILE

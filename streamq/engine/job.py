@@ -17,8 +17,9 @@ from streamq.checkpoint.reader import CheckpointReader
 from streamq.config import JobConfig
 from streamq.errors import CheckpointError, ConfigError
 from streamq.model.ignore import IgnoreMatcher
-from streamq.model.layout import LayerLayout, fused_expert_modules, plan_layer
+from streamq.model.layout import LayerLayout, fused_expert_modules, natural_key, plan_layer
 from streamq.model.moe import check_supported
+from streamq.model.names import NameMap
 from streamq.model.skeleton import build_skeleton, compute_dtype, decoder_layers, load_model_config
 
 
@@ -51,10 +52,42 @@ class Job:
         return len(self.layouts)
 
     @property
+    def carried(self) -> list[str]:
+        """Tensors outside the model transformers builds (next-token-prediction layers past
+        `num_hidden_layers`, separate `mtp.*` stacks): copied bit for bit, never quantized."""
+        known = {n for n, _ in self.skeleton.named_parameters()} | {n for n, _ in self.skeleton.named_buffers()}
+        return sorted((n for n in self.reader.other if n not in known), key=natural_key)
+
+    @property
     def ignored(self) -> list[str]:
-        """Linears left unquantized, for the format's ignore list (lm_head always)."""
-        names = ["lm_head"] + [m for lay in self.layouts for m in lay.ignored]
+        """Linears left unquantized, for the format's ignore list (lm_head always, and every
+        Linear of the carried layers)."""
+        names = ["lm_head"] + [m for lay in self.layouts for m in lay.ignored] + carried_linears(
+            self.carried, self.reader)
         return sorted(set(names), key=names.index)
+
+    @property
+    def notes(self) -> list[str]:
+        carried = self.carried
+        if not carried:
+            return []
+        groups = sorted({".".join(n.split(".")[:3]) if n.startswith(f"{self.reader.layer_prefix}.")
+                         else n.split(".")[0] for n in carried}, key=natural_key)
+        return [f"carried unquantized ({len(carried)} tensors, not part of the decoder transformers builds): "
+                + ", ".join(groups)]
+
+
+def carried_linears(names: list[str], reader: CheckpointReader) -> list[str]:
+    """Modules of carried tensors that are Linear weights (2D `.weight` that is not a norm or
+    an embedding): they stay in high precision, so the format's ignore list names them."""
+    out = []
+    for name in names:
+        module, _, leaf = name.rpartition(".")
+        last = module.rpartition(".")[2]
+        if leaf == "weight" and len(reader.tensors[name].shape) == 2 and "norm" not in last \
+                and "embed" not in last:
+            out.append(module)
+    return out
 
 
 def prepare(config: JobConfig, load_data: bool = True) -> Job:
@@ -69,11 +102,14 @@ def prepare(config: JobConfig, load_data: bool = True) -> Job:
     dtype = compute_dtype(hf_config, config.model.torch_dtype)
     skeleton = build_skeleton(hf_config, dtype, config.model.trust_remote_code)
     layers = decoder_layers(skeleton)
+    reader.carry_layers_from(len(layers))
     if reader.num_layers != len(layers) or set(reader.layers) != set(range(len(layers))):
         raise CheckpointError(f"{reader.path}: config.json declares {len(layers)} decoder layers, the "
                               f"safetensors hold layers {sorted(reader.layers)[:3]}... ({len(reader.layers)} in all)")
     ignore = IgnoreMatcher(tuple(config.quant.ignore_layers))
-    layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore) for i in range(len(layers))]
+    names = NameMap(skeleton)  # transformers' own disk -> memory conversion for this model
+    layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore, names)
+               for i in range(len(layers))]
     job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
     if config.scheme.needs_calibration:
         if load_data:

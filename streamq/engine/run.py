@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from streamq.calib.cache import HiddenStateCache, latest_checkpoint, load_checkpoint, save_checkpoint
+from streamq.calib.checks import check_activation_stats
 from streamq.calib.observers import LayerObserver
 from streamq.checkpoint.reader import CheckpointReader
 from streamq.checkpoint.writer import (
@@ -42,7 +43,7 @@ from streamq.engine.state import CACHE_DIR, RunState, open_run, output_files
 from streamq.errors import BudgetError, CheckpointError, OutputError
 from streamq.formats.base import INPUT_SCALE, SCALE
 from streamq.model import capture as capture_mod
-from streamq.model.fusion import fused_group_key
+from streamq.model.fused import fused_group_key
 from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
 from streamq.model.layout import LayerLayout, fused_expert_modules
 from streamq.model.moe import instrument_experts, restore_experts
@@ -410,7 +411,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     report.bytes_read = job.reader.bytes_read
     report.peak_gpu_bytes = peak_gpu_bytes(job.device)
     report.peak_host_bytes = peak_host_rss()
-    report.notes = config.notes
+    report.notes = config.notes + job.notes
     atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "plan": plan.to_dict(),
                                               "report": report.__dict__})
     return report
@@ -487,11 +488,15 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         layer = decoder_layers(job.skeleton)[i]
         t = time.monotonic()
         progress.step("calibrate")
-        materialize_layer(layer, layout, tensors, job.device)
+        materialize_layer(layer, layout, tensors, job.device, job.skeleton)
         stages["to_device"] = time.monotonic() - t
         t = time.monotonic()
         stats = calib.run_layer(layer, layout, observe=not already_written or redo,
                                 advance=not scheme.propagates_quantized)
+        if stats is not None and scheme.observer_kind() is not None:
+            # Non-finite or all-zero inputs: stop before anything of the layer is written.
+            check_activation_stats(i, {m: v for m, v in stats.values.items()
+                                       if m in layout.quantized and torch.is_tensor(v)}, job.dtype)
         stages["calibrate"] = time.monotonic() - t
     if already_written and not redo:  # replayed only to advance the hidden states
         if layer is not None:

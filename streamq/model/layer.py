@@ -6,51 +6,57 @@ import torch
 from torch import nn
 
 from streamq.errors import CheckpointError
+from streamq.model.buffers import init_missing_buffers
 from streamq.model.layout import LayerLayout, fused_expert_modules
-
-
-def _expert_names(prefix: str, parent: str, e: int) -> tuple[str, str, str]:
-    base = f"{prefix}{parent}.{e}."
-    return base + "gate_proj.weight", base + "up_proj.weight", base + "down_proj.weight"
 
 
 @torch.no_grad()
 def materialize_layer(layer: nn.Module, layout: LayerLayout, tensors: dict[str, torch.Tensor],
-                      device: torch.device) -> None:
+                      device: torch.device, model: nn.Module | None = None) -> None:
     """Allocate the layer on `device` and copy the checkpoint tensors in.
 
     Fused expert parameters are filled expert by expert ([gate; up] along dim 0, the
     layout transformers' own loader builds), so no second copy of the layer exists.
     """
     layer.to_empty(device=device)
+    init_missing_buffers(model if model is not None else layer, layer, layout.prefix,
+                         {layout.prefix + rel for rel in layout.sources} | set(tensors))
     fused = fused_expert_modules(layer)
     for name, param in layer.named_parameters():
-        full = layout.prefix + name
         parent, _, attr = name.rpartition(".")
-        if full in tensors:
-            if tuple(tensors[full].shape) != tuple(param.shape):
-                raise CheckpointError(f"tensor '{full}' has shape {tuple(tensors[full].shape)}, the model "
-                                      f"expects {tuple(param.shape)}")
-            param.copy_(tensors[full], non_blocking=True)
+        source = _source(layout, name, tensors)
+        if source is not None:
+            if tuple(tensors[source].shape) != tuple(param.shape):
+                raise CheckpointError(f"tensor '{source}' has shape {tuple(tensors[source].shape)}, the model "
+                                      f"expects {tuple(param.shape)} for '{layout.prefix}{name}'")
+            param.copy_(tensors[source], non_blocking=True)
         elif parent in fused and attr in ("gate_up_proj", "down_proj"):
             for e in range(param.shape[0]):
-                gate, up, down = _expert_names(layout.prefix, parent, e)
                 if attr == "gate_up_proj":
-                    inter = tensors[gate].shape[0]
-                    param[e, :inter].copy_(tensors[gate], non_blocking=True)
-                    param[e, inter:].copy_(tensors[up], non_blocking=True)
+                    gate = tensors[_expert_source(layout, parent, e, "gate_proj")]
+                    up = tensors[_expert_source(layout, parent, e, "up_proj")]
+                    param[e, :gate.shape[0]].copy_(gate, non_blocking=True)
+                    param[e, gate.shape[0]:].copy_(up, non_blocking=True)
                 else:
-                    param[e].copy_(tensors[down], non_blocking=True)
+                    param[e].copy_(tensors[_expert_source(layout, parent, e, "down_proj")], non_blocking=True)
         else:
-            raise CheckpointError(f"layer {layout.index}: parameter '{full}' is not in the checkpoint")
+            raise CheckpointError(f"layer {layout.index}: parameter '{layout.prefix}{name}' is not in the checkpoint")
     for name, buf in layer.named_buffers():
-        full = layout.prefix + name
-        if full in tensors:
-            buf.copy_(tensors[full])
-        else:
-            raise CheckpointError(f"layer {layout.index}: buffer '{full}' is not in the checkpoint; "
-                                  "this architecture keeps computed state in its layers, which streamq "
-                                  "does not support")
+        source = _source(layout, name, tensors)
+        if source is not None:
+            buf.copy_(tensors[source])
+
+
+def _source(layout: LayerLayout, name: str, tensors: dict) -> str | None:
+    """The disk tensor of a parameter in memory; a layout without a plan (eval reads layers
+    back by their memory names) uses the name itself."""
+    if name in layout.sources:
+        return layout.sources[name]
+    return layout.prefix + name if layout.prefix + name in tensors else None
+
+
+def _expert_source(layout: LayerLayout, parent: str, e: int, role: str) -> str:
+    return layout.expert_sources.get((parent, e, role), f"{layout.prefix}{parent}.{e}.{role}.weight")
 
 
 def layer_weight_views(layer: nn.Module, layout: LayerLayout) -> dict[str, torch.Tensor]:

@@ -1,9 +1,15 @@
 """Which tensors of a decoder layer are quantized Linear weights, and which are copied.
 
 Decided from the meta skeleton (module types) and the names on disk. transformers v5
-fuses MoE experts in memory (`experts.gate_up_proj [E, 2I, H]`, `experts.down_proj
-[E, H, I]`) while checkpoints store `experts.<e>.{gate,up,down}_proj.weight`; the
-layout maps between the two so the output keeps the on-disk (unfused) names.
+renames and fuses on load (Mixtral's `block_sparse_moe.experts.<e>.w1` is a block of
+`mlp.experts.gate_up_proj [E, 2I, H]` in memory); `streamq.model.names` maps each disk
+tensor to its parameter in memory with transformers' own conversion mapping, so the
+layer runs with the model's code while the output keeps the on-disk names.
+
+Routers are recognized by what they are, not by name: inside an MoE block (the parent of
+an experts module), a weight that maps the block's input to one logit per expert (or to
+one gate value, like Qwen2-MoE's `shared_expert_gate`) and is not part of an MLP. They
+stay in high precision and are listed in the format's ignore list.
 """
 
 from __future__ import annotations
@@ -15,10 +21,9 @@ from torch import nn
 
 from streamq.errors import CheckpointError
 from streamq.model.ignore import IgnoreMatcher
+from streamq.model.names import NameMap
 
-# Linears that route tokens; vLLM keeps them in high precision.
-ROUTER_LEAVES = ("gate", "router", "shared_expert_gate")
-EXPERT_RE = re.compile(r"^(?P<parent>.+)\.(?P<idx>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)$")
+EXPERT_ROLES = ("gate_proj", "up_proj", "down_proj")
 
 
 def natural_key(name: str) -> list:
@@ -30,20 +35,24 @@ def natural_key(name: str) -> list:
 class ExpertRef:
     parent: str  # relative name of the fused experts module, e.g. "mlp.experts"
     index: int
-    proj: str  # gate_proj | up_proj | down_proj
+    proj: str  # gate_proj | up_proj | down_proj (the role, whatever the name on disk)
 
 
 @dataclass
 class LayerLayout:
     index: int
     prefix: str  # "model.layers.3."
-    quantized: dict[str, str] = field(default_factory=dict)  # module (full name) -> weight tensor name
-    experts: dict[str, ExpertRef] = field(default_factory=dict)  # module (full name) -> fused location
+    quantized: dict[str, str] = field(default_factory=dict)  # module (full disk name) -> weight tensor name
+    experts: dict[str, ExpertRef] = field(default_factory=dict)  # module (full disk name) -> fused location
     copied: list[str] = field(default_factory=list)  # tensor names written bit for bit
-    ignored: list[str] = field(default_factory=list)  # Linear modules left unquantized on purpose
+    ignored: list[str] = field(default_factory=list)  # modules (disk names) left unquantized on purpose
+    memory: dict[str, str] = field(default_factory=dict)  # disk module -> module in memory (relative), if renamed
+    sources: dict[str, str] = field(default_factory=dict)  # parameter/buffer in memory (relative) -> disk tensor
+    expert_sources: dict[tuple[str, int, str], str] = field(default_factory=dict)  # (parent, e, role) -> disk
 
     def rel(self, module: str) -> str:
-        return module[len(self.prefix):]
+        """The module in memory (relative to the layer) that a disk module name lives in."""
+        return self.memory.get(module, module[len(self.prefix):])
 
 
 def fused_expert_modules(layer: nn.Module) -> dict[str, nn.Module]:
@@ -53,41 +62,103 @@ def fused_expert_modules(layer: nn.Module) -> dict[str, nn.Module]:
             and isinstance(getattr(m, "down_proj", None), nn.Parameter)}
 
 
+def _expert_containers(layer: nn.Module) -> dict[str, int]:
+    """Experts modules and their expert counts: fused 3D ones, and ModuleLists of MLPs."""
+    out = {n: m.gate_up_proj.shape[0] for n, m in fused_expert_modules(layer).items()}
+    for n, m in layer.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 1 and all(
+                sum(isinstance(c, nn.Linear) for c in e.modules()) >= 2 for e in m):
+            out[n] = len(m)
+    return out
+
+
+def routing_modules(layer: nn.Module) -> set[str]:
+    """Modules (relative names) that route tokens in an MoE block: a 2D weight with one row per
+    expert (or a single gate row) that is neither inside the experts nor inside an MLP."""
+    modules = dict(layer.named_modules())
+    linear_count = {n: sum(isinstance(c, nn.Linear) for c in m.modules()) for n, m in modules.items()}
+    out = set()
+    for parent, num_experts in _expert_containers(layer).items():
+        block = parent.rpartition(".")[0]
+        start = f"{block}." if block else ""
+        for name, module in modules.items():
+            if not name.startswith(start) or name == parent or name.startswith(parent + "."):
+                continue
+            weight = getattr(module, "weight", None)
+            if not isinstance(weight, nn.Parameter) or weight.ndim != 2 or weight.shape[0] not in (num_experts, 1):
+                continue
+            parts = name[len(start):].split(".")
+            ancestors = [start + ".".join(parts[:i]) for i in range(1, len(parts))]
+            if not any(linear_count.get(a, 0) >= 2 for a in ancestors):
+                out.add(name)
+    return out
+
+
 def plan_layer(layer: nn.Module, index: int, layer_prefix: str, tensor_names: list[str],
-               ignore: IgnoreMatcher) -> LayerLayout:
+               ignore: IgnoreMatcher, names: NameMap | None = None) -> LayerLayout:
+    """Classify every disk tensor of one layer. `names` maps disk names to memory (transformers'
+    conversion mapping for the model; identity when None)."""
+    names = names or NameMap(None)
     prefix = f"{layer_prefix}.{index}."
     linears = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
     fused = fused_expert_modules(layer)
+    routers = routing_modules(layer)
     out = LayerLayout(index=index, prefix=prefix)
     seen_linears = set()
     for name in sorted(tensor_names, key=natural_key):
-        rel = name[len(prefix):]
+        mem = names.to_memory(name)
+        if mem.problem:
+            raise CheckpointError(f"layer {index}: {mem.problem}")
+        if not mem.name.startswith(prefix):
+            raise CheckpointError(f"layer {index}: tensor '{name}' is loaded into '{mem.name}', outside its layer")
+        rel = mem.name[len(prefix):]
         module, _, leaf = rel.rpartition(".")
-        expert = EXPERT_RE.match(module) if leaf == "weight" else None
-        is_linear = leaf == "weight" and module in linears
-        is_expert = expert is not None and expert.group("parent") in fused
-        if not (is_linear or is_expert) or module.rpartition(".")[2] in ROUTER_LEAVES:
+        disk_module = name.rpartition(".")[0]
+        if mem.expert is not None:
+            if module not in fused:
+                raise CheckpointError(f"layer {index}: tensor '{name}' is loaded into '{mem.name}', which is not "
+                                      "a fused experts module streamq knows")
+            out.expert_sources[(module, mem.expert, mem.role)] = name
+        elif module in fused:
+            raise CheckpointError(
+                f"layer {index}: the experts of '{prefix}{module}' are stored fused on disk as '{name}' "
+                f"(one {len(_shape_hint(layer, rel))}D tensor for all experts); streamq quantizes experts stored "
+                "one tensor per expert (experts.<e>.<proj>.weight) only, and does not write fused FP8 experts yet")
+        else:
+            out.sources[rel] = name
+        is_linear = mem.expert is not None or (leaf == "weight" and module in linears)
+        if module in routers and leaf == "weight":
+            out.ignored.append(disk_module)
+        if not is_linear or module in routers:
             out.copied.append(name)
             continue
-        full = prefix + module
         seen_linears.add(module)
-        if ignore.matches(full):
-            out.ignored.append(full)
+        if ignore.matches(disk_module) or ignore.matches(prefix + module):
+            out.ignored.append(disk_module)
             out.copied.append(name)
             continue
-        out.quantized[full] = name
-        if is_expert:
-            out.experts[full] = ExpertRef(expert.group("parent"), int(expert.group("idx")), expert.group("proj"))
-    missing = sorted(linears - seen_linears - {m for m in linears if m.rpartition(".")[2] in ROUTER_LEAVES})
+        out.quantized[disk_module] = name
+        if mem.expert is not None:
+            out.experts[disk_module] = ExpertRef(module, mem.expert, mem.role)
+        elif module != disk_module[len(prefix):]:
+            out.memory[disk_module] = module
+    missing = sorted(linears - seen_linears - routers)
     if missing:
         raise CheckpointError(f"layer {index}: Linear '{prefix}{missing[0]}' has no weight tensor in the "
                               "checkpoint; the checkpoint does not match its config.json")
     for parent, module in fused.items():
         n = getattr(module, "num_experts", module.gate_up_proj.shape[0])
-        found = {ref.index for ref in out.experts.values() if ref.parent == parent}
-        found |= {int(EXPERT_RE.match(m.rpartition(".")[0][len(prefix):]).group("idx"))
-                  for m in out.copied if EXPERT_RE.match(m.rpartition(".")[0][len(prefix):] or "")}
-        if len(found) != n:
-            raise CheckpointError(f"layer {index}: expected {n} experts under '{prefix}{parent}', found "
-                                  f"{len(found)} on disk (unfused per-expert tensors are required)")
+        found = {(e, role) for (p, e, role) in out.expert_sources if p == parent}
+        lost = sorted({e for e in range(n) for role in EXPERT_ROLES if (e, role) not in found})
+        if lost:
+            raise CheckpointError(f"layer {index}: expected {n} experts under '{prefix}{parent}' with gate, up and "
+                                  f"down projections each; {len(lost)} incomplete or missing on disk "
+                                  f"(first: {lost[0]})")
     return out
+
+
+def _shape_hint(layer: nn.Module, rel: str) -> tuple:
+    try:
+        return tuple(layer.get_parameter(rel).shape)
+    except AttributeError:
+        return (0, 0, 0)

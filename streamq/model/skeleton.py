@@ -14,6 +14,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from streamq.errors import CheckpointError
+from streamq.model.buffers import init_missing_buffers
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -33,11 +34,24 @@ def compute_dtype(config: PretrainedConfig, torch_dtype: str) -> torch.dtype:
     return _DTYPES[dtype] if isinstance(dtype, str) else dtype
 
 
+def attention_implementation(config: PretrainedConfig) -> str | None:
+    """sdpa where the model class supports it, eager otherwise; None (transformers'
+    own default) for classes outside the auto mapping (remote code)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    try:
+        cls = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    except KeyError:
+        return None
+    return "sdpa" if getattr(cls, "_supports_sdpa", False) else "eager"
+
+
 def build_skeleton(config: PretrainedConfig, dtype: torch.dtype, trust_remote_code: bool = False) -> nn.Module:
     """AutoModelForCausalLM on the meta device: module tree and shapes, no memory."""
     try:
         with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa",
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype,
+                                                     attn_implementation=attention_implementation(config),
                                                      trust_remote_code=trust_remote_code)
     except (ValueError, KeyError) as e:
         arch = getattr(config, "architectures", None) or getattr(config, "model_type", "?")
@@ -56,8 +70,8 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 def materialize_outside_layers(model: nn.Module, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
     """Give the embedding (and anything else loaded from `tensors`) real storage on `device`.
 
-    Modules with computed, non-persistent buffers (rotary tables) are rebuilt from the
-    config, since meta buffers hold no values to move.
+    Computed buffers the checkpoint lacks (rotary tables, Gemma's `embed_scale`) are
+    filled by the model's own `_init_weights`, since meta buffers hold no values to move.
     """
     base = model.model
     for name, module in list(base.named_children()):
@@ -65,14 +79,16 @@ def materialize_outside_layers(model: nn.Module, tensors: dict[str, torch.Tensor
             continue
         prefix = f"model.{name}."
         params = dict(module.named_parameters())
-        if params and all(prefix + p in tensors for p in params):
+        buffers = dict(module.named_buffers())
+        if (params and all(prefix + p in tensors for p in params)) or (buffers and not params):
             module.to_empty(device=device)
+            init_missing_buffers(model, module, prefix, tensors)
             with torch.no_grad():
                 for p, param in module.named_parameters():
                     param.copy_(tensors[prefix + p])
-        elif any(b.is_meta for _, b in module.named_buffers()) and not params:
-            rebuilt = type(module)(model.config)
-            setattr(base, name, rebuilt.to(device))
+                for b, buf in module.named_buffers():
+                    if prefix + b in tensors:
+                        buf.copy_(tensors[prefix + b])
 
 
 def release_outside_layers(model: nn.Module) -> None:

@@ -26,7 +26,7 @@ def _fused_absmax(absmax: dict, shared: bool) -> dict:
         return absmax
     import torch
 
-    from streamq.model.fusion import fused_group_key
+    from streamq.model.fused import fused_group_key
 
     group_max: dict[str, Any] = {}
     for name, a in absmax.items():

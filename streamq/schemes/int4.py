@@ -223,7 +223,7 @@ class Int4Gptq(_W4A16):
         Hessian, or one chunk of experts plus that chunk's Hessians copied for experts that
         fall back to round-to-nearest (counted always: a budget must hold when it happens).
         """
-        from streamq.model.fusion import fused_group_key
+        from streamq.model.fused import fused_group_key
 
         hessians = solve = 0
         stacks: dict[str, list[tuple[int, int]]] = {}
