@@ -65,6 +65,8 @@ SCHEME_CONFIGS = {
     "int4_rtn": ({"name": "int4_rtn", "bits": 4, "quant_method": {"weight": "per-group", "group_size": 128}}, False),
     "int4_gptq": ({"name": "int4_gptq", "bits": 4, "quant_method": {"weight": "per-group", "group_size": 128}},
                   True),
+    "int4_awq": ({"name": "int4_awq", "bits": 4,
+                  "quant_method": {"weight": "per-group", "group_size": 128, "zero_point": True}}, True),
 }
 SCHEMES = tuple(SCHEME_CONFIGS)
 DEFAULT_SCHEMES = ("fp8_dynamic", "fp8_static", "int8_dynamic", "int8_dynamic+smooth", "fp8_blockwise")
@@ -77,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="eval_table.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", nargs="+", type=Path, default=list(DEFAULT_MODELS), metavar="DIR",
                    help="bf16 checkpoints to quantize and evaluate (default: the trained fixtures dense, moe)")
+    p.add_argument("--peer", nargs="+", default=[], metavar="LABEL=DIR",
+                   help="also evaluate checkpoints another tool made (not quantized here); DIR may hold "
+                        "{model} (the model directory's name), e.g. llmc-gptq=build/peer/{model}-gptq "
+                        "from scripts/peer_llmcompressor.py")
     p.add_argument("--schemes", nargs="+", default=list(DEFAULT_SCHEMES), choices=SCHEMES, metavar="SCHEME",
                    help=f"rows to produce, in this order, of: {' '.join(SCHEMES)} "
                         f"(default: {' '.join(DEFAULT_SCHEMES)})")
@@ -105,6 +111,8 @@ def reproduce_command(args: argparse.Namespace, device: str) -> str:
         cmd += ["--models", *(_shown(m) for m in args.models)]
     if list(args.schemes) != list(DEFAULT_SCHEMES):
         cmd += ["--schemes", *args.schemes]
+    if args.peer:
+        cmd += ["--peer", *args.peer]
     cmd += ["--device", device if args.device == "auto" else args.device, "--num-samples", str(args.num_samples)]
     if args.threads:
         cmd += ["--threads", str(args.threads)]
@@ -182,8 +190,19 @@ def run_table(args: argparse.Namespace) -> dict:
             report_path = reports_dir / f"{name}-{_slug(scheme)}.json"
             report.write_json(report_path)
             evals[scheme] = (report_path, json.loads(report_path.read_text()), qrep)
+        for peer in args.peer:
+            label, _, pattern = peer.partition("=")
+            save = Path(pattern.format(model=name))
+            _log(f"eval {name} {label} ({save}, made elsewhere)")
+            report = evaluate(EvalOptions(str(model.resolve()), str(save.resolve()), str(EVAL_DATA),
+                                          num_samples=args.num_samples, max_seq_length=SEQ_LEN,
+                                          batch_size=EVAL_BATCH, device=args.device))
+            report_path = reports_dir / f"{name}-{_slug(label)}.json"
+            report.write_json(report_path)
+            evals[label] = (report_path, json.loads(report_path.read_text()), None)
+        schemes_here = schemes + [p.partition("=")[0] for p in args.peer]
         first = evals[schemes[0]][1]
-        for scheme in schemes[1:]:
+        for scheme in schemes_here[1:]:
             other = evals[scheme][1]["ppl_original"]
             if other != first["ppl_original"]:
                 notes.append(f"{name}: bf16 perplexity differs between evals: {first['ppl_original']!r} "
@@ -191,7 +210,7 @@ def run_table(args: argparse.Namespace) -> dict:
         rows.append({"model": name, "model_path": str(model.resolve()), "scheme": "bf16",
                      "perplexity": first["ppl_original"], "ppl_change": None, "kl": None, "top1_agreement": None,
                      "layer_rel_errors": None, "tokens": first["tokens"], "samples": first["samples"]})
-        for scheme in schemes:
+        for scheme in schemes_here:
             path, d, qrep = evals[scheme]
             rows.append({"model": name, "model_path": str(model.resolve()), "scheme": scheme,
                          "perplexity": d["ppl_quantized"], "ppl_change": d["ppl_change"], "kl": d["kl"],
@@ -202,8 +221,9 @@ def run_table(args: argparse.Namespace) -> dict:
                          "tokens": d["tokens"], "samples": d["samples"], "scaled_mm": d["scaled_mm"],
                          "matmul": d.get("matmul", ""),
                          "quant_format": d["quant_format"], "checkpoint": str(Path(d["quantized"])),
-                         "eval_report": str(path), "eval_wall_s": d["wall_s"], "quantize_wall_s": qrep.wall_s,
-                         "uncovered_experts": qrep.uncovered_experts})
+                         "eval_report": str(path), "eval_wall_s": d["wall_s"],
+                         "quantize_wall_s": qrep.wall_s if qrep else None,
+                         "uncovered_experts": qrep.uncovered_experts if qrep else None})
             notes += [f"{name} {scheme}: outlier {o['message']}" for o in d["outliers"]]
     mm = {r["scaled_mm"] for r in rows if "scaled_mm" in r}
     kinds = list(dict.fromkeys(r["matmul"] for r in rows if r.get("matmul")))  # in row order
@@ -245,6 +265,7 @@ SCHEME_NOTES = {
     "fp8_blockwise": "fp8_blockwise: vLLM fp8, 128x128 weight blocks, inputs per token in groups of 128",
     "int4_rtn": "int4_rtn: W4A16 round-to-nearest, compressed-tensors pack-quantized, symmetric, groups of 128",
     "int4_gptq": "int4_gptq: W4A16 GPTQ, the same layout",
+    "int4_awq": "int4_awq: W4A16 AWQ (duo scaling, 20 grid points), asymmetric (zero point), the same layout",
 }
 
 
