@@ -88,7 +88,8 @@ def arch_outputs(arch_models, tmp_path_factory):
 def test_matches_whole_model_reference(arch_models, arch_outputs, arch, algorithm):
     job, out = arch_outputs(arch, algorithm)
     batches = reference_batches(arch_models[arch], BATCH, NUM_SAMPLES, SEQ_LEN)
-    expected = reference_static(arch_models[arch], batches, job.scheme, FORMAT[algorithm], tuple(job.quant.ignore_layers))
+    expected = reference_static(arch_models[arch], batches, job.scheme, FORMAT[algorithm],
+                                tuple(job.quant.ignore_layers))
     assert_bytes_equal(read_tensors(out), expected)
     assert "lm_head" in ignore_list(out)
     result = verify_checkpoint(out, arch_models[arch])
