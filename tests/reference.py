@@ -86,7 +86,8 @@ def reference_awq(model_path: Path, batches: list, scheme: Scheme, fmt: str, ign
     reader = CheckpointReader(model_path)
     layers = model.model.layers
     ignore = IgnoreMatcher(ignore)
-    layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore) for i in range(len(layers))]
+    names = NameMap(model)
+    layouts = [plan_layer(layers[i], i, "model.layers", reader.layers[i], ignore, names) for i in range(len(layers))]
     observers, records = [], []
     for layout, layer in zip(layouts, layers, strict=True):
         obs = LayerObserver()

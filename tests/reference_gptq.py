@@ -27,6 +27,7 @@ from streamq.formats.base import get_format
 from streamq.model.ignore import IgnoreMatcher
 from streamq.model.layout import fused_expert_modules, plan_layer
 from streamq.model.moe import instrument_experts, restore_experts
+from streamq.model.names import NameMap
 from streamq.schemes.base import LayerStats, Scheme
 
 
@@ -62,7 +63,7 @@ def reference_gptq(model_path: Path, batches: list, scheme: Scheme, fmt: str, ig
     expected: dict[str, torch.Tensor] = {}
     propagate = scheme.propagates_quantized
     for i, layer in enumerate(layers):
-        layout = plan_layer(layer, i, "model.layers", reader.layers[i], matcher)
+        layout = plan_layer(layer, i, "model.layers", reader.layers[i], matcher, NameMap(model))
         obs = LayerObserver()
         obs.expert_kind = "hessian"
         plain = [m for m in layout.quantized if m not in layout.experts]

@@ -28,6 +28,7 @@ from streamq.checkpoint.reader import CheckpointReader
 from streamq.model.ignore import IgnoreMatcher
 from streamq.model.layer import layer_weight_views
 from streamq.model.layout import plan_layer
+from streamq.model.names import NameMap
 from streamq.model.smoothing import smooth_layer, smoothing_groups
 from streamq.schemes.base import LayerStats
 
@@ -51,7 +52,8 @@ def test_smooth_layer_preserves_a_real_decoder_layer_in_float64(tiny_models, var
                                                  experts_implementation="eager")
     layer = model.model.layers[0]
     reader = CheckpointReader(tiny_models[variant])
-    layout = plan_layer(layer, 0, "model.layers", reader.layers[0], IgnoreMatcher(("lm_head",)))
+    layout = plan_layer(layer, 0, "model.layers", reader.layers[0], IgnoreMatcher(("lm_head",)),
+                        NameMap(model))
     assert {g.source for g in smoothing_groups(layer, layout)} == groups
 
     hidden = model.config.hidden_size
