@@ -65,6 +65,8 @@ SCHEME_CONFIGS = {
     "int4_rtn": ({"name": "int4_rtn", "bits": 4, "quant_method": {"weight": "per-group", "group_size": 128}}, False),
     "int4_gptq": ({"name": "int4_gptq", "bits": 4, "quant_method": {"weight": "per-group", "group_size": 128}},
                   True),
+    "int4_gptq+actorder": ({"name": "int4_gptq", "bits": 4, "actorder": "static",
+                            "quant_method": {"weight": "per-group", "group_size": 128}}, True),
     "int4_awq": ({"name": "int4_awq", "bits": 4,
                   "quant_method": {"weight": "per-group", "group_size": 128, "zero_point": True}}, True),
 }
@@ -265,6 +267,7 @@ SCHEME_NOTES = {
     "fp8_blockwise": "fp8_blockwise: vLLM fp8, 128x128 weight blocks, inputs per token in groups of 128",
     "int4_rtn": "int4_rtn: W4A16 round-to-nearest, compressed-tensors pack-quantized, symmetric, groups of 128",
     "int4_gptq": "int4_gptq: W4A16 GPTQ, the same layout",
+    "int4_gptq+actorder": "int4_gptq+actorder: the same with actorder: static (llm-compressor's default)",
     "int4_awq": "int4_awq: W4A16 AWQ (duo scaling, 20 grid points), asymmetric (zero point), the same layout",
 }
 
