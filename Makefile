@@ -39,7 +39,11 @@ demo: install $(DEMO)/tiny-qwen3-moe/config.json
 	@echo "demo outputs: $(DEMO)/out-fp8-dynamic $(DEMO)/out-fp8-static"
 
 quantize: install
+ifeq ($(NPROC),)
 	$(PY) -m streamq quantize -c $(CONFIG) $(ARGS)
+else
+	$(PY) -m torch.distributed.run --nproc-per-node $(NPROC) -m streamq quantize -c $(CONFIG) $(ARGS)
+endif
 
 test: install
 	$(PY) -m pytest -q tests $(ARGS)

@@ -46,11 +46,19 @@ def _quantize(args: argparse.Namespace) -> int:
             print(f"{config.save_path}: already complete ({done}); nothing to do. "
                   "Pass --overwrite to quantize again.")
             return 0
+    from streamq.engine import dist as dist_mod
     from streamq.engine.run import quantize
 
-    report = quantize(config, overwrite=args.overwrite, show_progress=not args.quiet)
-    print(report.summary())
-    print(f"wrote {config.save_path}")
+    dist = dist_mod.from_env(config.device)  # None unless torchrun started several processes
+    try:
+        leader = dist is None or dist.leader
+        report = quantize(config, overwrite=args.overwrite, show_progress=not args.quiet and leader, dist=dist)
+    finally:
+        if dist is not None:
+            dist.close()
+    if leader:
+        print(report.summary())
+        print(f"wrote {config.save_path}")
     return 0
 
 

@@ -9,6 +9,7 @@ import signal
 from collections import Counter
 
 ENV = "STREAMQ_KILL_AT"
+ENV_RANK = "STREAMQ_KILL_RANK"
 _hits: Counter = Counter()
 
 
@@ -18,6 +19,9 @@ def checkpoint(point: str) -> None:
         return
     name, _, count = spec.partition(":")
     if name != point:
+        return
+    rank = os.environ.get(ENV_RANK)  # under torchrun: only this rank dies
+    if rank is not None and rank != os.environ.get("RANK", "0"):
         return
     _hits[point] += 1
     if _hits[point] == int(count or 1):

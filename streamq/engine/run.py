@@ -35,12 +35,13 @@ from streamq.checkpoint.writer import (
 )
 from streamq.config import JobConfig
 from streamq.engine import faults
+from streamq.engine.dist import Dist
 from streamq.engine.job import Job, prepare
 from streamq.engine.plan import make_plan
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
 from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes
-from streamq.engine.state import CACHE_DIR, RunState, open_run, output_files
-from streamq.errors import BudgetError, CheckpointError, OutputError
+from streamq.engine.state import CACHE_DIR, RunState, attach_run, open_run, output_files, rank_manifest
+from streamq.errors import BudgetError, CheckpointError, ConfigError, OutputError, StreamqError
 from streamq.formats.base import INPUT_SCALE, SCALE
 from streamq.model import capture as capture_mod
 from streamq.model.fused import fused_group_key
@@ -319,10 +320,21 @@ class _Writer:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = True) -> Report:
-    """Run a whole job; returns the report (also written to the output directory)."""
+def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = True, dist: Dist | None = None
+             ) -> Report:
+    """Run a whole job; returns the report (also written to the output directory).
+
+    `dist` (several processes under torchrun, `streamq.engine.dist`): calibration-free
+    schemes split whole layers across ranks; rank 0 opens the output, writes the non-layer
+    shard and finishes the checkpoint. The output bytes are the single-process run's.
+    """
     start = time.monotonic()
     check_save_path(config.save_path, config.model.model_path, calibration_file(config))  # before anything
+    if dist is not None:
+        if config.scheme.needs_calibration:
+            raise ConfigError(f"{config.quant.name} calibrates, and splitting calibration samples across "
+                              "processes is not implemented yet; run it with one process (plain python -m streamq)")
+        config.device = dist.device(config.device)
     job = prepare(config)
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
@@ -330,12 +342,24 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     for note in plan.notes:
         if note.startswith("warning: "):
             log.warning("%s", note)
-    _check_disk_space(plan.disk_needed, out_dir)
-    state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite, config.job_identity())
-    state.expect(output_files(job.reader.path, job.num_layers + 1))  # listed before written: --overwrite's list
-    (out_dir / "config.json").unlink(missing_ok=True)  # until the end, nothing looks finished
-    state.status = "running"
-    state.save()
+    leader = dist is None or dist.leader
+    opened: BaseException | None = None
+    if leader:
+        try:
+            _check_disk_space(plan.disk_needed, out_dir)
+            state = open_run(out_dir, config.job_hash(), job.reader.fingerprint(), overwrite, config.job_identity())
+            state.expect(output_files(job.reader.path, job.num_layers + 1))  # listed before written
+            (out_dir / "config.json").unlink(missing_ok=True)  # until the end, nothing looks finished
+            state.status = "running"
+            state.save()
+        except StreamqError as e:
+            opened = e
+            if dist is None:
+                raise
+    if dist is not None:
+        dist.share_outcome(opened)
+        if not leader:
+            state = attach_run(out_dir, dist.rank)
     report = Report()
     clock = _PhaseClock(report.phases, start)
     clock.mark("prepare", prepared)
@@ -361,13 +385,15 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             calib.capture_inputs()
         clock.mark("calibration inputs")
     todo = [i for i in range(n) if not done[i]] if calib is None else list(range(begin, n))
+    if dist is not None:
+        todo = dist.mine(todo)  # whole layers per rank (calibration-free schemes only)
     report.layers_skipped = n - sum(1 for i in todo if not done[i])
     progress = LayerProgress(len(todo), f"{config.quant.name} {job.reader.path.name}", show_progress)
     prefetch = _Prefetcher(job.reader, pin=job.device.type == "cuda")
     writer = _Writer(state, out_dir)
     arenas = OutputArenas() if job.device.type == "cuda" else None
     try:
-        if not state.shard_ok(REST_KEY):
+        if leader and not state.shard_ok(REST_KEY):
             # The non-layer tensors (embeddings, final norm, lm_head) go first: their write
             # overlaps the first layer instead of adding to the end of the run.
             writer.submit(REST_KEY, shard_name(n, n + 1), job.reader.read(sorted(job.reader.other)))
@@ -389,9 +415,18 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         writer.wait()
         clock.mark("last write")
         progress.close()
-        weight_map = {t: info["file"] for info in state.shards.values() for t in info["tensors"]}
-        _finish(job, state, out_dir, n + 1, weight_map)
-        shutil.rmtree(cache_root, ignore_errors=True)
+        if dist is not None:
+            records = dist.gather((state.shards, state.files))
+            if leader:
+                for shards, files in records[1:]:
+                    state.absorb(shards, files)
+        if leader:
+            weight_map = {t: info["file"] for info in state.shards.values() for t in info["tensors"]}
+            _finish(job, state, out_dir, n + 1, weight_map)
+            if dist is not None:
+                for r in range(1, dist.world):
+                    (out_dir / rank_manifest(r)).unlink(missing_ok=True)
+            shutil.rmtree(cache_root, ignore_errors=True)
         clock.mark("index and config")
     finally:
         progress.close()
@@ -412,8 +447,12 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     report.peak_gpu_bytes = peak_gpu_bytes(job.device)
     report.peak_host_bytes = peak_host_rss()
     report.notes = config.notes + job.notes
-    atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "plan": plan.to_dict(),
-                                              "report": report.__dict__})
+    if dist is not None:
+        report.notes.append(f"{dist.world} processes (torchrun); this report is rank {dist.rank}'s, "
+                            f"which quantized layers {todo[:3]}{'...' if len(todo) > 3 else ''}")
+    if leader:
+        atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "plan": plan.to_dict(),
+                                                  "report": report.__dict__})
     return report
 
 

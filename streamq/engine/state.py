@@ -41,10 +41,17 @@ class RunState:
     resumed: bool = False
     job: dict | None = None  # JobConfig.job_identity(), so a refusal can say what changed
     files: list[str] = field(default_factory=lambda: list(RUN_FILES))  # what --overwrite may delete
+    rank: int = 0  # under torchrun, ranks other than 0 record their shards in their own file
 
     @property
     def path(self) -> Path:
-        return self.out_dir / MANIFEST
+        return self.out_dir / (MANIFEST if self.rank == 0 else rank_manifest(self.rank))
+
+    def absorb(self, shards: dict[str, dict], files: Iterable[str]) -> None:
+        """Take another rank's records (its shards and files) into this state, and save."""
+        self.shards.update(shards)
+        self.files.extend(f for f in files if f not in self.files)
+        self.save()
 
     def save(self) -> None:
         atomic_write_json(self.path, {"streamq_manifest": 1, "job_hash": self.job_hash, "source": self.source,
@@ -120,6 +127,32 @@ def output_files(model_path: Path, total_shards: int) -> list[str]:
             + [name for name in AUX_FILES if (model_path / name).is_file()])
 
 
+def rank_manifest(rank: int) -> str:
+    """Where rank `rank` (> 0) of a torchrun job records its shards until rank 0 merges them."""
+    return f"streamq_run.rank{rank}.json"
+
+
+def _rank_records(out_dir: Path, job_hash: str, source: dict) -> list[tuple[Path, dict]]:
+    """Side manifests of other ranks of the same job (a multi-process run that stopped)."""
+    found = []
+    for path in sorted(out_dir.glob("streamq_run.rank*.json")):
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(data, dict) and data.get("job_hash") == job_hash and data.get("source") == source:
+            found.append((path, data))
+    return found
+
+
+def attach_run(out_dir: Path, rank: int) -> RunState:
+    """A rank > 0 of a torchrun job joins the run rank 0 opened: same records, its own file."""
+    data = json.loads((out_dir / MANIFEST).read_text())
+    return RunState(out_dir, data["job_hash"], data["source"], status=data.get("status", "running"),
+                    shards=data.get("shards", {}), resumed=False, job=data.get("job"),
+                    files=list(data.get("files") or RUN_FILES), rank=rank)
+
+
 def _listed_files(manifest: dict) -> set[str]:
     """The plain file names a manifest says streamq wrote (never a path: nothing outside out_dir)."""
     names = set(RUN_FILES)
@@ -141,6 +174,9 @@ def clear_directory(out_dir: Path, manifest: dict) -> list[str]:
             if candidate.is_symlink() or candidate.is_file():
                 candidate.unlink()
                 removed.append(candidate.name)
+    for path, _ in _rank_records(out_dir, manifest.get("job_hash"), manifest.get("source")):
+        path.unlink()  # other ranks' records of that same run
+        removed.append(path.name)
     cache = out_dir / CACHE_DIR
     if cache.is_dir() and not cache.is_symlink():
         shutil.rmtree(cache)
@@ -175,6 +211,11 @@ def open_run(out_dir: Path, job_hash: str, source: dict, overwrite: bool, job: d
             state = RunState(out_dir, job_hash, source, status=old.get("status", "running"),
                              shards=old.get("shards", {}), resumed=True, job=job,
                              files=sorted(_listed_files(old)))
+            # Shards other ranks of a multi-process run recorded before it stopped count too,
+            # whatever the number of processes now.
+            for path, data in _rank_records(out_dir, job_hash, source):
+                state.absorb(data.get("shards") or {}, data.get("files") or [])
+                path.unlink()
             for name in state.files:
                 (out_dir / f".{name}.tmp").unlink(missing_ok=True)  # a write that was cut off
             return state
