@@ -385,9 +385,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             calib.capture_inputs()
         clock.mark("calibration inputs")
     todo = [i for i in range(n) if not done[i]] if calib is None else list(range(begin, n))
+    report.layers_skipped = n - sum(1 for i in todo if not done[i])  # resumed: finished before this run
     if dist is not None:
         todo = dist.mine(todo)  # whole layers per rank (calibration-free schemes only)
-    report.layers_skipped = n - sum(1 for i in todo if not done[i])
     progress = LayerProgress(len(todo), f"{config.quant.name} {job.reader.path.name}", show_progress)
     prefetch = _Prefetcher(job.reader, pin=job.device.type == "cuda")
     writer = _Writer(state, out_dir)
