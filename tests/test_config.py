@@ -240,3 +240,15 @@ def test_example_config_runs(tiny_models, tmp_path, capsys, monkeypatch):
                    "--model-path", str(tiny_models["qwen3_moe"]), "--save-path", str(out)])
     assert rc == 0, capsys.readouterr().err
     assert (out / "config.json").is_file()
+
+
+def test_ignore_entry_matching_nothing_warns(tiny_models, tmp_path, caplog):
+    from streamq.engine.job import prepare
+
+    cfg = make_config(tiny_models["qwen3"], tmp_path / "out",
+                      ignore_layers=["lm_head", "model.embed_tokens", "self_attn.qq_proj", "re:.*nothing_here"])
+    with caplog.at_level(logging.WARNING, logger="streamq"):
+        prepare(parse_config(cfg))
+    warned = [r.getMessage() for r in caplog.records if "matches no module" in r.getMessage()]
+    assert len(warned) == 2, warned
+    assert "self_attn.qq_proj" in warned[0] and "re:.*nothing_here" in warned[1]

@@ -190,3 +190,32 @@ def test_random_token_samples_are_seeded():
     assert all(0 <= t < 100 for s in a for t in s)
     assert a == random_token_samples(100, 4, 9, seed=1)
     assert a != random_token_samples(100, 4, 9, seed=2)
+
+
+def test_invalid_utf8_line_is_a_bad_line(tmp_path, tok, caplog):
+    path = tmp_path / "calib.jsonl"
+    good = json.dumps({"text": "hello world"}).encode()
+    path.write_bytes(good + b"\n" + b'{"text": "caf\xe9"}\n' + good + b"\n")
+    with pytest.raises(DatasetError, match=r"calib\.jsonl:2: not valid UTF-8"):
+        load_text_dataset(path, tok, max_seq_length=16, num_samples=3)
+    with caplog.at_level(logging.WARNING, logger="streamq"):
+        samples = load_text_dataset(path, tok, max_seq_length=16, num_samples=3, skip_bad_lines=True)
+    assert len(samples) == 2 and "skipped 1 bad line" in caplog.text
+
+
+def test_reads_only_the_records_it_needs(tmp_path, tok):
+    """A large file of which a few records are needed is read lazily: bytes after them never
+    matter (here they are not even text)."""
+    path = tmp_path / "big.jsonl"
+    with path.open("wb") as f:
+        for _ in range(4):
+            f.write(json.dumps({"text": "a record"}).encode() + b"\n")
+        f.write(b"\xff" * (8 << 20))  # 8 MiB of garbage after the 4 needed records
+    import tracemalloc
+
+    tracemalloc.start()
+    samples = load_text_dataset(path, tok, max_seq_length=8, num_samples=4)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert len(samples) == 4
+    assert peak < 2 << 20, peak  # far below the file's 8 MiB

@@ -128,7 +128,7 @@ _CKPT_PREFIX = "checkpoint-layer-"
 
 def save_checkpoint(cache: HiddenStateCache, num_batches: int, next_layer: int, root: Path) -> Path:
     """Persist the hidden states entering `next_layer`; atomic (directory rename)."""
-    from streamq.engine import faults
+    from streamq import faults
 
     final = root / f"{_CKPT_PREFIX}{next_layer:05d}"
     tmp = root / f".{final.name}.tmp"

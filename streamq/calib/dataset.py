@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,15 +139,24 @@ def _parse_line(line: str) -> str | list[Message]:
     return parse_record(record)
 
 
-def _read_lines(path: Path) -> list[str]:
+def _read_lines(path: Path) -> Iterator[str | _BadRecord]:
+    """The file's lines, read lazily (a 300 MB file of which 4 records are needed costs 4
+    lines of memory). A line that is not valid UTF-8 comes back as a `_BadRecord`, a bad
+    line like any other (named, or skipped and counted with skip_bad_lines)."""
     try:
-        return path.read_text(encoding="utf-8").splitlines()
+        f = path.open("rb")
     except FileNotFoundError:
         # The absolute path tried: a relative data_path is taken from the current directory.
         raise DatasetError(f"dataset.data_path: calibration file not found: {path} (tried {path.absolute()}; "
                            "relative paths are taken from the current directory)") from None
-    except (OSError, UnicodeDecodeError) as err:
+    except OSError as err:
         raise DatasetError(f"cannot read calibration file {path}: {err}") from None
+    with f:
+        for raw in f:
+            try:
+                yield raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as err:
+                yield _BadRecord(f"not valid UTF-8 ({err.reason} at byte {err.start})")
 
 
 def load_text_dataset(
@@ -169,10 +179,16 @@ def load_text_dataset(
     path = Path(path)
     samples: list[list[int]] = []
     skipped = 0
-    for lineno, line in enumerate(_read_lines(path), start=1):
-        if len(samples) == num_samples:
+    lines = _read_lines(path)
+    lineno = 0
+    while len(samples) < num_samples:  # checked before the next line is read: nothing past the last needed
+        line = next(lines, None)
+        if line is None:
             break
+        lineno += 1
         try:
+            if isinstance(line, _BadRecord):
+                raise line
             content = _parse_line(line)
         except _BadRecord as err:
             if not skip_bad_lines:

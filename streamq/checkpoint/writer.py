@@ -18,8 +18,8 @@ from pathlib import Path
 
 import torch
 
+from streamq import faults
 from streamq.checkpoint.reader import INDEX_FILE, TORCH_DTYPES
-from streamq.engine import faults
 
 # Files besides weights and config.json that a served model needs.
 AUX_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",

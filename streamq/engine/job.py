@@ -7,6 +7,7 @@ the layer loop start from its `Job`, so neither imports the other.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -32,6 +33,8 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"global.device is '{name}' but only {torch.cuda.device_count()} CUDA device(s) exist")
     return device
+
+log = logging.getLogger("streamq")
 
 
 @dataclass
@@ -111,6 +114,11 @@ def prepare(config: JobConfig, load_data: bool = True) -> Job:
     layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore, names)
                for i in range(len(layers))]
     job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
+    # Names on disk and in memory both count (an entry may use either spelling).
+    known = [n for n, _ in skeleton.named_modules() if n] + sorted({t.rpartition(".")[0] for t in reader.tensors})
+    for entry in ignore.unmatched(known):
+        log.warning("compression.quantization.ignore_layers entry '%s' matches no module of %s; it has no effect",
+                    entry, reader.path)
     if config.scheme.needs_calibration:
         if load_data:
             job.batches = load_calibration(config, reader.path, hf_config)

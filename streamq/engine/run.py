@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from streamq import faults
 from streamq.calib.cache import HiddenStateCache, latest_checkpoint, load_checkpoint, save_checkpoint
 from streamq.calib.checks import check_activation_stats
 from streamq.calib.observers import LayerObserver
@@ -34,7 +35,6 @@ from streamq.checkpoint.writer import (
     write_index,
 )
 from streamq.config import JobConfig
-from streamq.engine import faults
 from streamq.engine.dist import Dist
 from streamq.engine.job import Job, prepare
 from streamq.engine.plan import make_plan

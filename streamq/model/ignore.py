@@ -30,3 +30,8 @@ class IgnoreMatcher:
         prefixes = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
         suffixes = {".".join(parts[i:]) for i in range(len(parts))}
         return bool(self._names & (prefixes | suffixes))
+
+    def unmatched(self, module_names: list[str]) -> list[str]:
+        """Entries that match none of `module_names` (any module, Linear or not: the seed's
+        `model.embed_tokens` names a real module and is fine), in the order given."""
+        return [p for p in self.patterns if not any(IgnoreMatcher((p,)).matches(m) for m in module_names)]
