@@ -152,3 +152,23 @@ def test_moe_run_smooths_attention_only(tiny_models, quantized_scheme):
         m = name[: -len(".weight")]
         assert torch.equal(out[m + ".weight"], plain[m + ".weight"]), m
         assert torch.equal(out[m + ".weight_scale"], plain[m + ".weight_scale"]), m
+
+
+def test_offset_norms_are_not_smoothed(tmp_path):
+    """Gemma's norms compute f(x) * (1 + w) and its MLP reads pre_feedforward_layernorm: no
+    smoothing group may divide those norms (it would change the layer); a Llama-style norm
+    (f(x) * w) is still found. Found from what the modules compute, not their names."""
+    from transformers import AutoModelForCausalLM
+
+    from streamq.model.smoothing import awq_groups, scales_by_weight
+    from streamq.testing.arch_matrix import build_arch_model
+
+    gemma = AutoModelForCausalLM.from_pretrained(build_arch_model("gemma3_text", tmp_path / "g"))
+    llama = AutoModelForCausalLM.from_pretrained(build_arch_model("llama", tmp_path / "l"))
+    for model, expected in ((gemma, False), (llama, True)):
+        layer = model.model.layers[0]
+        assert scales_by_weight(layer.input_layernorm) is expected
+        reader = CheckpointReader(model.name_or_path)
+        layout = plan_layer(layer, 0, "model.layers", reader.layers[0], IgnoreMatcher(("lm_head",)), NameMap(model))
+        assert bool(smoothing_groups(layer, layout)) is expected
+        assert bool([g for g in awq_groups(layer, layout) if "layernorm" in g.source]) is expected

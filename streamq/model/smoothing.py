@@ -21,6 +21,41 @@ _TABLE = (("input_layernorm", "self_attn", ("q_proj", "k_proj", "v_proj")),
           ("post_attention_layernorm", "mlp", ("gate_proj", "up_proj")))
 
 
+# Sandwich-norm layers (Gemma 2/3): the MLP reads this norm's output, not post_attention_layernorm's,
+# which normalizes the attention output before the residual add.
+_MLP_INPUT_NORM = "pre_feedforward_layernorm"
+
+
+@torch.no_grad()
+def scales_by_weight(norm: nn.Module) -> bool:
+    """True when the norm's output is proportional to its weight (y = f(x) * w, as RMSNorm
+    and LayerNorm without bias compute), the only kind a smoothing scale can be folded into
+    by dividing the weight. Gemma's norms compute f(x) * (1 + w): dividing w would change the
+    layer. Probed on the module itself (doubling its weight must double its output)."""
+    w = getattr(norm, "weight", None)
+    if w is None or w.device.type == "meta" or getattr(norm, "bias", None) is not None:
+        return False
+    x = torch.randn(4, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
+    saved = w.detach().clone()
+    try:
+        y1 = norm(x).float()
+        w.mul_(2)
+        y2 = norm(x).float()
+    finally:
+        w.copy_(saved)
+    return bool(torch.allclose(y2, 2 * y1, rtol=1e-2, atol=1e-3))
+
+
+def feeds(layer: nn.Module, source: str, parent: str) -> bool:
+    """`source` is a norm whose output is `parent`'s input and whose weight scales it."""
+    modules = dict(layer.named_modules())
+    if source not in modules:
+        return False
+    if parent == "mlp" and _MLP_INPUT_NORM in modules:
+        return False
+    return scales_by_weight(modules[source])
+
+
 @dataclass(frozen=True)
 class SmoothingGroup:
     source: str  # relative module name of the norm
@@ -39,7 +74,7 @@ def smoothing_groups(layer: nn.Module, layout: LayerLayout) -> list[SmoothingGro
         targets = tuple(f"{parent}.{leaf}" for leaf in leaves)
         if source not in modules or not all(isinstance(modules.get(t), nn.Linear) for t in targets):
             continue
-        if getattr(modules[source], "weight", None) is None:
+        if not feeds(layer, source, parent):
             continue
         if all(layout.prefix + t in layout.quantized for t in targets):
             groups.append(SmoothingGroup(source, targets))
@@ -158,7 +193,8 @@ def awq_groups(layer: nn.Module, layout: LayerLayout, experts_down: bool = True)
 
     groups = []
     qkv = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
-    if has_weight("input_layernorm") and all(_is_linear(modules, t) for t in qkv) and quantized(*qkv):
+    if feeds(layer, "input_layernorm", "self_attn") and all(_is_linear(modules, t) for t in qkv) \
+            and quantized(*qkv):
         groups.append(AwqGroup("input_layernorm", tuple(p + t for t in qkv), qkv[0], "self_attn"))
     v, o = "self_attn.v_proj", "self_attn.o_proj"
     if _is_linear(modules, v) and _is_linear(modules, o) and quantized(v, o) \
@@ -167,11 +203,11 @@ def awq_groups(layer: nn.Module, layout: LayerLayout, experts_down: bool = True)
     dense = ("mlp.gate_proj", "mlp.up_proj")
     fused = fused_expert_modules(layer)
     if all(_is_linear(modules, t) for t in dense) and _is_linear(modules, "mlp.down_proj"):
-        if has_weight("post_attention_layernorm") and quantized(*dense):
+        if feeds(layer, "post_attention_layernorm", "mlp") and quantized(*dense):
             groups.append(AwqGroup("post_attention_layernorm", tuple(p + t for t in dense), dense[0], "mlp"))
         if quantized("mlp.up_proj", "mlp.down_proj"):
             groups.append(AwqGroup("mlp.up_proj", (p + "mlp.down_proj",), "mlp.down_proj", "mlp"))
-    elif "mlp.experts" in fused and has_weight("mlp.gate") and has_weight("post_attention_layernorm") \
+    elif "mlp.experts" in fused and has_weight("mlp.gate") and feeds(layer, "post_attention_layernorm", "mlp") \
             and set(dict(modules["mlp"].named_children())) == {"gate", "experts"}:
         refs = sorted((ref.index, ref.proj, m) for m, ref in layout.experts.items() if ref.parent == "mlp.experts")
         num = fused["mlp.experts"].gate_up_proj.shape[0]

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from streamq.errors import ConfigError
-from streamq.schemes.base import Q, Scheme, check_bits, register
+from streamq.schemes.base import Q, Scheme, check_bits, register, setting
 from streamq.schemes.int4 import Int4Rtn, _group_size, _scale_dtype
 
 
@@ -75,11 +75,11 @@ class Int4Awq(Int4Rtn):
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
         check_bits(cls, q, source)
         method = q.get("quant_method") or {}
-        n_grid = q.get("n_grid", 20)
+        n_grid = setting(q, "n_grid", 20)
         if n_grid < 1:
             raise ConfigError(f"{source}: '{Q}.n_grid' is {n_grid}; allowed: a positive integer, e.g. 20")
-        return cls(_group_size(q, source), not bool(method.get("zero_point", True)), int(n_grid),
-                   bool(q.get("duo_scaling", True)), bool(method.get("mse_range", False)))
+        return cls(_group_size(q, source), not bool(setting(method, "zero_point", True)), int(n_grid),
+                   bool(setting(q, "duo_scaling", True)), bool(setting(method, "mse_range", False)))
 
     @property
     def needs_calibration(self) -> bool:

@@ -180,6 +180,12 @@ def scheme_names() -> list[str]:
     return sorted(SCHEMES)
 
 
+def setting(q: dict[str, Any], key: str, default: Any) -> Any:
+    """A scheme setting, YAML's null meaning the default (the config walker lets null through)."""
+    value = q.get(key)
+    return default if value is None else value
+
+
 def one_of(value: Any, allowed: tuple, key: str, source: str) -> Any:
     if value not in allowed:
         raise ConfigError(f"{source}: '{key}' is {value!r}; allowed: {', '.join(str(a) for a in allowed)}")

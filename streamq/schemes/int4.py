@@ -19,7 +19,16 @@ from typing import Any
 from streamq.errors import ConfigError
 from streamq.formats.base import QuantSpec
 from streamq.quant.granularity import PerGroup
-from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, one_of, register, require_finite
+from streamq.schemes.base import (
+    Q,
+    QuantizedLinear,
+    Scheme,
+    check_bits,
+    one_of,
+    register,
+    require_finite,
+    setting,
+)
 
 # Bytes the batched expert solve may hold at once (`solve_bytes`): on Qwen3-235B-A22B, 28
 # experts' gate/up at a time, five launch-bound column loops per layer instead of eleven.
@@ -61,18 +70,12 @@ def solve_bytes(experts: int, rows: int, cols: int, hessians: int, symmetric: bo
     return max(loop, factor)
 
 
-def _value(q: dict[str, Any], key: str, default: Any) -> Any:
-    """A setting, with YAML's null meaning the default (the config walker lets null through)."""
-    value = q.get(key)
-    return default if value is None else value
-
-
 def _group_size(q: dict[str, Any], source: str) -> int:
     method = q.get("quant_method") or {}
     if method.get("weight", "per-group") != "per-group":
         raise ConfigError(f"{source}: '{Q}.quant_method.weight' is {method['weight']!r}; W4A16 quantizes weights "
                           "per-group (allowed: per-group)")
-    size = _value(method, "group_size", 128)
+    size = setting(method, "group_size", 128)
     if size == -1:
         return 128  # AngelSlim's -1: the default group
     if not isinstance(size, int) or isinstance(size, bool) or size <= 0 or size % 8:
@@ -134,7 +137,7 @@ class Int4Rtn(_W4A16):
     @classmethod
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
         check_bits(cls, q, source)
-        return cls(_group_size(q, source), bool(_value(q, "sym", True)))
+        return cls(_group_size(q, source), bool(setting(q, "sym", True)))
 
     def quantize(self, weights, stats, layout=None):
         from streamq.quant import int4
@@ -175,17 +178,17 @@ class Int4Gptq(_W4A16):
             raise ConfigError(f"{source}: '{Q}.actorder' is 'group', which vLLM refuses; allowed: static, false")
         # null / false: column order; static / weight (llm-compressor's names) / true: decreasing diag(H)
         one_of(actorder, (None, False, True, "static", "weight"), f"{Q}.actorder", source)
-        damp = _value(q, "damp_percent", 0.01)
+        damp = setting(q, "damp_percent", 0.01)
         if not 0 < float(damp) < 1:
             raise ConfigError(f"{source}: '{Q}.damp_percent' is {damp}; allowed: a number in (0, 1), e.g. 0.01")
-        block = _value(q, "block_size", 128)
+        block = setting(q, "block_size", 128)
         if block <= 0:
             raise ConfigError(f"{source}: '{Q}.block_size' is {block}; allowed: a positive integer, e.g. 128")
-        propagate = one_of(_value(q, "propagate", "quantized"), ("quantized", "original"), f"{Q}.propagate", source)
-        min_tokens = _value(q, "min_expert_tokens", 1)
+        propagate = one_of(setting(q, "propagate", "quantized"), ("quantized", "original"), f"{Q}.propagate", source)
+        min_tokens = setting(q, "min_expert_tokens", 1)
         if min_tokens < 0:
             raise ConfigError(f"{source}: '{Q}.min_expert_tokens' is {min_tokens}; allowed: 0 or more")
-        return cls(_group_size(q, source), bool(_value(q, "sym", True)), actorder in ("static", "weight", True),
+        return cls(_group_size(q, source), bool(setting(q, "sym", True)), actorder in ("static", "weight", True),
                    float(damp), block, propagate, min_tokens)
 
     @property

@@ -17,7 +17,7 @@ from typing import Any
 from streamq.errors import ConfigError
 from streamq.formats.base import QuantSpec
 from streamq.quant.granularity import PerChannel, PerToken
-from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, register, require_finite
+from streamq.schemes.base import Q, QuantizedLinear, Scheme, check_bits, register, require_finite, setting
 
 HELPERS = ("smooth",)
 
@@ -37,10 +37,10 @@ class Int8Dynamic(Scheme):
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
         check_bits(cls, q, source)
         method = q.get("quant_method") or {}
-        if method.get("weight", "per-channel") != "per-channel":
+        if setting(method, "weight", "per-channel") != "per-channel":
             raise ConfigError(f"{source}: '{Q}.quant_method.weight' is {method['weight']!r}; int8_dynamic "
                               "quantizes weights per-channel (allowed: per-channel)")
-        if method.get("activation", "per-token") != "per-token":
+        if setting(method, "activation", "per-token") != "per-token":
             raise ConfigError(f"{source}: '{Q}.quant_method.activation' is {method['activation']!r}; "
                               "int8_dynamic quantizes activations dynamically per token (allowed: per-token)")
         helpers = q.get("quant_helpers") or []
@@ -48,7 +48,7 @@ class Int8Dynamic(Scheme):
             if h not in HELPERS:
                 raise ConfigError(f"{source}: '{Q}.quant_helpers' entry {h!r} is not supported; "
                                   f"allowed: {', '.join(HELPERS)}")
-        alpha = q.get("smooth_alpha", 0.5)
+        alpha = setting(q, "smooth_alpha", 0.5)
         if not 0.0 <= float(alpha) <= 1.0:
             raise ConfigError(f"{source}: '{Q}.smooth_alpha' is {alpha}; allowed: a number in [0, 1]")
         if "smooth_alpha" in q and "smooth" not in helpers:
