@@ -252,3 +252,13 @@ def test_ignore_entry_matching_nothing_warns(tiny_models, tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if "matches no module" in r.getMessage()]
     assert len(warned) == 2, warned
     assert "self_attn.qq_proj" in warned[0] and "re:.*nothing_here" in warned[1]
+
+
+def test_group_size_that_does_not_divide_a_weight_is_refused_before_output(tiny_models, tmp_path, capsys):
+    cfg = make_config(tiny_models["qwen3"], tmp_path / "out")
+    cfg["compression"]["quantization"] = {"name": "int4_rtn", "bits": 4,
+                                          "quant_method": {"weight": "per-group", "group_size": 48}}
+    rc, lines = _run_cli(capsys, ["quantize", "-c", str(write_yaml(tmp_path / "job.yaml", cfg)), "-q"])
+    assert rc == 2, lines
+    assert "group_size" in lines[-1] and "input columns" in lines[-1]
+    assert not (tmp_path / "out").exists()

@@ -114,6 +114,7 @@ def prepare(config: JobConfig, load_data: bool = True) -> Job:
     layouts = [plan_layer(layers[i], i, reader.layer_prefix, reader.layers[i], ignore, names)
                for i in range(len(layers))]
     job = Job(config, reader, hf_config, skeleton, dtype, layouts, resolve_device(config.device))
+    config.scheme.check_shapes({m: tuple(reader.tensors[n].shape) for lay in layouts for m, n in lay.quantized.items()})
     # Names on disk and in memory both count (an entry may use either spelling).
     known = [n for n, _ in skeleton.named_modules() if n] + sorted({t.rpartition(".")[0] for t in reader.tensors})
     for entry in ignore.unmatched(known):

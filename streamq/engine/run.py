@@ -532,7 +532,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         t = time.monotonic()
         stats = calib.run_layer(layer, layout, observe=not already_written or redo,
                                 advance=not scheme.propagates_quantized)
-        if stats is not None and scheme.observer_kind() is not None:
+        if stats is not None:
             # Non-finite or all-zero inputs: stop before anything of the layer is written.
             check_activation_stats(i, {m: v for m, v in stats.values.items()
                                        if m in layout.quantized and torch.is_tensor(v)}, job.dtype)

@@ -110,6 +110,10 @@ class Scheme:
 
         return [g.observed for g in smoothing_groups(layer, layout)]
 
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        """Refuse (ConfigError, before any output exists) weights this scheme cannot quantize;
+        `shapes`: module name -> its weight's shape on disk. Default: any 2D weight."""
+
     def recorded_blocks(self, layer: Any, layout: Any) -> list[str]:
         """Modules of the layer (relative names) whose inputs and outputs of every
         calibration batch the transform needs (AWQ's per-block loss); default none."""

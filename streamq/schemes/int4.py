@@ -117,6 +117,14 @@ class _W4A16(Scheme):
 
         return int4.dequantize(q.weight, q.weight_scale.float(), q.zero_point, self.group_size, dtype)
 
+    def check_shapes(self, shapes: dict[str, tuple[int, ...]]) -> None:
+        bad = [(m, shape) for m, shape in shapes.items() if shape[-1] % self.group_size]
+        if bad:
+            m, shape = bad[0]
+            raise ConfigError(f"'{Q}.quant_method.group_size' is {self.group_size}, but '{m}.weight' has "
+                              f"{shape[-1]} input columns ({len(bad)} such Linear(s)); choose a group size that "
+                              "divides them, or list the modules in ignore_layers")
+
     def _check_shape(self, name: str, w) -> None:
         from streamq.errors import CheckpointError
 
