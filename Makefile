@@ -9,7 +9,7 @@ CONFIG  ?= configs/examples/tiny_qwen3_moe_fp8_static.yaml
 ARGS    ?=
 DEMO    := build/demo
 
-.PHONY: help install demo quantize plan test test-fast lint bench eval-table clean
+.PHONY: help install demo quantize plan test test-fast lint bench bench-dist eval-table clean
 
 help:
 	@echo "make install                   create $(VENV) and install streamq (+ test tools)"
@@ -18,7 +18,9 @@ help:
 	@echo "make test                      install and run the test suite"
 	@echo "make lint                      ruff"
 	@echo "make bench                     benchmark against the I/O and compute floor (bench_out/)"
-	@echo "make eval-table                FP8 quality table: bf16 vs fp8_dynamic vs fp8_static, trained fixtures"
+	@echo "make bench-dist                1 vs 2 processes (torchrun) on 2 GPUs, byte-identical outputs (scripts/bench_dist.sh)"
+	@echo "make eval-table                quality table: bf16 vs each scheme on the trained fixtures (ARGS='--schemes ...')"
+	@echo "                               llm-compressor side by side: scripts/peer_llmcompressor.py (its own venv), then --peer"
 	@echo "                               (build/eval_table/; ARGS='--device cuda --models DIR ...')"
 	@echo "make clean                     remove build outputs"
 
@@ -53,6 +55,9 @@ lint: install
 
 bench: install
 	$(PY) scripts/bench.py $(ARGS)
+
+bench-dist: install
+	PATH=$(VENV)/bin:$$PATH bash scripts/bench_dist.sh
 
 eval-table: install
 	$(PY) scripts/eval_table.py $(ARGS)
