@@ -566,7 +566,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
             if roles.get(name.rpartition(".")[2]) in (SCALE, INPUT_SCALE):
                 checks.append((name, (torch.isfinite(value) & (value > 0)).all()))
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
-    for note in getattr(scheme, "fallbacks", ()):
+    for note in scheme.fallbacks:
         log.warning("layer %d: %s", i, note)
         if calib is not None:
             calib.fallbacks.append(f"layer {i}: {note}")

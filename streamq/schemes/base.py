@@ -70,6 +70,9 @@ class Scheme:
     method_keys: ClassVar[dict[str, tuple[type, ...]]] = {"weight": (str,), "activation": (str,)}
     # Keys accepted for AngelSlim compatibility that change nothing here, with the reason.
     noted_keys: ClassVar[dict[str, str]] = {}
+    # Modules the last `quantize` call could not treat as the algorithm says (e.g. GPTQ fell
+    # back to round-to-nearest), one line each, for the log and the report.
+    fallbacks: ClassVar[tuple[str, ...]] = ()
 
     @classmethod
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:
