@@ -85,10 +85,6 @@ class Int4Awq(Int4Rtn):
     def needs_calibration(self) -> bool:
         return True
 
-    def identity(self) -> dict[str, Any]:
-        return {"group_size": self.group_size, "sym": self.sym, "n_grid": self.n_grid,
-                "duo_scaling": self.duo_scaling, "mse_range": self.mse_range}
-
     def smoothing_kind(self) -> str | None:
         return "channel_absmean"
 

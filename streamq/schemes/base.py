@@ -139,9 +139,10 @@ class Scheme:
 
     def identity(self) -> dict[str, Any]:
         """Settings that change the output bytes (for the job hash)."""
-        from dataclasses import asdict
+        from dataclasses import fields
 
-        return asdict(self)
+        # Fields declared with compare=False are bookkeeping of the last call, not settings.
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.compare}
 
 
 def require_finite(values: dict[str, torch.Tensor]) -> None:

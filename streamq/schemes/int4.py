@@ -215,11 +215,6 @@ class Int4Gptq(_W4A16):
     def observer_kind(self) -> str | None:
         return "hessian"
 
-    def identity(self) -> dict[str, Any]:
-        d = super().identity()
-        d.pop("fallbacks", None)
-        return d
-
     def statistics_bytes(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
                          all_experts: bool = False) -> tuple[dict[str, int], dict[str, int]]:
         """Device bytes one layer's statistics and solve hold besides the layer and its
