@@ -519,7 +519,7 @@ def _arenas_in_use(inputs: Inputs, i: int) -> int:
 def _host_cpu_layer(inputs: Inputs, choice: _Choice, lay: LayerSizes, fixed: dict[str, int]) -> list[dict[str, int]]:
     """CPU: the source pages touched, the layer in compute dtype, FP8 results and temporaries."""
     source = {"layer (source)": lay.source_bytes}
-    quant = {"fp8 output + quantize temporaries": max(lay.quantize_transient(True), lay.absmax_transient)}
+    quant = {"quantized output + quantize temporaries": max(lay.quantize_transient(True), lay.absmax_transient)}
     if not inputs.static:
         return [fixed | source | quant]
     act = _largest_activation(inputs, choice.micro_batch)
