@@ -186,23 +186,11 @@ def _observe_routed(self: nn.Module, hidden_states: torch.Tensor, top_k_index: t
     """Per expert: absmax of the real tokens routed to it (gate/up input) and of its
     intermediate activation act(gate) * up (down input). Rows are sorted by expert so the
     intermediates come from one grouped GEMM on CUDA instead of a loop of small ones."""
-    num_experts, top_k = self.gate_up_proj.shape[0], top_k_index.shape[1]
     token_absmax = _observe_gate_up(self, hidden_states, top_k_index, obs, key)
-    ids = top_k_index.reshape(-1).clamp(max=num_experts)  # num_experts: "no expert" slot
-    ids_sorted, perm = torch.sort(ids, stable=True)
-    rows = perm // top_k
-    counts = torch.bincount(ids_sorted, minlength=num_experts + 1)[:num_experts]
-    x = hidden_states[rows]
-    inter = _grouped_linear(x, self.gate_up_proj, counts)
-    if inter is None:
-        sizes = counts.tolist()
-        chunks = torch.split(x[: sum(sizes)], sizes)
-        inter = torch.cat([F.linear(c, self.gate_up_proj[e]) for e, c in enumerate(chunks) if c.shape[0]])
-    used = inter.shape[0]
-    gate, up = inter.chunk(2, dim=-1)
-    inter_absmax = (self.act_fn(gate) * up).abs().amax(dim=-1).to(torch.float32)
+    inter, ids, rows = _routed_intermediate(self, hidden_states, top_k_index)
+    inter_absmax = inter.abs().amax(dim=-1).to(torch.float32)
     # padding rows (and all-zero tokens) add nothing
-    _fold_down(obs, key, num_experts, ids_sorted[:used], inter_absmax, token_absmax[rows[:used]] > 0)
+    _fold_down(obs, key, self.gate_up_proj.shape[0], ids, inter_absmax, token_absmax[rows] > 0)
 
 
 @torch.no_grad()
