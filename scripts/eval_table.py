@@ -178,6 +178,16 @@ def run_table(args: argparse.Namespace) -> dict:
     rows: list[dict] = []
     notes: list[str] = []
     schemes = list(args.schemes)
+
+    def eval_one(model: Path, save: Path, label: str) -> tuple[Path, dict]:
+        """`streamq eval` of one quantized checkpoint against its model; (report path, report)."""
+        report = evaluate(EvalOptions(str(model.resolve()), str(save.resolve()), str(EVAL_DATA),
+                                      num_samples=args.num_samples, max_seq_length=SEQ_LEN,
+                                      batch_size=EVAL_BATCH, device=args.device))
+        report_path = reports_dir / f"{label}.json"
+        report.write_json(report_path)
+        return report_path, json.loads(report_path.read_text())
+
     for model, name in zip(args.models, _names(args.models), strict=True):
         evals = {}
         for scheme in schemes:
@@ -186,22 +196,12 @@ def run_table(args: argparse.Namespace) -> dict:
             qrep = quantize(parse_config(job_config(model, save, scheme, args.device), f"eval_table {name} {scheme}"),
                             overwrite=True, show_progress=False)
             _log(f"eval {name} {scheme} ({args.num_samples} samples, device {device})")
-            report = evaluate(EvalOptions(str(model.resolve()), str(save.resolve()), str(EVAL_DATA),
-                                          num_samples=args.num_samples, max_seq_length=SEQ_LEN,
-                                          batch_size=EVAL_BATCH, device=args.device))
-            report_path = reports_dir / f"{name}-{_slug(scheme)}.json"
-            report.write_json(report_path)
-            evals[scheme] = (report_path, json.loads(report_path.read_text()), qrep)
+            evals[scheme] = (*eval_one(model, save, f"{name}-{_slug(scheme)}"), qrep)
         for peer in args.peer:
             label, _, pattern = peer.partition("=")
             save = Path(pattern.format(model=name))
             _log(f"eval {name} {label} ({save}, made elsewhere)")
-            report = evaluate(EvalOptions(str(model.resolve()), str(save.resolve()), str(EVAL_DATA),
-                                          num_samples=args.num_samples, max_seq_length=SEQ_LEN,
-                                          batch_size=EVAL_BATCH, device=args.device))
-            report_path = reports_dir / f"{name}-{_slug(label)}.json"
-            report.write_json(report_path)
-            evals[label] = (report_path, json.loads(report_path.read_text()), None)
+            evals[label] = (*eval_one(model, save, f"{name}-{_slug(label)}"), None)
         schemes_here = schemes + [p.partition("=")[0] for p in args.peer]
         first = evals[schemes[0]][1]
         for scheme in schemes_here[1:]:

@@ -35,13 +35,7 @@ MIN_TOP1 = 0.9
 BROKEN_LAYER = 2
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: one thread is faster than two, and far faster on a busy shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _job(arch: str, out: Path, algorithm: str, **quant) -> dict:

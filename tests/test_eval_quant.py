@@ -31,13 +31,7 @@ EVAL = TRAINED / "eval.jsonl"
 SAMPLES, SEQ = 6, 128
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls: one thread is faster than two, and far faster on a busy shared machine.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------ INT8
