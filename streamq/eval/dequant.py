@@ -26,8 +26,11 @@ from __future__ import annotations
 
 import torch
 
-NIBBLES = 8  # 4-bit values per int32 word
-AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)  # AutoAWQ GEMM: nibble k of a word holds column AWQ_ORDER[k]
+from streamq.formats import awq_packing, int4_packing
+from streamq.quant import fp8
+from streamq.quant.granularity import PerBlock
+
+NIBBLES = int4_packing.NIBBLES  # 4-bit values per int32 word
 INT4_OFFSET = 8  # stored nibble = signed code + 8
 
 
@@ -38,10 +41,7 @@ def unpack_nibbles(words: torch.Tensor, n: int) -> torch.Tensor:
         raise ValueError(f"packed int4 values must be int32, got {words.dtype}")
     if words.shape[-1] != -(-n // NIBBLES):
         raise ValueError(f"{n} packed values need {-(-n // NIBBLES)} int32 words per row, got {words.shape[-1]}")
-    shifts = 4 * torch.arange(NIBBLES, dtype=torch.int32, device=words.device)
-    # Arithmetic shift then mask: the sign bits a negative word drags in are masked away.
-    nibbles = (words.unsqueeze(-1) >> shifts) & 0xF
-    return nibbles.reshape(*words.shape[:-1], -1)[..., :n]
+    return int4_packing.unpack_nibbles(words, n).to(torch.int32)  # the writer's own layout, read back
 
 
 def unpack_int4(words: torch.Tensor, n: int) -> torch.Tensor:
@@ -112,7 +112,7 @@ def expand_blocks(scale: torch.Tensor, shape: tuple[int, int], rows: int, cols: 
     if scale.shape != (-(-shape[0] // rows), -(-shape[1] // cols)):
         raise ValueError(f"block scale has shape {tuple(scale.shape)}; expected "
                          f"{(-(-shape[0] // rows), -(-shape[1] // cols))} for {shape} in {rows}x{cols} blocks")
-    return scale.repeat_interleave(rows, dim=0).repeat_interleave(cols, dim=1)[: shape[0], : shape[1]]
+    return fp8.expand_blocks(scale, shape, PerBlock(rows, cols))
 
 
 def dequantize_fp8_blocks(wq: torch.Tensor, scale: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
@@ -129,10 +129,7 @@ def dequantize_int8(wq: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
 
 def unpack_awq_rows(words: torch.Tensor) -> torch.Tensor:
     """int32 [rows, cols/8] in AutoAWQ's nibble order -> unsigned values int32 [rows, cols]."""
-    nibbles = unpack_nibbles(words, words.shape[-1] * NIBBLES).reshape(*words.shape, NIBBLES)
-    out = torch.empty_like(nibbles)
-    out[..., list(AWQ_ORDER)] = nibbles
-    return out.reshape(*words.shape[:-1], -1)
+    return awq_packing.unpack_rows(words)
 
 
 def dequantize_awq(qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype
