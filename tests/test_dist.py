@@ -1,5 +1,6 @@
 """Several processes under torchrun (gloo on CPU): the output is byte-identical to one
-process, a rank killed mid-run stops the job, and one process resumes it to the same bytes."""
+process (calibration-free, samples split, work units split), a rank killed mid-run stops
+the job, and one process resumes it to the same bytes."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from conftest import make_config, write_yaml
+from test_gptq_streaming import gptq_config
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,10 +73,106 @@ def test_killed_rank_stops_the_job_and_one_process_resumes(tiny_models, single, 
     assert _digests(out) == _digests(single["qwen3_moe"])
 
 
-def test_calibrated_scheme_is_refused_with_several_processes(tiny_models, tmp_path):
+def _calibrated(scheme: str, model: Path, out: Path) -> dict:
+    if scheme == "int4_gptq":  # 4 batches: every rank replays them all, solves its share
+        return gptq_config(model, out)
+    # 4 batches of 2, 1 with padding: each rank replays 2; ranges are max-reduced
+    return make_config(model, out, algorithm="fp8_static", num_samples=8, batch_size=2, max_seq_length=48)
+
+
+@pytest.fixture(scope="module")
+def single_calibrated(tiny_models, tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist_single_calibrated")
+    outs = {}
+
+    def get(scheme: str, arch: str) -> Path:
+        if (scheme, arch) not in outs:
+            out = root / f"{scheme}-{arch}"
+            r = _run(write_yaml(root / f"{scheme}-{arch}.yaml", _calibrated(scheme, tiny_models[arch], out)), 1)
+            assert r.returncode == 0, r.stderr[-3000:]
+            outs[scheme, arch] = out
+        return outs[scheme, arch]
+
+    return get
+
+
+@pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq"])
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
+def test_calibrated_two_processes_write_the_same_bytes(tiny_models, single_calibrated, tmp_path, scheme, arch):
     out = tmp_path / "out"
-    cfg = make_config(tiny_models["qwen3"], out, algorithm="fp8_static")
+    r = _run(write_yaml(tmp_path / "job.yaml", _calibrated(scheme, tiny_models[arch], out)), 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _digests(out) == _digests(single_calibrated(scheme, arch))
+    report = (out / "streamq_report.json").read_text()
+    assert '"2 processes (torchrun)' in report
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+                    reason="needs 2 GPUs")
+@pytest.mark.parametrize("scheme", ["fp8_dynamic", "fp8_static", "int4_gptq"])
+def test_two_gpus_write_the_same_bytes(tiny_models, tmp_path, scheme):
+    """NCCL, one GPU per process, against one process on one GPU."""
+    outs = {}
+    for n in (1, 2):
+        out = tmp_path / f"out{n}"
+        cfg = _calibrated(scheme, tiny_models["qwen3_moe"], out) if scheme != "fp8_dynamic" else \
+            make_config(tiny_models["qwen3_moe"], out)
+        cfg["global"]["device"] = "cuda"
+        r = _run(write_yaml(tmp_path / f"job{n}.yaml", cfg), n)
+        assert r.returncode == 0, r.stderr[-3000:]
+        outs[n] = _digests(out)
+    assert outs[1] == outs[2]
+
+
+def test_calibrated_killed_rank_then_one_process_resumes(tiny_models, single_calibrated, tmp_path):
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "job.yaml", _calibrated("int4_gptq", tiny_models["qwen3_moe"], out))
+    r = _run(cfg, 2, {"STREAMQ_KILL_AT": "layer-recorded:1", "STREAMQ_KILL_RANK": "1"})
+    assert r.returncode != 0
+    assert not (out / "config.json").exists()
+    r = _run(cfg, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already done" in r.stderr + r.stdout
+    assert _digests(out) == _digests(single_calibrated("int4_gptq", "qwen3_moe"))
+
+
+def test_scheme_that_cannot_split_is_refused_with_several_processes(tiny_models, tmp_path):
+    out = tmp_path / "out"
+    cfg = gptq_config(tiny_models["qwen3"], out)
+    cfg["compression"]["quantization"].update(name="int4_awq", quant_method={"weight": "per-group", "group_size": 32})
+    cfg["compression"]["quantization"].pop("propagate")
     r = _run(write_yaml(tmp_path / "job.yaml", cfg), 2)
     assert r.returncode != 0
-    assert "one process" in r.stderr
+    assert "int4_awq under several processes" in r.stderr and "one process" in r.stderr
     assert not out.exists()
+
+
+class _FakeDist:
+    """A Dist whose gather returns what the other ranks would have sent."""
+
+    def __new__(cls, views: list):
+        from streamq.engine.dist import Dist
+
+        class D(Dist):
+            def gather(self, obj):
+                return [obj] + views[1:]
+
+        return D(0, len(views), 0)
+
+
+def test_ranks_with_different_configs_are_refused():
+    from streamq.errors import ConfigError
+
+    facts = {"config": "abc", "source checkpoint": {"a.safetensors": 10}}
+    _FakeDist([facts, dict(facts)]).check_same(facts)  # the same: no error
+    other = dict(facts, **{"source checkpoint": {"a.safetensors": 11}})
+    with pytest.raises(ConfigError, match="rank 1 has a different source checkpoint than rank 0"):
+        _FakeDist([facts, other]).check_same(facts)
+
+
+def test_work_units_go_largest_first_to_the_least_loaded_rank():
+    from streamq.engine.dist import assign
+
+    assert assign([5.0, 1.0, 4.0, 3.0, 3.0], 2) == [0, 1, 1, 1, 0]  # loads 8 and 8
+    assert assign([1.0, 1.0, 1.0], 1) == [0, 0, 0]
+    assert assign([2.0, 2.0], 3) == [0, 1]

@@ -154,6 +154,8 @@ def latest_checkpoint(root: Path, at_most: int) -> tuple[int, Path] | None:
     return max(found) if found else None
 
 
-def load_checkpoint(cache: HiddenStateCache, num_batches: int, path: Path) -> None:
-    for b in range(num_batches):
+def load_checkpoint(cache: HiddenStateCache, num_batches: int, path: Path, ids: list[int] | None = None) -> None:
+    """The checkpointed hidden states of batches `ids` (default: all), one file per batch,
+    so processes splitting the samples in any way load their own."""
+    for b in range(num_batches) if ids is None else ids:
         cache.put(b, load_file(str(path / f"batch-{b:06d}.safetensors"))["h"])

@@ -19,6 +19,8 @@ class HessianAccumulator:
     Statistics stay on the device as float32 (count int64), so `update` never syncs.
     """
 
+    exact_merge = False  # a float32 sum depends on its order
+
     def __init__(self, in_features: int | None = None, device: torch.device | str | None = None) -> None:
         self.sum: torch.Tensor | None = None  # float32 [in, in]
         self.count: torch.Tensor | None = None  # int64 []
@@ -66,11 +68,16 @@ class ExpertHessianAccumulator:
     (one gather) and each expert adds X_e^T X_e with one addmm over exactly its rows: the
     work is the routed rows', however unbalanced the routing (a zero-padded [E, longest,
     in] block would cost E times the busiest expert's rows).
+
+    `owned` (several processes splitting a layer's experts): only these experts accumulate;
+    the others' sums stay zero and cost nothing (their token counts are still kept).
     """
 
-    def __init__(self, num_experts: int, in_features: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_experts: int, in_features: int, device: torch.device | str | None = None,
+                 owned: set[int] | None = None) -> None:
         self.num_experts = num_experts
         self.in_features = in_features
+        self.owned = owned
         self.sum = torch.zeros(num_experts, in_features, in_features, dtype=torch.float32, device=device)
         self.count = torch.zeros(num_experts, dtype=torch.int64, device=device)
 
@@ -93,17 +100,22 @@ class ExpertHessianAccumulator:
         sizes = counts.tolist()
         start = 0
         for expert, size in enumerate(sizes[:e]):
-            if size:
+            if size and (self.owned is None or expert in self.owned):
                 xe = rows[src[start:start + size]].to(torch.float32)
                 self.sum[expert].addmm_(xe.T, xe)
             start += size
 
+    def owns(self, expert: int) -> bool:
+        return self.owned is None or expert in self.owned
+
     def update_expert(self, expert: int, x: torch.Tensor) -> None:
         """Every row of x [..., in] (real tokens only) goes to one expert: a plain addmm, not
         the zero-padded block over all experts `update` builds."""
-        rows = x.reshape(-1, self.in_features).to(torch.float32)
-        self.sum[expert].addmm_(rows.T, rows)
+        rows = x.reshape(-1, self.in_features)
         self.count[expert] += rows.shape[0]
+        if self.owns(expert):
+            rows = rows.to(torch.float32)
+            self.sum[expert].addmm_(rows.T, rows)
 
     def merge(self, other: ExpertHessianAccumulator) -> ExpertHessianAccumulator:
         assert (other.num_experts, other.in_features) == (self.num_experts, self.in_features)

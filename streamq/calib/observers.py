@@ -28,6 +28,10 @@ def masked_rows(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
 class AbsMax:
     """Largest |x| over real tokens: float32 []."""
 
+    # A max is the same in any order: shares of several processes merge to the bytes one
+    # process computes. A floating-point sum does not (streamq.engine.dist).
+    exact_merge = True
+
     def __init__(self) -> None:
         self.value: torch.Tensor | None = None
 
@@ -64,6 +68,8 @@ class ChannelAbsMean:
     share), `result` divides once, so the mean of several shares equals the mean of all.
     """
 
+    exact_merge = False
+
     def __init__(self) -> None:
         self.sum: torch.Tensor | None = None
         self.count: torch.Tensor | None = None
@@ -97,6 +103,15 @@ def _hessian() -> AbsMax:
     return HessianAccumulator()  # the same update / merge / result protocol
 
 
+def merges_exactly(kind: str) -> bool:
+    """Whether shares of observer `kind` merge to exactly one observer's result, in any order."""
+    if kind == "hessian":
+        from streamq.calib.hessian import HessianAccumulator
+
+        return HessianAccumulator.exact_merge
+    return OBSERVERS[kind].exact_merge
+
+
 OBSERVERS = {"absmax": AbsMax, "channel_absmax": ChannelAbsMax, "channel_absmean": ChannelAbsMean,
              "hessian": _hessian}
 
@@ -111,6 +126,9 @@ class LayerObserver:
         # accumulators (`expert_hessians`, "<parent>.gate_up|down" -> accumulator).
         self.expert_kind = "absmax"
         self.expert_hessians: dict[str, object] = {}
+        # Several processes splitting the experts: "<parent>.gate_up|down" -> the experts
+        # whose Hessians this process accumulates (absent: all).
+        self.owned_experts: dict[str, set[int]] = {}
         self.token_mask: torch.Tensor | None = None  # bool [B, T]
         self._handles: list = []
 
@@ -151,7 +169,8 @@ class LayerObserver:
         from streamq.calib.hessian import ExpertHessianAccumulator
 
         if key not in self.expert_hessians:
-            self.expert_hessians[key] = ExpertHessianAccumulator(num_experts, in_features, device)
+            self.expert_hessians[key] = ExpertHessianAccumulator(num_experts, in_features, device,
+                                                                 self.owned_experts.get(key))
         return self.expert_hessians[key]
 
     def shared_hessian(self, key: str):

@@ -3,10 +3,23 @@
 `python -m streamq quantize` alone is one process and never touches torch.distributed;
 under `torchrun --nproc-per-node N [--nnodes M ...] -m streamq quantize -c CONFIG` the
 environment torchrun sets (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR/PORT) makes `from_env`
-start a process group. What is split today: calibration-free schemes split whole layers
-across ranks (each rank reads and writes only its layers, so the output bytes are the
-single-process run's); rank 0 opens the output directory, writes the non-layer shard, and
-writes the index and config.json last, after gathering every rank's shard records.
+start a process group. The output bytes are the single-process run's, whatever the
+number of processes:
+
+- calibration-free schemes split whole layers across ranks; each rank reads and writes
+  only its layers;
+- calibrated schemes whose statistics merge exactly (ranges: a max is the same in any
+  order) split the calibration samples (SAMPLES): each rank keeps only its batches' hidden
+  states, replays every layer on them, and the ranges are max-reduced before quantizing;
+- calibrated schemes whose statistics are floating-point sums (Hessians) split the work
+  that dominates (MODULES): every rank replays every batch, but accumulates statistics
+  only for, and solves only, its share of the layer's work units (`Scheme.work_units`);
+  the quantized weights are exchanged so every rank can replay the quantized layer. A sum
+  of partial sums from several processes would differ from one process's sum in its last
+  bits, so splitting samples there would break byte-identity;
+- rank 0 opens the output directory and writes the non-layer shard; a layer's shard is
+  written by one rank; rank 0 writes the index and config.json last, after gathering
+  every rank's shard records.
 
 If one rank dies, torchrun's agent stops the others; collectives time out after
 STREAMQ_DIST_TIMEOUT_MINUTES (default 30) as a second bound.
@@ -14,12 +27,44 @@ STREAMQ_DIST_TIMEOUT_MINUTES (default 30) as a second bound.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from streamq.errors import StreamqError
+from streamq.errors import ConfigError, StreamqError
+
+SAMPLES = "samples"  # calibration batches split across ranks, ranges max-reduced
+MODULES = "modules"  # every rank sees every batch; statistics and solves split by work unit
+
+
+def calibration_split(scheme: Any) -> str:
+    """How several processes share a calibrated scheme's work (SAMPLES or MODULES).
+
+    Raises ConfigError for a scheme that neither merges exactly nor declares work units."""
+    from streamq.calib.observers import merges_exactly
+
+    kinds = [k for k in (scheme.observer_kind(), scheme.smoothing_kind()) if k is not None]
+    if all(merges_exactly(k) for k in kinds):
+        return SAMPLES
+    if getattr(scheme, "work_units", None) is not None:
+        return MODULES
+    raise ConfigError(f"{scheme.name} under several processes is not implemented yet (its statistics are sums, "
+                      "which only a split of its search by module would keep byte-identical); run it with one "
+                      "process (plain python -m streamq)")
+
+
+def assign(costs: list[float], world: int) -> list[int]:
+    """Rank of each work unit: largest first to the least loaded rank (ties: lowest rank),
+    so every rank computes the same assignment."""
+    load = [0.0] * world
+    owner = [0] * len(costs)
+    for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        r = min(range(world), key=lambda r: (load[r], r))
+        owner[i] = r
+        load[r] += costs[i]
+    return owner
 
 
 @dataclass(frozen=True)
@@ -43,6 +88,63 @@ class Dist:
     def mine(self, items: list) -> list:
         """This rank's share of `items`, round robin (layer i to rank i mod world)."""
         return items[self.rank::self.world]
+
+    def batches(self, count: int) -> list[int]:
+        """This rank's calibration batches: a contiguous block of range(count)."""
+        if count < self.world:
+            raise ConfigError(f"{count} calibration batch(es) cannot be split across {self.world} processes; "
+                              "use more samples (dataset.num_samples) or a smaller dataset.batch_size, "
+                              "or fewer processes")
+        return list(range(self.rank * count // self.world, (self.rank + 1) * count // self.world))
+
+    def max_(self, tensors: list) -> None:
+        """Element-wise max across ranks, in place (exact: the order does not matter)."""
+        import torch.distributed as td
+
+        for t in tensors:
+            td.all_reduce(t, op=td.ReduceOp.MAX)
+
+    def exchange(self, mine: dict, device: Any) -> dict:
+        """Every rank's tensors to every rank: `mine` (name -> tensor) from this rank; returns
+        the union over ranks. One broadcast of one byte buffer per rank."""
+        import torch
+        import torch.distributed as td
+
+        meta = self.gather({k: (tuple(t.shape), t.dtype) for k, t in mine.items()})
+        out = dict(mine)
+        for r, entries in enumerate(meta):
+            sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in entries.values()]
+            if not sizes:
+                continue
+            # Each tensor starts 16-byte aligned in the buffer, so it can be viewed in its dtype.
+            spans = [-(-n // 16) * 16 for n in sizes]
+            if r == self.rank:
+                buf = torch.zeros(sum(spans), dtype=torch.uint8, device=device)
+                at = 0
+                for t, size, span in zip(mine.values(), sizes, spans, strict=True):
+                    buf[at:at + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
+                    at += span
+            else:
+                buf = torch.empty(sum(spans), dtype=torch.uint8, device=device)
+            td.broadcast(buf, src=r)
+            if r == self.rank:
+                continue
+            at = 0
+            for (name, (shape, dtype)), size, span in zip(entries.items(), sizes, spans, strict=True):
+                out[name] = buf[at:at + size].view(dtype).view(shape)
+                at += span
+        return out
+
+    def check_same(self, facts: dict[str, Any]) -> None:
+        """Refuse on every rank, before anything is written, if any rank's `facts` (the job's
+        hash, the source checkpoint's fingerprint) differ from rank 0's."""
+        views = self.gather(facts)
+        for r, view in enumerate(views[1:], start=1):
+            differ = [k for k in facts if view.get(k) != views[0].get(k)]
+            if differ:
+                raise ConfigError(f"rank {r} has a different {' and '.join(differ)} than rank 0: every process of "
+                                  "a torchrun job must run the same config on the same checkpoint; nothing was "
+                                  "written")
 
     def gather(self, obj: Any) -> list:
         import torch.distributed as td

@@ -49,6 +49,12 @@ class Job:
     layouts: list[LayerLayout]
     device: torch.device
     batches: list = field(default_factory=list)  # calibration batches (static only)
+    # The batches this process replays (several processes splitting the samples); None: all.
+    batch_ids: list[int] | None = None
+
+    @property
+    def my_batches(self) -> list[int]:
+        return list(range(len(self.batches))) if self.batch_ids is None else self.batch_ids
 
     @property
     def num_layers(self) -> int:

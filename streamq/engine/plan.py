@@ -745,9 +745,9 @@ def _aux_bytes(path: Any) -> int:
 
 def _batch_shapes(job: Any) -> list[BatchShape]:
     """The calibration batches as prepared; from the dataset section when none are loaded."""
-    if job.batches:
+    if job.batches:  # this process's share when several split the samples
         return [BatchShape(int(b.input_ids.shape[0]), int(b.input_ids.shape[1]), bool((b.attention_mask == 0).any()))
-                for b in job.batches]
+                for b in (job.batches[i] for i in job.my_batches)]
     d = job.config.dataset
     full, last = divmod(d.num_samples, d.batch_size)
     shapes = [BatchShape(d.batch_size, d.max_seq_length, True)] * full

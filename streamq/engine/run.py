@@ -35,13 +35,13 @@ from streamq.checkpoint.writer import (
     write_index,
 )
 from streamq.config import JobConfig
-from streamq.engine.dist import Dist
+from streamq.engine.dist import MODULES, SAMPLES, Dist, assign, calibration_split
 from streamq.engine.job import Job, prepare
 from streamq.engine.plan import make_plan
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
 from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes
 from streamq.engine.state import CACHE_DIR, RunState, attach_run, open_run, output_files, rank_manifest
-from streamq.errors import BudgetError, CheckpointError, ConfigError, OutputError, StreamqError
+from streamq.errors import BudgetError, CheckpointError, OutputError, StreamqError
 from streamq.formats.base import INPUT_SCALE, SCALE
 from streamq.model import capture as capture_mod
 from streamq.model.fused import fused_group_key
@@ -55,7 +55,7 @@ from streamq.model.skeleton import (
 )
 from streamq.paths import calibration_file, check_save_path
 from streamq.pinned import host_buffer, page_lock, unregister
-from streamq.schemes.base import LayerStats
+from streamq.schemes.base import LayerStats, QuantizedLinear
 from streamq.verify import verify_checkpoint
 
 log = logging.getLogger("streamq")
@@ -72,6 +72,8 @@ class Report:
     bytes_written: int = 0
     peak_gpu_bytes: int = 0
     peak_host_bytes: int = 0
+    planned_gpu_bytes: int = 0  # the plan's predictions of the two peaks, for the summary
+    planned_host_bytes: int = 0
     cache_location: str = ""
     uncovered_experts: int = 0
     rtn_fallbacks: list[str] = field(default_factory=list)  # modules a solver quantized round-to-nearest instead
@@ -83,7 +85,8 @@ class Report:
     def summary(self) -> str:
         lines = [f"done in {self.wall_s:.1f}s: {self.layers} layers ({self.layers_skipped} resumed), "
                  f"read {fmt_bytes(self.bytes_read)}, wrote {fmt_bytes(self.bytes_written)}",
-                 f"peak host RSS {fmt_bytes(self.peak_host_bytes)}, peak GPU {fmt_bytes(self.peak_gpu_bytes)}"]
+                 f"peak host RSS {fmt_bytes(self.peak_host_bytes)} (plan {fmt_bytes(self.planned_host_bytes)}), "
+                 f"peak GPU {fmt_bytes(self.peak_gpu_bytes)} (plan {fmt_bytes(self.planned_gpu_bytes)})"]
         if self.cache_location:
             lines.append(f"hidden-state cache: {self.cache_location}; MoE experts no calibration token reached: "
                          f"{self.uncovered_experts}")
@@ -96,22 +99,43 @@ class Report:
 class _Calibrator:
     """Static schemes: the hidden-state cache and the per-layer replay with observers."""
 
-    def __init__(self, job: Job, location: str, disk_dir: Path):
+    def __init__(self, job: Job, location: str, disk_dir: Path, dist: Dist | None = None, split: str | None = None):
         self.job = job
+        self.dist, self.split = dist, split  # several processes: how they share the calibration
+        self.ids = job.my_batches  # the batches this process replays
+        self.owned: set[str] | None = None  # MODULES: this process's modules of the current layer
         self.cache = HiddenStateCache(location, job.device, disk_dir)
         tensors = job.reader.read([n for n in job.reader.other if n.startswith("model.")
                                    and not n.startswith("model.layers.")])
         materialize_outside_layers(job.skeleton, tensors, job.device)
         self.kwargs = capture_mod.LayerKwargs(job.skeleton, job.hf_config.hidden_size, job.dtype, job.device)
         # On the device once, not per batch and layer: a pageable copy would synchronize.
-        self.masks = [b.attention_mask.to(job.device).bool() for b in job.batches]
+        mine = set(self.ids)
+        self.masks = [b.attention_mask.to(job.device).bool() if i in mine else None for i, b in enumerate(job.batches)]
         self.uncovered = 0
         self.fallbacks: list[str] = []  # "layer i: <module>: <why>", from the scheme
         self.last_checkpoint = time.monotonic()
 
     def capture_inputs(self) -> None:
         """Hidden states entering layer 0 for every batch (embedding lookup, model stem)."""
-        capture_mod.capture_batches(self.job.skeleton, self.job.batches, self.cache, self.job.device)
+        capture_mod.capture_batches(self.job.skeleton, self.job.batches, self.cache, self.job.device, self.ids)
+
+    def share(self, layout: LayerLayout) -> set[str] | None:
+        """MODULES: the layer's work units (`Scheme.work_units`) assigned to ranks by cost;
+        returns (and remembers for the replay) this rank's modules. None otherwise."""
+        if self.split != MODULES:
+            self.owned = None
+            return None
+        infos, scheme = self.job.reader.tensors, self.job.config.scheme
+        shapes = {m: tuple(infos[n].shape) for m, n in layout.quantized.items()}
+        units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts)
+        owners = assign([cost for _, cost in units], self.dist.world)
+        self.owned = {m for (names, _), r in zip(units, owners, strict=True) if r == self.dist.rank for m in names}
+        return self.owned
+
+    def writes(self, index: int) -> bool:
+        """Whether this process writes layer `index` (every process calibrates every layer)."""
+        return self.dist is None or index % self.dist.world == self.dist.rank
 
     def checkpoint_due(self, index: int) -> bool:
         every = self.job.config.cache_checkpoint_layers
@@ -138,7 +162,7 @@ class _Calibrator:
             watch = {}
             if kind is not None:
                 for m in layout.quantized:
-                    if m not in layout.experts:
+                    if m not in layout.experts and (self.owned is None or m in self.owned):
                         shared[m] = rep = next(x for x in layout.quantized
                                                if fused_group_key(x) == fused_group_key(m))
                         watch[layout.rel(rep)] = kind
@@ -155,10 +179,19 @@ class _Calibrator:
                 obs._handles.append(layer.get_submodule(name).register_forward_hook(record, with_kwargs=True))
             if kind is not None:
                 obs.expert_kind = kind
+                if self.owned is not None:
+                    for m in self.owned & set(layout.experts):
+                        ref = layout.experts[m]
+                        key = f"{ref.parent}.{'down' if ref.proj == 'down_proj' else 'gate_up'}"
+                        obs.owned_experts.setdefault(key, set()).add(ref.index)
+                    for parent in fused:  # a parent none of whose experts are ours: accumulate none
+                        for key in (f"{parent}.gate_up", f"{parent}.down"):
+                            obs.owned_experts.setdefault(key, set())
                 for parent, module in fused.items():
                     instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
         try:
-            for b, batch in enumerate(self.job.batches):
+            for b in self.ids:
+                batch = self.job.batches[b]
                 obs.token_mask = self.masks[b]
                 kwargs = self.kwargs.for_batch(b, batch.attention_mask)[layout.index]
                 out = layer(self.cache.get(b), **kwargs)
@@ -173,6 +206,8 @@ class _Calibrator:
                 self.cache.sync()
         if not observe:
             return None
+        if self.split == SAMPLES:
+            self._merge_ranges(obs)
         values = {layout.prefix + name: o.result() for name, o in obs.observers.items()}
         values.update({m: values[rep] for m, rep in shared.items()})
         if kind == "hessian":
@@ -183,6 +218,16 @@ class _Calibrator:
             if values.get(module) is None:
                 raise CheckpointError(f"Linear '{module}' received no input during calibration")
         return LayerStats(values, blocks, self.masks)
+
+    def _merge_ranges(self, obs: LayerObserver) -> None:
+        """SAMPLES: every rank's ranges become the max over all ranks' samples, in place."""
+        values = [(name, o.value) for name, o in sorted(obs.observers.items())]
+        values += sorted(obs.absmax.items())
+        missing = [name for name, v in values if v is None]
+        if missing:
+            raise CheckpointError(f"'{missing[0]}' received no calibration input in this process's share of the "
+                                  "samples; use more samples per process")
+        self.dist.max_([v for _, v in values])
 
     def _expert_hessians(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
         out = {}
@@ -325,17 +370,23 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     """Run a whole job; returns the report (also written to the output directory).
 
     `dist` (several processes under torchrun, `streamq.engine.dist`): calibration-free
-    schemes split whole layers across ranks; rank 0 opens the output, writes the non-layer
-    shard and finishes the checkpoint. The output bytes are the single-process run's.
+    schemes split whole layers across ranks; calibrated ones split the samples or the
+    layer's work units (`dist.calibration_split`) and take turns writing layers; rank 0
+    opens the output, writes the non-layer shard and finishes the checkpoint. The output
+    bytes are the single-process run's.
     """
     start = time.monotonic()
     check_save_path(config.save_path, config.model.model_path, calibration_file(config))  # before anything
+    split = None
     if dist is not None:
         if config.scheme.needs_calibration:
-            raise ConfigError(f"{config.quant.name} calibrates, and splitting calibration samples across "
-                              "processes is not implemented yet; run it with one process (plain python -m streamq)")
+            split = calibration_split(config.scheme)  # ConfigError for a scheme that cannot split yet
         config.device = dist.device(config.device)
     job = prepare(config)
+    if dist is not None:
+        dist.check_same({"config": config.job_hash(), "source checkpoint": job.reader.fingerprint()})
+    if split == SAMPLES:
+        job.batch_ids = dist.batches(len(job.batches))  # the plan sizes this process's share of the cache
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
     plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
@@ -376,18 +427,19 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     cache_root = out_dir / CACHE_DIR
     if config.scheme.needs_calibration:
         report.cache_location = plan.cache_location
-        calib = _Calibrator(job, report.cache_location, cache_root / "live")
+        live = cache_root / ("live" if dist is None else f"live.rank{dist.rank}")
+        calib = _Calibrator(job, report.cache_location, live, dist, split)
         found = latest_checkpoint(cache_root, first_todo)
         if found is not None:
             begin = found[0]
-            load_checkpoint(calib.cache, len(job.batches), found[1])
+            load_checkpoint(calib.cache, len(job.batches), found[1], calib.ids)
         else:
             calib.capture_inputs()
         clock.mark("calibration inputs")
     todo = [i for i in range(n) if not done[i]] if calib is None else list(range(begin, n))
     report.layers_skipped = n - sum(1 for i in todo if not done[i])  # resumed: finished before this run
-    if dist is not None:
-        todo = dist.mine(todo)  # whole layers per rank (calibration-free schemes only)
+    if dist is not None and calib is None:
+        todo = dist.mine(todo)  # whole layers per rank; calibrated schemes: every rank every layer
     progress = LayerProgress(len(todo), f"{config.quant.name} {job.reader.path.name}", show_progress)
     prefetch = _Prefetcher(job.reader, pin=job.device.type == "cuda")
     writer = _Writer(state, out_dir)
@@ -406,7 +458,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             report.stages.append(stages)
             report.layer_gpu_bytes.append(peak_gpu_bytes(job.device))
             _enforce_budget(job, i)
-            if calib is not None and i + 1 < n and calib.checkpoint_due(i):
+            if calib is not None and dist is None and i + 1 < n and calib.checkpoint_due(i):
+                # (Several processes: no cache checkpoints yet; a resume replays from layer 0.)
                 writer.wait()
                 save_checkpoint(calib.cache, len(job.batches), i + 1, cache_root)
             progress.layer_done(i, job.reader.layer_bytes(i),
@@ -446,6 +499,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     report.bytes_read = job.reader.bytes_read
     report.peak_gpu_bytes = peak_gpu_bytes(job.device)
     report.peak_host_bytes = peak_host_rss()
+    report.planned_gpu_bytes = plan.predicted_peak_gpu_bytes
+    report.planned_host_bytes = plan.predicted_peak_host_bytes
     report.notes = config.notes + job.notes
     if dist is not None:
         report.notes.append(f"{dist.world} processes (torchrun); this report is rank {dist.rank}'s, "
@@ -522,7 +577,9 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     # A scheme whose next layer sees the quantized outputs must redo a finished layer
     # (deterministically, nothing written) to advance the hidden states.
     redo = already_written and scheme.propagates_quantized
-    stats, layer = None, None
+    # Whether this process writes the layer (several processes: they take turns).
+    emit = not already_written and (calib is None or calib.writes(i))
+    stats, layer, owned = None, None, None
     if calib is not None:
         layer = decoder_layers(job.skeleton)[i]
         t = time.monotonic()
@@ -530,6 +587,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         materialize_layer(layer, layout, tensors, job.device, job.skeleton)
         stages["to_device"] = time.monotonic() - t
         t = time.monotonic()
+        owned = calib.share(layout)
         stats = calib.run_layer(layer, layout, observe=not already_written or redo,
                                 advance=not scheme.propagates_quantized)
         if stats is not None:
@@ -537,7 +595,8 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
             check_activation_stats(i, {m: v for m, v in stats.values.items()
                                        if m in layout.quantized and torch.is_tensor(v)}, job.dtype)
         stages["calibrate"] = time.monotonic() - t
-    if already_written and not redo:  # replayed only to advance the hidden states
+    if not emit and not scheme.propagates_quantized:
+        # Replayed only to advance the hidden states, or another process writes it.
         if layer is not None:
             release_layer(layer)
         _recycle(job, prefetch, buffer)
@@ -550,15 +609,21 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     changed = scheme.transform(ctx, stats) if stats is not None else {}
     # CUDA: results are copied (asynchronously) into a page-locked arena that the writer
     # serializes from; on the CPU they already are host tensors.
-    arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None and not redo else None
+    arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None and emit else None
     produced: dict[str, dict[str, torch.Tensor]] = {}
     checks: list[tuple[str, torch.Tensor]] = []
     roles = {ts.suffix: ts.role for ts in fmt.specs(scheme.spec, 1, 1)}
     targets = layer_weight_views(layer, layout) if scheme.propagates_quantized else {}
-    for module, q in scheme.quantize(ctx.weights, stats, layout):
+    weights = ctx.weights if owned is None else {m: w for m, w in ctx.weights.items() if m in owned}
+    results = scheme.quantize(weights, stats, layout) if weights or owned is None else iter(())
+    fallbacks = scheme.fallbacks if weights or owned is None else []
+    if owned is not None:  # every process solved its share: exchange, so each holds the whole layer
+        mine = list(results)  # runs the solves; `fallbacks` is filled by now
+        results, fallbacks = _exchange_quantized(calib.dist, mine, list(fallbacks), layout, job.device)
+    for module, q in results:
         if module in targets:  # the layer computes with its quantized weights from now on
             targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
-        if redo:
+        if not emit:
             continue
         # Off the device one at a time: the layer's quantized copy never sits on the GPU whole.
         tensors_out = fmt.pack(module, q, scheme.spec)
@@ -566,8 +631,10 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
             if roles.get(name.rpartition(".")[2]) in (SCALE, INPUT_SCALE):
                 checks.append((name, (torch.isfinite(value) & (value > 0)).all()))
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
-    for note in scheme.fallbacks:
-        log.warning("layer %d: %s", i, note)
+    del results
+    for note in fallbacks:
+        if calib is None or calib.writes(i):  # several processes: one of them says it
+            log.warning("layer %d: %s", i, note)
         if calib is not None:
             calib.fallbacks.append(f"layer {i}: {note}")
     if scheme.propagates_quantized:
@@ -577,7 +644,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         calib.run_layer(layer, layout, observe=False, advance=True)
         stages["propagate"] = time.monotonic() - t
         t = time.monotonic()
-    if redo:
+    if not emit:
         ctx.weights.clear()
         release_layer(layer)
         _recycle(job, prefetch, buffer)
@@ -608,6 +675,28 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     stages["wait_write"] = writer.wait(max_pending=0)
     writer.submit(f"layer-{i}", shard_name(i, job.num_layers + 1), out, arena)
     return stages
+
+
+_Q_FIELDS = ("weight", "weight_scale", "input_scale", "zero_point")
+
+
+def _exchange_quantized(dist: Dist, mine: list[tuple[str, QuantizedLinear]], fallbacks: list[str],
+                        layout: LayerLayout, device: torch.device
+                        ) -> tuple[list[tuple[str, QuantizedLinear]], list[str]]:
+    """MODULES: every process's quantized Linears (and fallback notes) to every process, in
+    the layer's module order."""
+    flat = {f"{m}|{f}": getattr(q, f) for m, q in mine for f in _Q_FIELDS if getattr(q, f) is not None}
+    everything = dist.exchange(flat, device)
+    by_module: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in everything.items():
+        module, _, name = key.rpartition("|")
+        by_module.setdefault(module, {})[name] = value
+    missing = [m for m in layout.quantized if m not in by_module]
+    if missing:
+        raise CheckpointError(f"'{missing[0]}' was quantized by no process ({len(missing)} module(s)); "
+                              "the processes disagree on the layer's work split")
+    notes = [note for share in dist.gather(fallbacks) for note in share]
+    return [(m, QuantizedLinear(**by_module[m])) for m in layout.quantized], notes
 
 
 def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_map: dict[str, str]) -> None:

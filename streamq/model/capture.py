@@ -58,9 +58,12 @@ def capture(model: nn.Module, *, input_ids: torch.Tensor | None = None, inputs_e
 
 
 @torch.no_grad()
-def capture_batches(model: nn.Module, batches: list, cache, device: torch.device) -> None:
-    """Hidden states entering layer 0 for every calibration batch, into `cache` (batch index -> tensor)."""
-    for b, batch in enumerate(batches):
+def capture_batches(model: nn.Module, batches: list, cache, device: torch.device, ids: list[int] | None = None
+                    ) -> None:
+    """Hidden states entering layer 0 for the calibration batches `ids` (default: all),
+    into `cache` (batch index -> tensor)."""
+    for b in range(len(batches)) if ids is None else ids:
+        batch = batches[b]
         hidden, _ = capture(model, input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device))
         cache.put(b, hidden)
 

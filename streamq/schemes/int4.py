@@ -257,6 +257,42 @@ class Int4Gptq(_W4A16):
                         + fallback_copy)
         return {"Hessians (float32)": hessians}, {"GPTQ solve": solve}
 
+    def work_units(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
+                   all_experts: bool = False) -> list[tuple[list[str], float]]:
+        """The independent solves `quantize` makes of one layer, for several processes to
+        split (`streamq.engine.dist`): each a list of module names solved together (a stack
+        sharing one Hessian, or one chunk of a fused experts module's experts, chunked as
+        `quantize` chunks them) and its cost in multiply-adds (column loop rows * in^2 and
+        Cholesky in^3, per problem). `quantize` given the weights of whole units only solves
+        exactly what it solves for them in a full call, so the split changes no byte."""
+        from streamq.model.fused import fused_group_key
+
+        units: list[tuple[list[str], float]] = []
+        stacks: dict[str, list[str]] = {}
+        for module in linears:
+            if module not in experts:
+                stacks.setdefault(fused_group_key(module), []).append(module)
+        for names in stacks.values():
+            rows, cols = sum(linears[n][0] for n in names), linears[names[0]][1]
+            units.append((names, float(rows * cols * cols + cols ** 3)))
+        groups: dict[tuple[str, str], dict[int, list[str]]] = {}
+        nums: dict[str, int] = {}  # as `quantize` counts them: every expert of the parent
+        for module, ref in experts.items():
+            nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
+            if module in linears:
+                kind = "down" if ref.proj == "down_proj" else "gate_up"
+                groups.setdefault((ref.parent, kind), {}).setdefault(ref.index, []).append(module)
+        for (parent, kind), members in groups.items():
+            num = nums[parent]
+            rows = sum(linears[m][0] for m in members[max(members)])
+            cols = linears[members[max(members)][0]][1]
+            chunk = expert_chunk(rows, cols, num, not (all_experts and kind == "gate_up"))
+            for e0 in range(0, num, chunk):
+                names = [m for e in range(e0, min(num, e0 + chunk)) for m in members.get(e, [])]
+                if names:
+                    units.append((names, float(min(chunk, num - e0) * (rows * cols * cols + cols ** 3))))
+        return units
+
     def _solve(self, w, h, scale_dtype):
         """w float32 [E, out, in]; `scale_dtype` the dtype the scales are stored in (the source
         weight's, not w's float32), so codes are chosen against the scale a loader reads."""
@@ -299,32 +335,43 @@ class Int4Gptq(_W4A16):
                 zp = None if r.zero_point is None else r.zero_point[0, sl]
                 yield n, QuantizedLinear(r.codes[0, sl], r.scale[0, sl].to(_scale_dtype(weights[n])), zero_point=zp)
         by_parent: dict[str, dict[tuple[int, str], str]] = {}
-        for module, ref in experts.items():
-            by_parent.setdefault(layout.prefix + ref.parent, {})[(ref.index, ref.proj)] = module
+        nums: dict[str, int] = {}  # experts per parent, from the layout: `weights` may hold a share of them
+        for module, ref in layout.experts.items() if layout is not None else ():
+            parent = layout.prefix + ref.parent
+            nums[parent] = max(nums.get(parent, 0), ref.index + 1)
+            if module in experts:
+                by_parent.setdefault(parent, {})[(ref.index, ref.proj)] = module
         for parent, members in by_parent.items():
-            yield from self._solve_experts(parent, members, weights, stats)
+            yield from self._solve_experts(parent, members, weights, stats, nums[parent])
 
-    def _solve_experts(self, parent, members, weights, stats):
+    def _solve_experts(self, parent, members, weights, stats, num):
         """Gate and up of each expert stacked into one [E, 2I, in] problem, down into
-        [E, out, I]; chunks of experts sized to EXPERT_SOLVE_BYTES."""
+        [E, out, I]; chunks of experts sized to EXPERT_SOLVE_BYTES. `members` may be whole
+        chunks of the `num` experts (`work_units`): only chunks with members are solved."""
         import torch
 
-        num = 1 + max(e for e, _ in members)
         for kind, projs in (("gate_up", ("gate_proj", "up_proj")), ("down", ("down_proj",))):
+            present = sorted(e for e, p in members if p == projs[0])
+            if not present:
+                continue
             h_all = stats.values[f"{parent}.{kind}"]
             count = stats.values.get(f"{parent}.{kind}.count")
-            sample = weights[members[(0, projs[0])]]
+            sample = weights[members[(present[0], projs[0])]]
             rows, cols = sample.shape[0] * len(projs), sample.shape[1]
-            self._check_shape(members[(0, projs[0])], sample)
+            self._check_shape(members[(present[0], projs[0])], sample)
             chunk = expert_chunk(rows, cols, num, h_all.ndim == 3)
             few: list[int] = []
             if count is not None and h_all.ndim == 3:
                 few = (count < self.min_expert_tokens).nonzero().flatten().tolist()
                 for e in few if kind == "gate_up" else ():
-                    self.fallbacks.append(f"{parent}.{e}: {int(count[e])} calibration tokens < min_expert_tokens "
-                                          f"{self.min_expert_tokens}, quantized round-to-nearest")
+                    if (e, projs[0]) in members:
+                        self.fallbacks.append(f"{parent}.{e}: {int(count[e])} calibration tokens < "
+                                              f"min_expert_tokens {self.min_expert_tokens}, quantized "
+                                              "round-to-nearest")
             for e0 in range(0, num, chunk):
                 es = range(e0, min(num, e0 + chunk))
+                if not any((e, projs[0]) in members for e in es):
+                    continue  # another process's chunk
                 out_dtype = _scale_dtype(weights[members[(e0, projs[0])]])
                 w = torch.stack([torch.cat([weights[members[(e, p)]] for p in projs]) for e in es]).to(torch.float32)
                 h = h_all if h_all.ndim == 2 else h_all[e0:e0 + len(es)]
