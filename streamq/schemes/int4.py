@@ -50,6 +50,11 @@ SOLVE_LOOP_HESSIAN_COPIES = 2
 SOLVE_FACTOR_WEIGHT_COPIES = 2
 SOLVE_FACTOR_HESSIAN_COPIES = 5
 
+# Multiply-adds that cost about as much as one launch-bound column step of the GPTQ loop on
+# an H200 (0.27 ms measured per column at 128 x 2048 tokens on Qwen3-235B-A22B shapes):
+# what `work_units` weighs a unit's arithmetic against its column count with.
+COLUMN_STEP_FLOPS = 1e10
+
 
 def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool) -> int:
     """Experts solved at once: the most whose solve (`solve_bytes`) fits EXPERT_SOLVE_BYTES."""
@@ -262,9 +267,12 @@ class Int4Gptq(_W4A16):
         """The independent solves `quantize` makes of one layer, for several processes to
         split (`streamq.engine.dist`): each a list of module names solved together (a stack
         sharing one Hessian, or one chunk of a fused experts module's experts, chunked as
-        `quantize` chunks them) and its cost in multiply-adds (column loop rows * in^2 and
-        Cholesky in^3, per problem). `quantize` given the weights of whole units only solves
-        exactly what it solves for them in a full call, so the split changes no byte."""
+        `quantize` chunks them) and its cost: the column loop is launch-bound on a GPU (about
+        0.27 ms per column on an H200 for 28 experts at once, whatever their rows), so a unit
+        costs its input columns, plus its multiply-adds (loop rows * in^2 and Cholesky in^3 per
+        problem) in units of COLUMN_STEP_FLOPS where they outweigh the launches (CPUs).
+        `quantize` given the weights of whole units only solves exactly what it solves for
+        them in a full call, so the split changes no byte."""
         from streamq.model.fused import fused_group_key
 
         units: list[tuple[list[str], float]] = []
@@ -274,7 +282,7 @@ class Int4Gptq(_W4A16):
                 stacks.setdefault(fused_group_key(module), []).append(module)
         for names in stacks.values():
             rows, cols = sum(linears[n][0] for n in names), linears[names[0]][1]
-            units.append((names, float(rows * cols * cols + cols ** 3)))
+            units.append((names, cols + (rows * cols * cols + cols ** 3) / COLUMN_STEP_FLOPS))
         groups: dict[tuple[str, str], dict[int, list[str]]] = {}
         nums: dict[str, int] = {}  # as `quantize` counts them: every expert of the parent
         for module, ref in experts.items():
@@ -290,7 +298,8 @@ class Int4Gptq(_W4A16):
             for e0 in range(0, num, chunk):
                 names = [m for e in range(e0, min(num, e0 + chunk)) for m in members.get(e, [])]
                 if names:
-                    units.append((names, float(min(chunk, num - e0) * (rows * cols * cols + cols ** 3))))
+                    flops = min(chunk, num - e0) * (rows * cols * cols + cols ** 3)
+                    units.append((names, cols + flops / COLUMN_STEP_FLOPS))
         return units
 
     def _solve(self, w, h, scale_dtype):
