@@ -165,6 +165,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("transformers").setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
+    from streamq.hostmem import bound_cpu_kernel_caches
+
+    bound_cpu_kernel_caches()  # before torch runs a CPU GEMM
     try:
         return args.func(args)
     except StreamqError as e:

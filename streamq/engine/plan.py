@@ -47,12 +47,20 @@ from streamq.checkpoint.writer import SAFETENSORS_METADATA, safetensors_header
 from streamq.engine import tp_check
 from streamq.engine.staging import output_arena_bytes
 from streamq.errors import BudgetError
+from streamq.schemes.base import (
+    COLUMN_STEP_SECONDS_CPU,
+    COLUMN_STEP_SECONDS_GPU,
+    FP32_FLOPS_CPU,
+    FP32_FLOPS_GPU,
+)
 
 GiB = 2**30
 MiB = 2**20
 
 # --- Assumed throughputs for the time estimate (override through `Assumptions`) ---------
-DISK_READ_BPS = 1.0e9  # source read + (CUDA) pinned copy: 0.7-0.8 GB/s seen on an H100 VM, 1.6 on a CPU VM
+# Source read + (CUDA) page-locked copy, as runs measured it (the "read" stage of
+# streamq_report.json): 3.4-4.3 GB/s on an H200 host from the page cache, 1.6 GB/s on a CPU VM.
+DISK_READ_BPS = 3.0e9
 DISK_WRITE_BPS = 1.0e9  # output shards (and a disk cache), including fsync
 PCIE_BPS = 20e9  # host <-> GPU copies from pinned memory (PCIe 4 x16 in practice)
 GPU_MATMUL_FLOPS = 300e12  # sustained bf16 matmul of calibration forwards (H100/H200 class)
@@ -105,6 +113,11 @@ class Assumptions:
     gpu_elementwise_bps: float = GPU_ELEMENTWISE_BPS
     cpu_flops: float = CPU_MATMUL_FLOPS_PER_CORE * (os.cpu_count() or 1)
     cpu_elementwise_bps: float = CPU_ELEMENTWISE_BPS_PER_CORE * (os.cpu_count() or 1)
+    # Solvers with work units (GPTQ): launch-bound column steps, float32 arithmetic.
+    gpu_column_step_s: float = COLUMN_STEP_SECONDS_GPU
+    cpu_column_step_s: float = COLUMN_STEP_SECONDS_CPU
+    gpu_fp32_flops: float = FP32_FLOPS_GPU
+    cpu_fp32_flops: float = FP32_FLOPS_CPU
 
 
 # ======================================================================================
@@ -147,6 +160,10 @@ class LayerSizes:
     # solve, and the solve's own working set (by label, for the breakdown).
     statistics: tuple[tuple[str, int], ...] = ()
     solve: tuple[tuple[str, int], ...] = ()
+    # Time of a scheme with work units (GPTQ): its solves, and its statistics' multiply-adds
+    # per calibration token (`Scheme.work_units`, `Scheme.statistics_flops`).
+    solve_units: tuple = ()
+    statistics_flops_per_token: float = 0.0
 
     def output_bytes(self) -> int:
         """The output dict handed to the writer: FP8 weights, scales, copied tensors."""
@@ -525,10 +542,22 @@ def _host_cpu_layer(inputs: Inputs, choice: _Choice, lay: LayerSizes, fixed: dic
     act = _largest_activation(inputs, choice.micro_batch)
     # glibc keeps freed blocks under its mmap threshold: a batch's activations stay resident.
     retained = {"activations (kept by malloc)": sum(act.values())}
-    layer = source | {"layer (compute dtype)": lay.param_bytes} | dict(lay.statistics)
+    layer = source | {"layer (compute dtype)": lay.param_bytes} | dict(lay.statistics) | _gemm_caches(inputs, choice)
     if lay.solve:
         quant = {"quantized output": lay.fp8_bytes} | dict(lay.solve)
     return [fixed | layer | act, fixed | layer | retained | quant]
+
+
+def _gemm_caches(inputs: Inputs, choice: _Choice) -> dict[str, int]:
+    """oneDNN's per-shape GEMM caches, bounded by `streamq.hostmem`: about one float32
+    [batch tokens, hidden] scratch per cached shape (measured on the tiny models at 2,048 and
+    4,096 tokens per batch: 11 to 45 MiB). A dense layer has a handful of shapes; MoE experts
+    see new ones every batch, so their caches fill."""
+    from streamq.hostmem import CPU_KERNEL_CACHE_ENTRIES
+
+    entries = CPU_KERNEL_CACHE_ENTRIES if inputs.shape.num_experts else min(CPU_KERNEL_CACHE_ENTRIES, 8)
+    tokens = max(_micro(b, choice.micro_batch).tokens for b in inputs.batches)
+    return {"CPU GEMM caches": entries * tokens * inputs.shape.hidden * 4}
 
 
 # --------------------------------------------------------------------------- time
@@ -557,6 +586,9 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
             calibrate = 2 * _active_params(inputs, lay) * tokens / flops + cache_traffic * choice.expert_groups
             if inputs.propagate_quantized:  # the quantized layer is replayed once more
                 calibrate *= 2
+            step, fp32 = (a.gpu_column_step_s, a.gpu_fp32_flops) if cuda else (a.cpu_column_step_s, a.cpu_fp32_flops)
+            calibrate += lay.statistics_flops_per_token * tokens / fp32
+            calibrate += sum(u.seconds(step, fp32) for u in lay.solve_units)
         t.read.append(lay.source_bytes / a.disk_read_bps)
         t.write.append(lay.out_file_bytes / a.disk_write_bps)
         t.compute.append(transfer + calibrate + lay.quantized_source_bytes / elementwise)
@@ -699,7 +731,9 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     fmt = config.quant.save_name
     layers = [measure_layer(lay.index, _tensors(reader, reader.layers[lay.index]), lay.quantized, lay.experts,
                             elem, config.format, config.scheme.spec) for lay in job.layouts]
-    layers = [_with_scheme_memory(config, reader, lay, sizes) for lay, sizes in zip(job.layouts, layers, strict=True)]
+    top_k = ModelShape.from_config(job.hf_config).top_k
+    layers = [_with_scheme_memory(config, reader, lay, sizes, top_k)
+              for lay, sizes in zip(job.layouts, layers, strict=True)]
     other = _tensors(reader, sorted(reader.other))
     stem = [t for t in other if t.name.startswith("model.") and not t.name.startswith("model.layers.")]
     return Inputs(
@@ -720,15 +754,21 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     )
 
 
-def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes) -> LayerSizes:
+def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes, top_k: int = 1) -> LayerSizes:
     """The scheme's statistics and solve memory for one layer (`statistics_bytes`, e.g.
-    GPTQ's Hessians), from the quantized Linears' shapes."""
+    GPTQ's Hessians), from the quantized Linears' shapes, and its solves' time inputs."""
     method = getattr(config.scheme, "statistics_bytes", None)
     if method is None or not config.scheme.needs_calibration:
         return sizes
     shapes = {m: tuple(reader.tensors[n].shape) for m, n in layout.quantized.items()}
-    stats, solve = method(shapes, layout.experts, config.quant.moe_calibrate_all_experts)
-    return replace(sizes, statistics=tuple(stats.items()), solve=tuple(solve.items()))
+    all_experts = config.quant.moe_calibrate_all_experts
+    stats, solve = method(shapes, layout.experts, all_experts)
+    sizes = replace(sizes, statistics=tuple(stats.items()), solve=tuple(solve.items()))
+    if getattr(config.scheme, "work_units", None) is not None:
+        sizes = replace(sizes, solve_units=tuple(config.scheme.work_units(shapes, layout.experts, all_experts)),
+                        statistics_flops_per_token=config.scheme.statistics_flops(shapes, layout.experts, top_k,
+                                                                                 all_experts))
+    return sizes
 
 
 def _elem(dtype: Any) -> int:

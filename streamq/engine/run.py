@@ -43,6 +43,7 @@ from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes
 from streamq.engine.state import CACHE_DIR, RunState, attach_run, open_run, output_files, rank_manifest
 from streamq.errors import BudgetError, CheckpointError, OutputError, StreamqError
 from streamq.formats.base import INPUT_SCALE, SCALE
+from streamq.hostmem import trim_heap
 from streamq.model import capture as capture_mod
 from streamq.model.fused import fused_group_key
 from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
@@ -55,7 +56,14 @@ from streamq.model.skeleton import (
 )
 from streamq.paths import calibration_file, check_save_path
 from streamq.pinned import host_buffer, page_lock, unregister
-from streamq.schemes.base import LayerStats, QuantizedLinear
+from streamq.schemes.base import (
+    COLUMN_STEP_SECONDS_CPU,
+    COLUMN_STEP_SECONDS_GPU,
+    FP32_FLOPS_CPU,
+    FP32_FLOPS_GPU,
+    LayerStats,
+    QuantizedLinear,
+)
 from streamq.verify import verify_checkpoint
 
 log = logging.getLogger("streamq")
@@ -129,8 +137,11 @@ class _Calibrator:
         infos, scheme = self.job.reader.tensors, self.job.config.scheme
         shapes = {m: tuple(infos[n].shape) for m, n in layout.quantized.items()}
         units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts)
-        owners = assign([cost for _, cost in units], self.dist.world)
-        self.owned = {m for (names, _), r in zip(units, owners, strict=True) if r == self.dist.rank for m in names}
+        gpu = self.job.device.type == "cuda"
+        costs = [u.seconds(COLUMN_STEP_SECONDS_GPU if gpu else COLUMN_STEP_SECONDS_CPU,
+                           FP32_FLOPS_GPU if gpu else FP32_FLOPS_CPU) for u in units]
+        owners = assign(costs, self.dist.world)
+        self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
         return self.owned
 
     def writes(self, index: int) -> bool:
@@ -462,6 +473,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
                 # (Several processes: no cache checkpoints yet; a resume replays from layer 0.)
                 writer.wait()
                 save_checkpoint(calib.cache, len(job.batches), i + 1, cache_root)
+            if job.device.type == "cpu":
+                trim_heap()  # varying expert batch sizes fragment the heap (streamq.hostmem)
             progress.layer_done(i, job.reader.layer_bytes(i),
                                 "(replayed)" if done[i] else f"host {fmt_bytes(current_host_rss())}")
         clock.mark("layers")

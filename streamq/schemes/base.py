@@ -45,6 +45,32 @@ class QuantizedLinear:
 
 
 @dataclass(frozen=True)
+class WorkUnit:
+    """One independent solve of a layer (`Scheme.work_units`): the modules solved together,
+    the input columns its column loop steps through, and its multiply-adds.
+
+    On a GPU a column step is launch-bound (`COLUMN_STEP_SECONDS_GPU`, measured on an H200),
+    so a unit's time is about its columns times that, plus its arithmetic where that
+    outweighs the launches (a CPU)."""
+
+    modules: tuple[str, ...]
+    columns: int
+    flops: float
+
+    def seconds(self, column_step_s: float, flops_per_s: float) -> float:
+        return self.columns * column_step_s + self.flops / flops_per_s
+
+
+# Seconds per GPTQ column step on a GPU (H200, 128 x 2048 tokens, Qwen3-235B-A22B: 9.8 s for
+# 35,840 columns per layer) and the float32 rate of its arithmetic and of Hessian updates
+# (3.6 s per layer for 8e16 multiply-adds); on a CPU a step costs little beyond its arithmetic.
+COLUMN_STEP_SECONDS_GPU = 0.27e-3
+COLUMN_STEP_SECONDS_CPU = 20e-6
+FP32_FLOPS_GPU = 2e13
+FP32_FLOPS_CPU = 4e9  # the 2-core VM this project's CI runs on
+
+
+@dataclass(frozen=True)
 class LayerStats:
     """Statistics of one layer's replay, by full module name (what `observers` asked for).
 

@@ -23,6 +23,7 @@ from streamq.schemes.base import (
     Q,
     QuantizedLinear,
     Scheme,
+    WorkUnit,
     check_bits,
     one_of,
     register,
@@ -50,10 +51,6 @@ SOLVE_LOOP_HESSIAN_COPIES = 2
 SOLVE_FACTOR_WEIGHT_COPIES = 2
 SOLVE_FACTOR_HESSIAN_COPIES = 5
 
-# Multiply-adds that cost about as much as one launch-bound column step of the GPTQ loop on
-# an H200 (0.27 ms measured per column at 128 x 2048 tokens on Qwen3-235B-A22B shapes):
-# what `work_units` weighs a unit's arithmetic against its column count with.
-COLUMN_STEP_FLOPS = 1e10
 
 
 def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool) -> int:
@@ -263,26 +260,23 @@ class Int4Gptq(_W4A16):
         return {"Hessians (float32)": hessians}, {"GPTQ solve": solve}
 
     def work_units(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
-                   all_experts: bool = False) -> list[tuple[list[str], float]]:
-        """The independent solves `quantize` makes of one layer, for several processes to
-        split (`streamq.engine.dist`): each a list of module names solved together (a stack
-        sharing one Hessian, or one chunk of a fused experts module's experts, chunked as
-        `quantize` chunks them) and its cost: the column loop is launch-bound on a GPU (about
-        0.27 ms per column on an H200 for 28 experts at once, whatever their rows), so a unit
-        costs its input columns, plus its multiply-adds (loop rows * in^2 and Cholesky in^3 per
-        problem) in units of COLUMN_STEP_FLOPS where they outweigh the launches (CPUs).
-        `quantize` given the weights of whole units only solves exactly what it solves for
-        them in a full call, so the split changes no byte."""
+                   all_experts: bool = False) -> list[WorkUnit]:
+        """The independent solves `quantize` makes of one layer (stacks sharing one Hessian,
+        and chunks of a fused experts module's experts, chunked as `quantize` chunks them),
+        for several processes to split (`streamq.engine.dist`) and the planner to time.
+        `quantize` given the weights of whole units solves exactly what it solves for them
+        in a full call, so a split changes no byte. Multiply-adds: the column loop's
+        rows * in^2 and the Cholesky's in^3, per problem."""
         from streamq.model.fused import fused_group_key
 
-        units: list[tuple[list[str], float]] = []
+        units: list[WorkUnit] = []
         stacks: dict[str, list[str]] = {}
         for module in linears:
             if module not in experts:
                 stacks.setdefault(fused_group_key(module), []).append(module)
         for names in stacks.values():
             rows, cols = sum(linears[n][0] for n in names), linears[names[0]][1]
-            units.append((names, cols + (rows * cols * cols + cols ** 3) / COLUMN_STEP_FLOPS))
+            units.append(WorkUnit(tuple(names), cols, float(rows * cols * cols + cols ** 3)))
         groups: dict[tuple[str, str], dict[int, list[str]]] = {}
         nums: dict[str, int] = {}  # as `quantize` counts them: every expert of the parent
         for module, ref in experts.items():
@@ -299,8 +293,27 @@ class Int4Gptq(_W4A16):
                 names = [m for e in range(e0, min(num, e0 + chunk)) for m in members.get(e, [])]
                 if names:
                     flops = min(chunk, num - e0) * (rows * cols * cols + cols ** 3)
-                    units.append((names, cols + flops / COLUMN_STEP_FLOPS))
+                    units.append(WorkUnit(tuple(names), cols, float(flops)))
         return units
+
+    def statistics_flops(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any], top_k: int,
+                         all_experts: bool = False) -> float:
+        """Multiply-adds per calibration token of the layer's Hessian updates (X^T X): one
+        in^2 per distinct dense input, top_k (every expert, with all-experts calibration)
+        per expert input."""
+        from streamq.model.fused import fused_group_key
+
+        dense = {fused_group_key(m): shape[1] for m, shape in linears.items() if m not in experts}
+        total = float(sum(c * c for c in dense.values()))
+        per_kind: dict[tuple[str, str], tuple[int, int]] = {}
+        for module, ref in experts.items():
+            if module in linears:
+                kind = "down" if ref.proj == "down_proj" else "gate_up"
+                count, _ = per_kind.get((ref.parent, kind), (0, 0))
+                per_kind[(ref.parent, kind)] = (max(count, ref.index + 1), linears[module][1])
+        for (_, kind), (num, cols) in per_kind.items():
+            total += (1 if all_experts and kind == "gate_up" else (num if all_experts else top_k)) * cols * cols
+        return total
 
     def _solve(self, w, h, scale_dtype):
         """w float32 [E, out, in]; `scale_dtype` the dtype the scales are stored in (the source
