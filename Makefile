@@ -9,7 +9,7 @@ CONFIG  ?= configs/examples/tiny_qwen3_moe_fp8_static.yaml
 ARGS    ?=
 DEMO    := build/demo
 
-.PHONY: help install demo quantize plan test test-fast lint bench bench-dist eval-table clean
+.PHONY: help install demo quantize plan test test-fast lint bench bench-dist bench-host-depth eval-table clean
 
 help:
 	@echo "make install                   create $(VENV) and install streamq (+ test tools)"
@@ -18,7 +18,9 @@ help:
 	@echo "make test                      install and run the test suite"
 	@echo "make lint                      ruff"
 	@echo "make bench                     benchmark against the I/O and compute floor (bench_out/)"
-	@echo "make bench-dist                1 vs 2 processes (torchrun) on 2 GPUs, byte-identical outputs (scripts/bench_dist.sh)"
+	@echo "make bench-dist                1 vs 2 processes (torchrun) on 2 GPUs, byte-identical outputs (scripts/bench_dist.sh;"
+	@echo "                               ALGOS=\"fp8_static int4_gptq\" SAMPLES=... SEQ=... LAYERS=... as its header says)"
+	@echo "make bench-host-depth          CPU host memory at 4 vs 48 layers, plan next to measurement (scripts/bench_host_depth.sh)"
 	@echo "make eval-table                quality table: bf16 vs each scheme on the trained fixtures (ARGS='--schemes ...')"
 	@echo "                               llm-compressor side by side: scripts/peer_llmcompressor.py (its own venv), then --peer"
 	@echo "                               (build/eval_table/; ARGS='--device cuda --models DIR ...')"
@@ -58,6 +60,9 @@ bench: install
 
 bench-dist: install
 	PATH=$(VENV)/bin:$$PATH bash scripts/bench_dist.sh
+
+bench-host-depth: install
+	PY=$(PY) bash scripts/bench_host_depth.sh
 
 eval-table: install
 	$(PY) scripts/eval_table.py $(ARGS)
