@@ -74,8 +74,8 @@ def test_killed_rank_stops_the_job_and_one_process_resumes(tiny_models, single, 
 
 
 def _calibrated(scheme: str, model: Path, out: Path) -> dict:
-    if scheme == "int4_gptq":  # 4 batches: every rank replays them all, solves its share
-        return gptq_config(model, out)
+    if scheme.startswith("int4_gptq"):  # 4 batches: every rank replays them all, solves its share
+        return gptq_config(model, out, propagate="original" if scheme.endswith("original") else "quantized")
     # 4 batches of 2, 1 with padding: each rank replays 2; ranges are max-reduced
     return make_config(model, out, algorithm="fp8_static", num_samples=8, batch_size=2, max_seq_length=48)
 
@@ -96,7 +96,7 @@ def single_calibrated(tiny_models, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq"])
+@pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq", "int4_gptq+original"])
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
 def test_calibrated_two_processes_write_the_same_bytes(tiny_models, single_calibrated, tmp_path, scheme, arch):
     out = tmp_path / "out"

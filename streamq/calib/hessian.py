@@ -70,7 +70,7 @@ class ExpertHessianAccumulator:
     in] block would cost E times the busiest expert's rows).
 
     `owned` (several processes splitting a layer's experts): only these experts accumulate;
-    the others' sums stay zero and cost nothing (their token counts are still kept).
+    the others' sums stay zero (still allocated) and cost no arithmetic; their token counts are still kept.
     """
 
     def __init__(self, num_experts: int, in_features: int, device: torch.device | str | None = None,

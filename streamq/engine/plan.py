@@ -50,7 +50,7 @@ from streamq.errors import BudgetError
 from streamq.schemes.base import (
     COLUMN_STEP_SECONDS_CPU,
     COLUMN_STEP_SECONDS_GPU,
-    FP32_FLOPS_CPU,
+    FP32_FLOPS_CPU_PER_CORE,
     FP32_FLOPS_GPU,
 )
 
@@ -117,7 +117,7 @@ class Assumptions:
     gpu_column_step_s: float = COLUMN_STEP_SECONDS_GPU
     cpu_column_step_s: float = COLUMN_STEP_SECONDS_CPU
     gpu_fp32_flops: float = FP32_FLOPS_GPU
-    cpu_fp32_flops: float = FP32_FLOPS_CPU
+    cpu_fp32_flops: float = FP32_FLOPS_CPU_PER_CORE * (os.cpu_count() or 1)
 
 
 # ======================================================================================

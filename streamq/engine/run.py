@@ -10,6 +10,7 @@ read -> quantize -> write.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import shutil
 import threading
@@ -59,7 +60,7 @@ from streamq.pinned import host_buffer, page_lock, unregister
 from streamq.schemes.base import (
     COLUMN_STEP_SECONDS_CPU,
     COLUMN_STEP_SECONDS_GPU,
-    FP32_FLOPS_CPU,
+    FP32_FLOPS_CPU_PER_CORE,
     FP32_FLOPS_GPU,
     LayerStats,
     QuantizedLinear,
@@ -139,7 +140,7 @@ class _Calibrator:
         units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts)
         gpu = self.job.device.type == "cuda"
         costs = [u.seconds(COLUMN_STEP_SECONDS_GPU if gpu else COLUMN_STEP_SECONDS_CPU,
-                           FP32_FLOPS_GPU if gpu else FP32_FLOPS_CPU) for u in units]
+                           FP32_FLOPS_GPU if gpu else FP32_FLOPS_CPU_PER_CORE) for u in units]
         owners = assign(costs, self.dist.world)
         self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
         return self.owned
@@ -234,10 +235,11 @@ class _Calibrator:
         """SAMPLES: every rank's ranges become the max over all ranks' samples, in place."""
         values = [(name, o.value) for name, o in sorted(obs.observers.items())]
         values += sorted(obs.absmax.items())
-        missing = [name for name, v in values if v is None]
+        # Every rank learns of a gap before any waits in the reduction, and all stop together.
+        missing = [name for share in self.dist.gather([name for name, v in values if v is None]) for name in share]
         if missing:
-            raise CheckpointError(f"'{missing[0]}' received no calibration input in this process's share of the "
-                                  "samples; use more samples per process")
+            raise CheckpointError(f"'{missing[0]}' received no calibration input in one process's share of the "
+                                  "samples; use more samples per process, or fewer processes")
         self.dist.max_([v for _, v in values])
 
     def _expert_hessians(self, obs: LayerObserver, layout: LayerLayout) -> dict[str, torch.Tensor]:
@@ -395,7 +397,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         config.device = dist.device(config.device)
     job = prepare(config)
     if dist is not None:
-        dist.check_same({"config": config.job_hash(), "source checkpoint": job.reader.fingerprint()})
+        dist.check_same({"config": config.job_hash(), "source checkpoint": job.reader.fingerprint(),
+                         "calibration data": _batches_digest(job.batches)})
     if split == SAMPLES:
         job.batch_ids = dist.batches(len(job.batches))  # the plan sizes this process's share of the cache
     prepared = time.monotonic()
@@ -516,8 +519,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     report.planned_host_bytes = plan.predicted_peak_host_bytes
     report.notes = config.notes + job.notes
     if dist is not None:
+        wrote = todo if calib is None else [i for i in todo if calib.writes(i) and not done[i]]
         report.notes.append(f"{dist.world} processes (torchrun); this report is rank {dist.rank}'s, "
-                            f"which quantized layers {todo[:3]}{'...' if len(todo) > 3 else ''}")
+                            f"which wrote layers {wrote[:3]}{'...' if len(wrote) > 3 else ''}")
     if leader:
         atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "plan": plan.to_dict(),
                                                   "report": report.__dict__})
@@ -608,8 +612,9 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
             check_activation_stats(i, {m: v for m, v in stats.values.items()
                                        if m in layout.quantized and torch.is_tensor(v)}, job.dtype)
         stages["calibrate"] = time.monotonic() - t
-    if not emit and not scheme.propagates_quantized:
-        # Replayed only to advance the hidden states, or another process writes it.
+    if not emit and not scheme.propagates_quantized and (owned is None or already_written):
+        # Replayed only to advance the hidden states, or another process writes it (with
+        # work units split, every process still solves its share for the writer).
         if layer is not None:
             release_layer(layer)
         _recycle(job, prefetch, buffer)
@@ -747,6 +752,16 @@ def _check_scales(index: int, checks: list[tuple[str, torch.Tensor]]) -> None:
         raise CheckpointError(f"layer {index}: '{bad}' is not finite and positive; nothing of this layer was "
                               "written. Check the source weights and calibration data (for float16 overflow, "
                               "set model.torch_dtype to bfloat16 or float32), then rerun to resume")
+
+
+def _batches_digest(batches: list) -> str:
+    """sha256 of the calibration tokens and masks, so processes on several machines agree on them."""
+    digest = hashlib.sha256(str(len(batches)).encode())
+    for b in batches:
+        for t in (b.input_ids, b.attention_mask):
+            digest.update(str(tuple(t.shape)).encode())
+            digest.update(t.contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 def _check_disk_space(need: int, out_dir: Path) -> None:

@@ -63,11 +63,11 @@ class WorkUnit:
 
 # Seconds per GPTQ column step on a GPU (H200, 128 x 2048 tokens, Qwen3-235B-A22B: 9.8 s for
 # 35,840 columns per layer) and the float32 rate of its arithmetic and of Hessian updates
-# (3.6 s per layer for 8e16 multiply-adds); on a CPU a step costs little beyond its arithmetic.
+# (3.6 s per layer for about 7e13 multiply-adds); on a CPU a step costs little beyond its arithmetic.
 COLUMN_STEP_SECONDS_GPU = 0.27e-3
 COLUMN_STEP_SECONDS_CPU = 20e-6
 FP32_FLOPS_GPU = 2e13
-FP32_FLOPS_CPU = 4e9  # the 2-core VM this project's CI runs on
+FP32_FLOPS_CPU_PER_CORE = 2e9  # measured on the 2-core VM this project's CI runs on
 
 
 @dataclass(frozen=True)
