@@ -306,7 +306,8 @@ def check_quantized(entries: dict[str, HeaderEntry], declared: Declared, add_pro
 
 
 def check_scale_values(out: Path, entries: dict[str, HeaderEntry], names: list[str], add_problem) -> None:
-    """Read the (tiny) scale tensors: every value finite and > 0."""
+    """Read the scale tensors: every value finite and > 0."""
+    import torch
     from safetensors import SafetensorError, safe_open
 
     by_file: dict[str, list[str]] = {}
@@ -316,11 +317,15 @@ def check_scale_values(out: Path, entries: dict[str, HeaderEntry], names: list[s
         try:
             with safe_open(str(out / file), framework="pt", device="cpu") as f:
                 for name in file_names:
-                    values = f.get_tensor(name).double().reshape(-1).tolist()
-                    bad = [v for v in values if not (math.isfinite(v) and v > 0)]
-                    if bad:
-                        add_problem(f"scale must be finite and > 0, found {bad[0]!r}"
-                                    + (f" ({len(bad)} of {len(values)} values)" if len(values) > 1 else ""),
+                    # One vectorized pass: a 4-bit checkpoint of Qwen3-235B-A22B has 18M group
+                    # scales per layer, which a per-value Python loop took 1.5 s a layer to check.
+                    values = f.get_tensor(name).reshape(-1)
+                    bad = ~(torch.isfinite(values) & (values > 0))
+                    count = int(bad.sum())
+                    if count:
+                        first = values[bad.nonzero()[0, 0]].double().item()
+                        add_problem(f"scale must be finite and > 0, found {first!r}"
+                                    + (f" ({count} of {values.numel()} values)" if values.numel() > 1 else ""),
                                     file, name)
         except (OSError, RuntimeError, SafetensorError) as e:  # SafetensorError: e.g. bytes after the data
             add_problem(f"cannot read scale tensors: {e}", file)
