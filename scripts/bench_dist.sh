@@ -42,6 +42,7 @@ YAML
 import json, sys
 r = json.load(open(sys.argv[1] + "/streamq_report.json"))
 print("phases:", {k: round(v, 2) for k, v in r["report"]["phases"].items()})
+print("plan (rank 0): time", round(r["plan"]["estimated_seconds"], 1), "s", r["plan"]["time_breakdown"])
 stages = r["report"]["stages"]
 keys = sorted({k for s in stages for k in s if k != "layer"})
 print("stage seconds summed over layers (rank 0):", {k: round(sum(s.get(k, 0) for s in stages), 2) for k in keys})

@@ -112,3 +112,9 @@ def test_time_counts_hessians_and_solves_as_measured_on_an_h200(tmp_path_factory
     plan = make_plan(prepare(parse_config(cfg)), max_gpu_memory=140 << 30, max_cpu_memory=10**13,
                      device_type="cuda", baseline_host_bytes=1 << 30)
     assert 0.8 * 54.2 < plan.time_breakdown["layers"] < 1.25 * 54.2, plan.time_breakdown
+    # Two processes splitting the work units: 30.9 s measured on two H200s.
+    job = prepare(parse_config(cfg))
+    job.work_ranks = 2
+    two = make_plan(job, max_gpu_memory=140 << 30, max_cpu_memory=10**13, device_type="cuda",
+                    baseline_host_bytes=1 << 30)
+    assert 0.8 * 30.9 < two.time_breakdown["layers"] < 1.25 * 30.9, two.time_breakdown

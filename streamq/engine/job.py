@@ -51,6 +51,8 @@ class Job:
     batches: list = field(default_factory=list)  # calibration batches (static only)
     # The batches this process replays (several processes splitting the samples); None: all.
     batch_ids: list[int] | None = None
+    # Processes splitting each layer's work units (several processes, GPTQ); the planner's time.
+    work_ranks: int = 1
 
     @property
     def my_batches(self) -> list[int]:

@@ -339,6 +339,7 @@ class Inputs:
     algorithm: str = ""
     startup_seconds: float = 0.0  # imports and `prepare`, as the planning process measured them
     propagate_quantized: bool = False  # a second replay per layer (GPTQ's quantized outputs)
+    ranks: int = 1  # processes splitting each layer's work units (torchrun, GPTQ)
 
 
 @dataclass
@@ -587,12 +588,23 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
             if inputs.propagate_quantized:  # the quantized layer is replayed once more
                 calibrate *= 2
             step, fp32 = (a.gpu_column_step_s, a.gpu_fp32_flops) if cuda else (a.cpu_column_step_s, a.cpu_fp32_flops)
-            calibrate += lay.statistics_flops_per_token * tokens / fp32
-            calibrate += sum(u.seconds(step, fp32) for u in lay.solve_units)
+            # Several processes splitting the work units: each accumulates and solves its share.
+            calibrate += lay.statistics_flops_per_token * tokens / fp32 / inputs.ranks
+            calibrate += _busiest_rank_seconds([u.seconds(step, fp32) for u in lay.solve_units], inputs.ranks)
         t.read.append(lay.source_bytes / a.disk_read_bps)
         t.write.append(lay.out_file_bytes / a.disk_write_bps)
         t.compute.append(transfer + calibrate + lay.quantized_source_bytes / elementwise)
     return t
+
+
+def _busiest_rank_seconds(seconds: list[float], ranks: int) -> float:
+    """The largest per-rank sum when `streamq.engine.dist.assign` spreads these units over ranks."""
+    from streamq.engine.dist import assign
+
+    load = [0.0] * ranks
+    for s, r in zip(seconds, assign(seconds, ranks), strict=True):
+        load[r] += s
+    return max(load, default=0.0)
 
 
 def _active_params(inputs: Inputs, lay: LayerSizes) -> float:
@@ -751,6 +763,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         checkpoint_minutes=float(getattr(config, "cache_checkpoint_minutes", 0) or 0),
         model_path=str(reader.path), algorithm=config.quant.name,
         propagate_quantized=static and config.scheme.propagates_quantized,
+        ranks=getattr(job, "work_ranks", 1),
     )
 
 

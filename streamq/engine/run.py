@@ -401,6 +401,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
                          "calibration data": _batches_digest(job.batches)})
     if split == SAMPLES:
         job.batch_ids = dist.batches(len(job.batches))  # the plan sizes this process's share of the cache
+    elif split == MODULES:
+        job.work_ranks = dist.world  # the plan times this process's share of the solves
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
     plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
