@@ -176,3 +176,22 @@ def test_work_units_go_largest_first_to_the_least_loaded_rank():
     assert assign([5.0, 1.0, 4.0, 3.0, 3.0], 2) == [0, 1, 1, 1, 0]  # loads 8 and 8
     assert assign([1.0, 1.0, 1.0], 1) == [0, 0, 0]
     assert assign([2.0, 2.0], 3) == [0, 1]
+
+
+@pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq"])
+def test_cache_checkpoint_of_two_processes_resumes_with_one(tiny_models, single_calibrated, tmp_path, scheme):
+    """Two processes checkpoint the hidden states after layer 0 (each its own batches, or rank
+    0 all of them); rank 1 dies writing layer 1; one process resumes from the checkpoint."""
+    out = tmp_path / "out"
+    cfg = _calibrated(scheme, tiny_models["qwen3_moe"], out)
+    cfg["global"]["cache_checkpoint_layers"] = 1
+    path = write_yaml(tmp_path / "job.yaml", cfg)
+    r = _run(path, 2, {"STREAMQ_KILL_AT": "layer-recorded:1", "STREAMQ_KILL_RANK": "1"})
+    assert r.returncode != 0
+    checkpoint = out / ".streamq_cache" / "checkpoint-layer-00001"
+    batches = {"fp8_static": 4, "int4_gptq": 2}[scheme]  # every batch, whoever held it
+    assert len(list(checkpoint.glob("batch-*.safetensors"))) == batches
+    r = _run(path, 1)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "calibration resumes at layer 1 from its hidden-state checkpoint" in r.stderr
+    assert _digests(out) == _digests(single_calibrated(scheme, "qwen3_moe"))

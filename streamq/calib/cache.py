@@ -127,16 +127,41 @@ _CKPT_PREFIX = "checkpoint-layer-"
 
 
 def save_checkpoint(cache: HiddenStateCache, num_batches: int, next_layer: int, root: Path) -> Path:
-    """Persist the hidden states entering `next_layer`; atomic (directory rename)."""
-    from streamq import faults
+    """Persist the hidden states entering `next_layer`; atomic (directory rename).
 
+    Several processes call the three steps themselves: one starts, each writes its own
+    batches into the same directory, one commits."""
+    tmp = start_checkpoint(root, next_layer)
+    write_checkpoint_batches(cache, range(num_batches), tmp)
+    return commit_checkpoint(root, next_layer)
+
+
+def checkpoint_dirs(root: Path, next_layer: int) -> tuple[Path, Path]:
+    """(temporary, final) directory of the checkpoint entering `next_layer`."""
     final = root / f"{_CKPT_PREFIX}{next_layer:05d}"
-    tmp = root / f".{final.name}.tmp"
+    return root / f".{final.name}.tmp", final
+
+
+def start_checkpoint(root: Path, next_layer: int) -> Path:
+    """A fresh (empty) temporary directory for the checkpoint entering `next_layer`."""
+    tmp, _ = checkpoint_dirs(root, next_layer)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for b in range(num_batches):
+    return tmp
+
+
+def write_checkpoint_batches(cache: HiddenStateCache, ids, tmp: Path) -> None:
+    """One file per batch, named by its index, so any split of the batches reads them back."""
+    from streamq import faults
+
+    for b in ids:
         save_file({"h": cache.get(b).contiguous().cpu()}, str(tmp / f"batch-{b:06d}.safetensors"))
         faults.checkpoint("cache-checkpoint-batch")
+
+
+def commit_checkpoint(root: Path, next_layer: int) -> Path:
+    """Make the written checkpoint the current one (a rename), and drop older ones."""
+    tmp, final = checkpoint_dirs(root, next_layer)
     tmp.rename(final)
     for old in root.glob(f"{_CKPT_PREFIX}*"):
         if old != final:

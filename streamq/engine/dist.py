@@ -165,6 +165,14 @@ class Dist:
                 raise error
             raise _Remote(*box[0])
 
+    def agree(self, value: Any) -> Any:
+        """Rank 0's `value` on every rank (a decision taken from rank 0's clock, say)."""
+        import torch.distributed as td
+
+        box = [value]
+        td.broadcast_object_list(box, src=0)
+        return box[0]
+
     def barrier(self) -> None:
         import torch.distributed as td
 

@@ -23,7 +23,16 @@ import torch
 from torch import nn
 
 from streamq import faults
-from streamq.calib.cache import HiddenStateCache, latest_checkpoint, load_checkpoint, save_checkpoint
+from streamq.calib.cache import (
+    HiddenStateCache,
+    checkpoint_dirs,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_checkpoint,
+    save_checkpoint,
+    start_checkpoint,
+    write_checkpoint_batches,
+)
 from streamq.calib.checks import check_activation_stats
 from streamq.calib.observers import LayerObserver
 from streamq.checkpoint.reader import CheckpointReader
@@ -448,6 +457,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         found = latest_checkpoint(cache_root, first_todo)
         if found is not None:
             begin = found[0]
+            log.info("calibration resumes at layer %d from its hidden-state checkpoint (%s)", begin, found[1].name)
             load_checkpoint(calib.cache, len(job.batches), found[1], calib.ids)
         else:
             calib.capture_inputs()
@@ -474,10 +484,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             report.stages.append(stages)
             report.layer_gpu_bytes.append(peak_gpu_bytes(job.device))
             _enforce_budget(job, i)
-            if calib is not None and dist is None and i + 1 < n and calib.checkpoint_due(i):
-                # (Several processes: no cache checkpoints yet; a resume replays from layer 0.)
+            if calib is not None and i + 1 < n and _checkpoint_due(calib, i, dist):
                 writer.wait()
-                save_checkpoint(calib.cache, len(job.batches), i + 1, cache_root)
+                _save_cache_checkpoint(calib, i + 1, cache_root, dist)
             if job.device.type == "cpu":
                 trim_heap()  # varying expert batch sizes fragment the heap (streamq.hostmem)
             progress.layer_done(i, job.reader.layer_bytes(i),
@@ -528,6 +537,31 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         atomic_write_json(out_dir / REPORT_FILE, {"job": config.effective_dict(), "plan": plan.to_dict(),
                                                   "report": report.__dict__})
     return report
+
+
+def _checkpoint_due(calib: _Calibrator, index: int, dist: Dist | None) -> bool:
+    """Whether to checkpoint the hidden states after layer `index`: rank 0's clock decides for all."""
+    due = calib.checkpoint_due(index) if dist is None or dist.leader else False
+    return due if dist is None else dist.agree(due)
+
+
+def _save_cache_checkpoint(calib: _Calibrator, next_layer: int, root: Path, dist: Dist | None) -> None:
+    """The hidden states entering `next_layer`, for a resume. Several processes: each writes
+    the batches it alone holds (split samples), or rank 0 writes them all (every rank holds
+    every batch); rank 0 starts and commits, so the checkpoint appears whole or not at all."""
+    if dist is None:
+        save_checkpoint(calib.cache, len(calib.job.batches), next_layer, root)
+        return
+    if dist.leader:
+        start_checkpoint(root, next_layer)
+    dist.barrier()
+    tmp, _ = checkpoint_dirs(root, next_layer)
+    if calib.split == SAMPLES or dist.leader:
+        write_checkpoint_batches(calib.cache, calib.ids, tmp)
+    dist.barrier()
+    if dist.leader:
+        commit_checkpoint(root, next_layer)
+    dist.barrier()
 
 
 class _PhaseClock:
