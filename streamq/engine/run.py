@@ -16,7 +16,7 @@ import shutil
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -203,7 +203,7 @@ class _Calibrator:
                 if self.owned is not None:
                     for m in self.owned & set(layout.experts):
                         ref = layout.experts[m]
-                        key = f"{ref.parent}.{'down' if ref.proj == 'down_proj' else 'gate_up'}"
+                        key = f"{ref.parent}.{ref.kind}"
                         obs.owned_experts.setdefault(key, set()).add(ref.index)
                     for parent in fused:  # a parent none of whose experts are ours: accumulate none
                         for key in (f"{parent}.gate_up", f"{parent}.down"):
@@ -270,7 +270,7 @@ class _Calibrator:
                 continue
             if ref.parent not in experts_fixed:
                 experts_fixed[ref.parent] = self._cover_experts(obs, ref.parent)
-            kind = "down" if ref.proj == "down_proj" else "gate_up"
+            kind = ref.kind
             stats[module] = experts_fixed[ref.parent][kind][ref.index]
         return stats
 
@@ -731,7 +731,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     return stages
 
 
-_Q_FIELDS = ("weight", "weight_scale", "input_scale", "zero_point")
+_Q_FIELDS = tuple(f.name for f in fields(QuantizedLinear))
 
 
 def _exchange_quantized(dist: Dist, mine: list[tuple[str, QuantizedLinear]], fallbacks: list[str],

@@ -26,7 +26,7 @@ class Awq(Format):
     quant_methods = ("awq",)
 
     def supports(self, spec: QuantSpec) -> str | None:
-        if (spec.type, spec.bits) != ("int", 4) or not isinstance(spec.weight, PerGroup) or not spec.weight_only:
+        if not spec.w4a16:
             return "the AWQ layout stores 4-bit per-group weight-only (W4A16) checkpoints"
         if spec.actorder is not None:
             return "the AWQ layout has no activation order"

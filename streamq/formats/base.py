@@ -18,7 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from streamq.quant.granularity import Granularity
+from streamq.quant.granularity import Granularity, PerGroup
 
 if TYPE_CHECKING:
     import torch
@@ -46,6 +46,11 @@ class QuantSpec:
     @property
     def weight_only(self) -> bool:
         return self.activation is None
+
+    @property
+    def w4a16(self) -> bool:
+        """4-bit integer weights per group, activations unquantized (what the GPTQ and AWQ layouts hold)."""
+        return (self.type, self.bits) == ("int", 4) and isinstance(self.weight, PerGroup) and self.weight_only
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ class Gptq(Format):
     quant_methods = ("gptq",)
 
     def supports(self, spec: QuantSpec) -> str | None:
-        if (spec.type, spec.bits) != ("int", 4) or not isinstance(spec.weight, PerGroup) or not spec.weight_only:
+        if not spec.w4a16:
             return "the GPTQ layout stores 4-bit per-group weight-only (W4A16) checkpoints"
         if not spec.symmetric:
             return "vLLM refuses asymmetric GPTQ checkpoints (use compressed-tensors for asymmetric W4A16)"

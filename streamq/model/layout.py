@@ -37,6 +37,12 @@ class ExpertRef:
     index: int
     proj: str  # gate_proj | up_proj | down_proj (the role, whatever the name on disk)
 
+    @property
+    def kind(self) -> str:
+        """The fused weight the Linear lives in, which names its input's statistics:
+        "gate_up" (gate and up read the hidden states) or "down" (reads act(gate) * up)."""
+        return "down" if self.proj == "down_proj" else "gate_up"
+
 
 @dataclass
 class LayerLayout:

@@ -53,6 +53,29 @@ SOLVE_FACTOR_HESSIAN_COPIES = 5
 
 
 
+def _problems(linears: dict[str, tuple[int, int]], experts: dict[str, Any]
+              ) -> tuple[list[list[str]], dict[tuple[str, str], dict[int, list[str]]]]:
+    """The quantized Linears (module -> [out, in]) as GPTQ solves them: stacks of dense
+    modules sharing one input (one Hessian), and per fused experts module and kind
+    ("gate_up" | "down") each expert's modules, by expert index."""
+    from streamq.model.fused import fused_group_key
+
+    stacks: dict[str, list[str]] = {}
+    groups: dict[tuple[str, str], dict[int, list[str]]] = {}
+    for module in linears:
+        ref = experts.get(module)
+        if ref is None:
+            stacks.setdefault(fused_group_key(module), []).append(module)
+        else:
+            groups.setdefault((ref.parent, ref.kind), {}).setdefault(ref.index, []).append(module)
+    return list(stacks.values()), groups
+
+
+def _rows_cols(linears: dict[str, tuple[int, int]], names: list[str]) -> tuple[int, int]:
+    """Rows of the stacked problem (the modules' outputs) and its input columns."""
+    return sum(linears[n][0] for n in names), linears[names[0]][1]
+
+
 def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool) -> int:
     """Experts solved at once: the most whose solve (`solve_bytes`) fits EXPERT_SOLVE_BYTES."""
     per_expert = solve_bytes(1, rows, cols, 1 if per_expert_hessian else 0)
@@ -231,26 +254,15 @@ class Int4Gptq(_W4A16):
         Hessian, or one chunk of experts plus that chunk's Hessians copied for experts that
         fall back to round-to-nearest (counted always: a budget must hold when it happens).
         """
-        from streamq.model.fused import fused_group_key
-
         hessians = solve = 0
-        stacks: dict[str, list[tuple[int, int]]] = {}
-        for module, shape in linears.items():
-            if module not in experts:
-                stacks.setdefault(fused_group_key(module), []).append(shape)
-        for shapes in stacks.values():
-            cols = shapes[0][1]
+        stacks, groups = _problems(linears, experts)
+        for names in stacks:
+            cols = linears[names[0]][1]
             hessians += 4 * cols * cols
-            solve = max(solve, solve_bytes(1, sum(out for out, _ in shapes), cols, 1, self.sym, self.actorder))
-        problems: dict[tuple[str, str], dict[int, list[int]]] = {}
-        for module, ref in experts.items():
-            if module in linears:
-                kind = "down" if ref.proj == "down_proj" else "gate_up"
-                rows_cols = problems.setdefault((ref.parent, kind), {}).setdefault(ref.index, [0, linears[module][1]])
-                rows_cols[0] += linears[module][0]
-        for (_, kind), members in problems.items():
+            solve = max(solve, solve_bytes(1, sum(linears[n][0] for n in names), cols, 1, self.sym, self.actorder))
+        for (_, kind), members in groups.items():
             num = 1 + max(members)
-            rows, cols = members[max(members)]
+            rows, cols = _rows_cols(linears, members[max(members)])
             shared = all_experts and kind == "gate_up"
             hessians += 4 * cols * cols * (1 if shared else num)
             chunk = expert_chunk(rows, cols, num, not shared)
@@ -267,27 +279,17 @@ class Int4Gptq(_W4A16):
         `quantize` given the weights of whole units solves exactly what it solves for them
         in a full call, so a split changes no byte. Multiply-adds: the column loop's
         rows * in^2 and the Cholesky's in^3, per problem."""
-        from streamq.model.fused import fused_group_key
-
         units: list[WorkUnit] = []
-        stacks: dict[str, list[str]] = {}
-        for module in linears:
-            if module not in experts:
-                stacks.setdefault(fused_group_key(module), []).append(module)
-        for names in stacks.values():
-            rows, cols = sum(linears[n][0] for n in names), linears[names[0]][1]
+        stacks, groups = _problems(linears, experts)
+        for names in stacks:
+            rows, cols = _rows_cols(linears, names)
             units.append(WorkUnit(tuple(names), cols, float(rows * cols * cols + cols ** 3)))
-        groups: dict[tuple[str, str], dict[int, list[str]]] = {}
         nums: dict[str, int] = {}  # as `quantize` counts them: every expert of the parent
-        for module, ref in experts.items():
+        for ref in experts.values():
             nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
-            if module in linears:
-                kind = "down" if ref.proj == "down_proj" else "gate_up"
-                groups.setdefault((ref.parent, kind), {}).setdefault(ref.index, []).append(module)
         for (parent, kind), members in groups.items():
             num = nums[parent]
-            rows = sum(linears[m][0] for m in members[max(members)])
-            cols = linears[members[max(members)][0]][1]
+            rows, cols = _rows_cols(linears, members[max(members)])
             chunk = expert_chunk(rows, cols, num, not (all_experts and kind == "gate_up"))
             for e0 in range(0, num, chunk):
                 names = [m for e in range(e0, min(num, e0 + chunk)) for m in members.get(e, [])]
@@ -301,17 +303,10 @@ class Int4Gptq(_W4A16):
         """Multiply-adds per calibration token of the layer's Hessian updates (X^T X): one
         in^2 per distinct dense input, top_k (every expert, with all-experts calibration)
         per expert input."""
-        from streamq.model.fused import fused_group_key
-
-        dense = {fused_group_key(m): shape[1] for m, shape in linears.items() if m not in experts}
-        total = float(sum(c * c for c in dense.values()))
-        per_kind: dict[tuple[str, str], tuple[int, int]] = {}
-        for module, ref in experts.items():
-            if module in linears:
-                kind = "down" if ref.proj == "down_proj" else "gate_up"
-                count, _ = per_kind.get((ref.parent, kind), (0, 0))
-                per_kind[(ref.parent, kind)] = (max(count, ref.index + 1), linears[module][1])
-        for (_, kind), (num, cols) in per_kind.items():
+        stacks, groups = _problems(linears, experts)
+        total = float(sum(linears[names[0]][1] ** 2 for names in stacks))
+        for (_, kind), members in groups.items():
+            num, cols = 1 + max(members), linears[members[max(members)][0]][1]
             total += (1 if all_experts and kind == "gate_up" else (num if all_experts else top_k)) * cols * cols
         return total
 
