@@ -76,6 +76,13 @@ def test_killed_rank_stops_the_job_and_one_process_resumes(tiny_models, single, 
 def _calibrated(scheme: str, model: Path, out: Path) -> dict:
     if scheme.startswith("int4_gptq"):  # 4 batches: every rank replays them all, solves its share
         return gptq_config(model, out, propagate="original" if scheme.endswith("original") else "quantized")
+    if scheme.startswith("int4_awq"):  # every rank replays every batch, searches its share of the groups
+        cfg = gptq_config(model, out)
+        q = cfg["compression"]["quantization"]
+        q.pop("propagate")
+        q.update(name="int4_awq", n_grid=4, quant_method={"weight": "per-group", "group_size": 32, "zero_point": True,
+                                                          "mse_range": scheme.endswith("mse")})
+        return cfg
     # 4 batches of 2, 1 with padding: each rank replays 2; ranges are max-reduced
     return make_config(model, out, algorithm="fp8_static", num_samples=8, batch_size=2, max_seq_length=48)
 
@@ -96,7 +103,7 @@ def single_calibrated(tiny_models, tmp_path_factory):
     return get
 
 
-@pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq", "int4_gptq+original"])
+@pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq", "int4_gptq+original", "int4_awq", "int4_awq+mse"])
 @pytest.mark.parametrize("arch", ["qwen3", "qwen3_moe"])
 def test_calibrated_two_processes_write_the_same_bytes(tiny_models, single_calibrated, tmp_path, scheme, arch):
     out = tmp_path / "out"
@@ -136,15 +143,30 @@ def test_calibrated_killed_rank_then_one_process_resumes(tiny_models, single_cal
     assert _digests(out) == _digests(single_calibrated("int4_gptq", "qwen3_moe"))
 
 
-def test_scheme_that_cannot_split_is_refused_with_several_processes(tiny_models, tmp_path):
-    out = tmp_path / "out"
-    cfg = gptq_config(tiny_models["qwen3"], out)
-    cfg["compression"]["quantization"].update(name="int4_awq", quant_method={"weight": "per-group", "group_size": 32})
-    cfg["compression"]["quantization"].pop("propagate")
-    r = _run(write_yaml(tmp_path / "job.yaml", cfg), 2)
-    assert r.returncode != 0
-    assert "int4_awq under several processes" in r.stderr and "one process" in r.stderr
-    assert not out.exists()
+def test_how_schemes_split_across_processes():
+    """Exact merges split the samples, declared work units split the work; a scheme with
+    neither is refused, naming it, before anything runs."""
+    from streamq.config import parse_config
+    from streamq.engine.dist import MODULES, SAMPLES, calibration_split
+    from streamq.errors import ConfigError
+    from streamq.schemes.base import Scheme
+
+    def scheme(cfg: dict):
+        return parse_config(cfg, "test").scheme
+
+    base = _calibrated("fp8_static", Path("m"), Path("o"))
+    assert calibration_split(scheme(base)) == SAMPLES
+    assert calibration_split(scheme(_calibrated("int4_gptq", Path("m"), Path("o")))) == MODULES
+    assert calibration_split(scheme(_calibrated("int4_awq", Path("m"), Path("o")))) == MODULES
+
+    class Summing(Scheme):  # a sum statistic and no work units
+        name = "summing"
+
+        def observer_kind(self):
+            return "channel_absmean"
+
+    with pytest.raises(ConfigError, match="summing under several processes"):
+        calibration_split(Summing())
 
 
 class _FakeDist:

@@ -12,11 +12,13 @@ number of processes:
   order) split the calibration samples (SAMPLES): each rank keeps only its batches' hidden
   states, replays every layer on them, and the ranges are max-reduced before quantizing;
 - calibrated schemes whose statistics are floating-point sums (Hessians) split the work
-  that dominates (MODULES): every rank replays every batch, but accumulates statistics
-  only for, and solves only, its share of the layer's work units (`Scheme.work_units`);
-  the quantized weights are exchanged so every rank can replay the quantized layer. A sum
-  of partial sums from several processes would differ from one process's sum in its last
-  bits, so splitting samples there would break byte-identity;
+  that dominates (MODULES): every rank replays every batch, but does only its share of the
+  layer's work units (`Scheme.work_units`). GPTQ ("quantize" `work_stage`): each rank
+  accumulates Hessians for and solves its units, and the quantized weights are exchanged so
+  every rank can replay the quantized layer. AWQ ("transform"): each rank searches its
+  smoothing groups, and the scales are exchanged before any is applied. A sum of partial
+  sums from several processes would differ from one process's sum in its last bits, so
+  splitting samples there would break byte-identity;
 - rank 0 opens the output directory and writes the non-layer shard; a layer's shard is
   written by one rank; rank 0 writes the index and config.json last, after gathering
   every rank's shard records.

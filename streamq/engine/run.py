@@ -15,6 +15,7 @@ import logging
 import shutil
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -47,7 +48,7 @@ from streamq.checkpoint.writer import (
 from streamq.config import JobConfig
 from streamq.engine.dist import MODULES, SAMPLES, Dist, assign, calibration_split
 from streamq.engine.job import Job, prepare
-from streamq.engine.plan import make_plan
+from streamq.engine.plan import ModelShape, make_plan
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
 from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes
 from streamq.engine.state import CACHE_DIR, RunState, attach_run, open_run, output_files, rank_manifest
@@ -121,6 +122,7 @@ class _Calibrator:
         self.job = job
         self.dist, self.split = dist, split  # several processes: how they share the calibration
         self.ids = job.my_batches  # the batches this process replays
+        self.top_k = ModelShape.from_config(job.hf_config).top_k
         self.owned: set[str] | None = None  # MODULES: this process's modules of the current layer
         self.cache = HiddenStateCache(location, job.device, disk_dir)
         tensors = job.reader.read([n for n in job.reader.other if n.startswith("model.")
@@ -138,7 +140,7 @@ class _Calibrator:
         """Hidden states entering layer 0 for every batch (embedding lookup, model stem)."""
         capture_mod.capture_batches(self.job.skeleton, self.job.batches, self.cache, self.job.device, self.ids)
 
-    def share(self, layout: LayerLayout) -> set[str] | None:
+    def share(self, layout: LayerLayout, layer: nn.Module) -> set[str] | None:
         """MODULES: the layer's work units (`Scheme.work_units`) assigned to ranks by cost;
         returns (and remembers for the replay) this rank's modules. None otherwise."""
         if self.split != MODULES:
@@ -146,7 +148,8 @@ class _Calibrator:
             return None
         infos, scheme = self.job.reader.tensors, self.job.config.scheme
         shapes = {m: tuple(infos[n].shape) for m, n in layout.quantized.items()}
-        units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts)
+        units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts,
+                                  layer=layer, layout=layout, top_k=self.top_k)
         gpu = self.job.device.type == "cuda"
         costs = [u.seconds(COLUMN_STEP_SECONDS_GPU if gpu else COLUMN_STEP_SECONDS_CPU,
                            FP32_FLOPS_GPU if gpu else FP32_FLOPS_CPU_PER_CORE) for u in units]
@@ -605,6 +608,11 @@ class LayerContext:
     weights: dict[str, torch.Tensor]
     tensors: dict[str, torch.Tensor]
     device: torch.device
+    # Several processes splitting the transform's work units ("transform" `work_stage`): this
+    # process's modules, and the exchange that gives every process every process's results
+    # (name -> tensor, names unique across processes). One process: None and the identity.
+    owned: set[str] | None = None
+    share: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] = dict
 
 
 def _source_weights(job: Job, layout: LayerLayout, tensors: dict[str, torch.Tensor],
@@ -640,7 +648,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         materialize_layer(layer, layout, tensors, job.device, job.skeleton)
         stages["to_device"] = time.monotonic() - t
         t = time.monotonic()
-        owned = calib.share(layout)
+        owned = calib.share(layout, layer)
         stats = calib.run_layer(layer, layout, observe=not already_written or redo,
                                 advance=not scheme.propagates_quantized)
         if stats is not None:
@@ -657,10 +665,22 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         return stages
     t = time.monotonic()
     ctx = LayerContext(layout, layer, _source_weights(job, layout, tensors, layer), tensors, job.device)
+    split_transform = owned is not None and scheme.work_stage == "transform"
+    if split_transform:
+        ctx.owned, ctx.share = owned, lambda mine: calib.dist.exchange(mine, job.device)
     stages["to_device"] = stages.get("to_device", 0.0) + time.monotonic() - t
     t = time.monotonic()
     progress.step("quantize")
     changed = scheme.transform(ctx, stats) if stats is not None else {}
+    earlier: list[str] = []  # the transform's notes, every process's
+    if split_transform:
+        earlier = [note for share in calib.dist.gather(list(scheme.fallbacks)) for note in share]
+        if not emit and not scheme.propagates_quantized:  # every process searched its share; one writes
+            _note_fallbacks(calib, i, earlier)
+            ctx.weights.clear()
+            release_layer(layer)
+            _recycle(job, prefetch, buffer)
+            return stages
     # CUDA: results are copied (asynchronously) into a page-locked arena that the writer
     # serializes from; on the CPU they already are host tensors.
     arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None and emit else None
@@ -668,12 +688,15 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     checks: list[tuple[str, torch.Tensor]] = []
     roles = {ts.suffix: ts.role for ts in fmt.specs(scheme.spec, 1, 1)}
     targets = layer_weight_views(layer, layout) if scheme.propagates_quantized else {}
-    weights = ctx.weights if owned is None else {m: w for m, w in ctx.weights.items() if m in owned}
-    results = scheme.quantize(weights, stats, layout) if weights or owned is None else iter(())
-    fallbacks = scheme.fallbacks if weights or owned is None else []
-    if owned is not None:  # every process solved its share: exchange, so each holds the whole layer
+    split_quantize = owned is not None and scheme.work_stage == "quantize"
+    weights = ctx.weights if not split_quantize else {m: w for m, w in ctx.weights.items() if m in owned}
+    results = scheme.quantize(weights, stats, layout) if weights or not split_quantize else iter(())
+    fallbacks = scheme.fallbacks if weights or not split_quantize else []
+    if split_quantize:  # every process solved its share: exchange, so each holds the whole layer
         mine = list(results)  # runs the solves; `fallbacks` is filled by now
         results, fallbacks = _exchange_quantized(calib.dist, mine, list(fallbacks), layout, job.device)
+    elif split_transform:
+        fallbacks = earlier
     for module, q in results:
         if module in targets:  # the layer computes with its quantized weights from now on
             targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
@@ -686,11 +709,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
                 checks.append((name, (torch.isfinite(value) & (value > 0)).all()))
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
     del results
-    for note in fallbacks:
-        if calib is None or calib.writes(i):  # several processes: one of them says it
-            log.warning("layer %d: %s", i, note)
-        if calib is not None:
-            calib.fallbacks.append(f"layer {i}: {note}")
+    _note_fallbacks(calib, i, fallbacks)
     if scheme.propagates_quantized:
         stages["quantize"] = time.monotonic() - t
         t = time.monotonic()
@@ -729,6 +748,16 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     stages["wait_write"] = writer.wait(max_pending=0)
     writer.submit(f"layer-{i}", shard_name(i, job.num_layers + 1), out, arena)
     return stages
+
+
+def _note_fallbacks(calib: _Calibrator | None, i: int, notes: list[str]) -> None:
+    """The scheme's notes on layer `i` (modules it could not treat as its algorithm says),
+    logged by the process that writes the layer and kept for every process's report."""
+    for note in notes:
+        if calib is None or calib.writes(i):  # several processes: one of them says it
+            log.warning("layer %d: %s", i, note)
+        if calib is not None:
+            calib.fallbacks.append(f"layer {i}: {note}")
 
 
 _Q_FIELDS = tuple(f.name for f in fields(QuantizedLinear))

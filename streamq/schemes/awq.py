@@ -6,34 +6,35 @@ Per decoder layer, from the calibration replay of the unquantized layer:
 - statistics: the mean |x| of every input channel of each smoothing group over real tokens
   (observer "channel_absmean", sum and count, merged by adding); the inputs and outputs of
   each group's parent block on every batch (`recorded_blocks`), and the real-token masks;
-- search, group by group in layer order (`streamq.model.smoothing.awq_groups`): for each of
+- search, group by group (`streamq.model.smoothing.awq_groups`): for each of
   `n_grid` ratios r a candidate s = x_mean^r / w_mean^(1-r) (duo scaling, normalized by
   sqrt(max * min); `streamq.quant.smooth.awq_candidates`); the group's weights become
   Q(W * s) / s (4-bit round-to-nearest, scales rounded to the stored dtype), the parent block
   is re-run on its recorded inputs, and the loss is the squared error against the recorded
-  unquantized output, summed over real tokens (a sum, so per-rank losses add up); the
-  smallest loss wins (`pick`, ties to the lowest ratio);
+  unquantized output, summed over real tokens; the smallest loss wins (`pick`, ties to the lowest ratio);
 - apply: the source (norm weight, or v_proj / up_proj rows) divided by s, the group's Linears
   (and the MoE router, which is not quantized) multiplied by s (`rescale_group`, shared with
   SmoothQuant). The layer then computes the same function before quantization, and routing
   logits are unchanged;
 - quantize: round-to-nearest W4 of the rescaled weights (`Int4Rtn`), scales in the model dtype.
 
-Order of groups: every search runs against the layer as it was calibrated (its modules keep
-the original weights; recorded inputs and outputs are the unquantized layer's), in layer order
-(q/k/v, o_proj, gate/up, down), and each group's scale is applied to the weights to quantize
-before the next search. No group's targets were rescaled on their input side by an earlier
-group, so this is exactly AutoAWQ's order (search all on the original layer, then apply all).
-Each later search fake-quantizes the current weights, so an earlier group's row rescaling of a
-source (v_proj, up_proj) is what the next quantization sees.
+Order: every group is searched against the layer as it was calibrated (its modules keep the
+original weights during every search; recorded inputs and outputs are the unquantized
+layer's), then the scales are applied in layer order (q/k/v, o_proj, gate/up, down). No
+group's targets are rescaled by an earlier group (an earlier group's targets only become a
+later group's source, rescaled on their rows), so this is AutoAWQ's order: search all on the
+original layer, then apply all.
 
 MoE: post_attention_layernorm -> router + every expert's gate/up is one group whose parent
 is the whole MoE block; up_proj -> down_proj is one group per expert, its parent that
 expert's MLP, evaluated on the tokens the model routed to it (from the recorded experts
 inputs and routing); the loss is down_proj's output error there (gate/up unquantized, as
 AutoAWQ inspects down_proj). An expert no calibration token reached keeps s = 1 and is
-quantized round-to-nearest like the others (reported in `fallbacks`). The per-expert x_mean
-is computed from this process's recorded tokens (a multi-process run would add sums and counts).
+quantized round-to-nearest like the others (reported in `fallbacks`).
+
+Several processes (torchrun) split the searches, not the samples: every process replays
+every batch, searches its share of the groups (`work_units`), and the scales are exchanged
+before any is applied, so the output is one process's, byte for byte.
 
 `mse_range: true` adds AutoAWQ's clipping search (`_clip`) after the scales are applied: for
 every Linear but q_proj / k_proj, per (row, group) the clip maximum r * absmax (r = 1, 0.95,
@@ -118,7 +119,48 @@ class Int4Awq(Int4Rtn):
 
         return fq
 
+    work_stage = "transform"
+
+    def work_units(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any], all_experts: bool = False,
+                   *, layer=None, layout=None, top_k: int = 1) -> list:
+        """The independent searches of one layer, for several processes to split
+        (`streamq.engine.dist`): one unit per AWQ group (its targets), and one per quantized
+        Linear in no group (its clipping search, with `mse_range`). Every search runs on the
+        layer as calibrated, so a process searching some groups finds the scales one process
+        finds for them. Cost: n_grid re-runs of the group's parent block, in multiply-adds
+        per calibration token (routed experts weighted top_k / num_experts)."""
+        from streamq.model.smoothing import awq_groups
+        from streamq.schemes.base import WorkUnit
+
+        nums: dict[str, int] = {}
+        for ref in experts.values():
+            nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
+
+        def macs(module: str) -> float:
+            rows, cols = linears[module]
+            ref = experts.get(module)
+            share = 1.0 if ref is None or all_experts else min(1.0, top_k / nums[ref.parent])
+            return rows * cols * share
+
+        def under(parent: str) -> float:
+            full = layout.prefix + parent
+            return sum(macs(m) for m in linears if m == full or m.startswith(full + "."))
+
+        units, grouped = [], set()
+        for g in awq_groups(layer, layout):
+            cost = sum(macs(m) for m in g.targets) if g.expert is not None else under(g.parent)
+            units.append(WorkUnit(tuple(g.targets), 0, float(self.n_grid * cost)))
+            grouped.update(g.targets)
+        for m in linears:
+            if m not in grouped:
+                units.append(WorkUnit((m,), 0, float(self.n_grid * macs(m) if self.mse_range else macs(m))))
+        return units
+
     def transform(self, ctx, stats):
+        """Search every group's scale, then apply them in layer order (each search runs on
+        the layer as calibrated, so the order of searches does not matter); with `mse_range`
+        then the clipping search. Several processes: each searches its share (`ctx.owned`)
+        and `ctx.share` gives every process every scale before any is applied."""
         import torch
 
         from streamq.model.layer import layer_weight_views
@@ -133,8 +175,12 @@ class Int4Awq(Int4Rtn):
         col_scale: dict[str, torch.Tensor] = {}  # module -> the AWQ scale its columns were multiplied by
         views = layer_weight_views(ctx.layer, ctx.layout)
         prefix = ctx.layout.prefix
+        groups = awq_groups(ctx.layer, ctx.layout)
+        found: dict[str, torch.Tensor] = {}  # "<source>|s" and "<source>|ratio" of the groups searched here
         with torch.no_grad():
-            for group in awq_groups(ctx.layer, ctx.layout):
+            for group in groups:
+                if ctx.owned is not None and group.targets[0] not in ctx.owned:
+                    continue  # another process searches it
                 for m in group.targets:
                     self._check_shape(m, ctx.weights[m])
                 # The weights to search from: ctx.weights, unless they are the layer's own
@@ -155,17 +201,23 @@ class Int4Awq(Int4Rtn):
                 ratios, candidates = awq_candidates(x_mean.to(w_mean.device), w_mean, self.n_grid,
                                                     self.duo_scaling)
                 try:
-                    # A multi-process run all-reduce-sums these losses before `pick`.
                     losses = grid_losses(candidates, loss_fn)
                 finally:
                     for m in group.targets:
                         views[m].copy_(saved[m])
                 s, best = pick(losses, candidates)
-                self.chosen[prefix + group.source] = float(ratios[best])
+                found[f"{group.source}|s"] = s
+                found[f"{group.source}|ratio"] = ratios[best].reshape(())
+                del saved, base
+            found = ctx.share(found)
+            for group in groups:
+                s = found.get(f"{group.source}|s")
+                if s is None:  # an expert no token reached: scale 1
+                    continue
+                self.chosen[prefix + group.source] = float(found[f"{group.source}|ratio"])
                 rescale_group(ctx, group.source, group.targets, s, changed, group.extras)
                 for m in group.targets:
                     col_scale[m] = s
-                del saved, base
             if self.mse_range:
                 self._clip(ctx, stats, col_scale)
         return changed
@@ -181,9 +233,10 @@ class Int4Awq(Int4Rtn):
         from streamq.quant.smooth import clamp_to_clip, clip_search
 
         g = self.group_size
+        clips: dict[str, torch.Tensor] = {}
         for m in list(ctx.weights):
             rel = ctx.layout.rel(m)
-            if rel.rpartition(".")[2] in ("q_proj", "k_proj"):
+            if rel.rpartition(".")[2] in ("q_proj", "k_proj") or (ctx.owned is not None and m not in ctx.owned):
                 continue
             x = self._linear_input(ctx, stats, m)
             if x is None:
@@ -193,9 +246,11 @@ class Int4Awq(Int4Rtn):
             if m in col_scale:
                 x = x.to(torch.float32) / col_scale[m].to(x.device)
             fq = self._fake_quant(m)
-            clip = clip_search(w, x.to(torch.float32), g, lambda wr, c, _fq=fq: _fq(clamp_to_clip(wr, c, g)),
-                               n_grid=20)
-            ctx.weights[m] = clamp_to_clip(w, clip.to(w.dtype), g)
+            clips[m] = clip_search(w, x.to(torch.float32), g, lambda wr, c, _fq=fq: _fq(clamp_to_clip(wr, c, g)),
+                                   n_grid=20)
+        for m, clip in ctx.share(clips).items():
+            w = ctx.weights[m].to(torch.float32)
+            ctx.weights[m] = clamp_to_clip(w, clip.to(w.device, w.dtype), g)
 
     def _linear_input(self, ctx, stats, module):
         """The real-token inputs [n, in] of one quantized Linear over all batches, from the

@@ -99,6 +99,13 @@ class Scheme:
     # Modules the last `quantize` call could not treat as the algorithm says (e.g. GPTQ fell
     # back to round-to-nearest), one line each, for the log and the report.
     fallbacks: ClassVar[tuple[str, ...]] = ()
+    # A scheme whose statistics are floating-point sums declares `work_units(linears, experts,
+    # all_experts, *, layer, layout, top_k) -> list[WorkUnit]`, the independent pieces of a
+    # layer's work, so several processes can split them (`streamq.engine.dist`); `work_stage`
+    # says where that work happens: "quantize" (solves; the processes exchange the quantized
+    # Linears) or "transform" (searches; the transform exchanges its results through
+    # `LayerContext.share` and every process quantizes).
+    work_stage: ClassVar[str | None] = None
 
     @classmethod
     def from_yaml(cls, q: dict[str, Any], source: str) -> Scheme:

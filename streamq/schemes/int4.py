@@ -271,8 +271,10 @@ class Int4Gptq(_W4A16):
                         + fallback_copy)
         return {"Hessians (float32)": hessians}, {"GPTQ solve": solve}
 
+    work_stage = "quantize"
+
     def work_units(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
-                   all_experts: bool = False) -> list[WorkUnit]:
+                   all_experts: bool = False, **_layer: Any) -> list[WorkUnit]:
         """The independent solves `quantize` makes of one layer (stacks sharing one Hessian,
         and chunks of a fused experts module's experts, chunked as `quantize` chunks them),
         for several processes to split (`streamq.engine.dist`) and the planner to time.
