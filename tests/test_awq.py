@@ -96,9 +96,9 @@ def capture(monkeypatch, layers: set[int]) -> dict[int, Captured]:
     out: dict[int, Captured] = {}
     orig_blocks, orig_transform = Int4Awq.recorded_blocks, Int4Awq.transform
 
-    def recorded_blocks(self, layer, layout):
+    def recorded_blocks(self, layer, layout, owned=None):
         extra = ["", "post_attention_layernorm"] if layout.index in layers else []
-        return [*orig_blocks(self, layer, layout), *extra]
+        return [*orig_blocks(self, layer, layout, owned), *extra]
 
     def transform(self, ctx, stats):
         if ctx.layout.index not in layers:

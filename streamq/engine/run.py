@@ -195,7 +195,7 @@ class _Calibrator:
                 for name in scheme.smoothing_inputs(layer, layout):
                     watch[name] = smoothing
             obs.watch_linears(layer, watch)
-            blocks = {name: [] for name in scheme.recorded_blocks(layer, layout)}
+            blocks = {name: [] for name in scheme.recorded_blocks(layer, layout, self.owned)}
             for name, records in blocks.items():
                 def record(_mod, args, kwargs, output, _records=records):
                     _records.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs),

@@ -94,12 +94,19 @@ class Int4Awq(Int4Rtn):
 
         return [g.observed for g in awq_groups(layer, layout) if g.observed is not None]
 
-    def recorded_blocks(self, layer, layout) -> list[str]:
+    def recorded_blocks(self, layer, layout, owned=None) -> list[str]:
+        """The parent blocks of the groups searched here (all, or those of `owned` modules),
+        and with `mse_range` the blocks whose inputs are the clipped Linears' inputs."""
         from streamq.model.smoothing import awq_groups
 
-        blocks = [g.parent for g in awq_groups(layer, layout)]
-        if self.mse_range:  # the clipping search needs every Linear's input
-            blocks += [b for b in CLIP_INPUTS.values() if b in dict(layer.named_modules())]
+        blocks = [g.parent for g in awq_groups(layer, layout) if owned is None or g.targets[0] in owned]
+        if self.mse_range:  # the clipping search needs every clipped Linear's input
+            modules = dict(layer.named_modules())
+            for m in layout.quantized:
+                ref = layout.experts.get(m)
+                block = ref.parent if ref is not None else CLIP_INPUTS.get(layout.rel(m))
+                if block in modules and (owned is None or m in owned):
+                    blocks.append(block)
         return list(dict.fromkeys(blocks))
 
     def _storage_dtype(self, name: str, w):

@@ -150,9 +150,10 @@ class Scheme:
         """Refuse (ConfigError, before any output exists) weights this scheme cannot quantize;
         `shapes`: module name -> its weight's shape on disk. Default: any 2D weight."""
 
-    def recorded_blocks(self, layer: Any, layout: Any) -> list[str]:
+    def recorded_blocks(self, layer: Any, layout: Any, owned: set[str] | None = None) -> list[str]:
         """Modules of the layer (relative names) whose inputs and outputs of every
-        calibration batch the transform needs (AWQ's per-block loss); default none."""
+        calibration batch the transform needs (AWQ's per-block loss); default none. `owned`:
+        this process's modules when several split the work units (record only for them)."""
         return []
 
     def transform(self, layer_ctx: Any, stats: LayerStats) -> dict[str, torch.Tensor]:
