@@ -168,7 +168,7 @@ class CheckpointReader:
 
     def read_size(self, names: list[str]) -> int:
         """Bytes of host buffer `read` needs for these tensors (ranges, gaps, alignment)."""
-        return sum(-(-(r[-1].offset + r[-1].nbytes - r[0].offset) // _ALIGN) * _ALIGN for r in self._runs(names))
+        return self._placement(names)[2]
 
     def read(self, names: list[str], device: str | torch.device = "cpu",
              buffer: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -181,19 +181,36 @@ class CheckpointReader:
         a background reader that needs it back a thousand times per layer (one per MoE
         expert tensor) waits on the busy main thread each time.
         """
-        runs = self._runs(names)
-        total = sum(-(-(r[-1].offset + r[-1].nbytes - r[0].offset) // _ALIGN) * _ALIGN for r in runs)
+        runs, where, total = self._placement(names)
         if buffer is None or buffer.numel() < total:
             buffer = torch.empty(total, dtype=torch.uint8)
         raw = buffer.numpy()
-        where: dict[str, int] = {}
-        pos = 0
-        for run in runs:
+        for run, pos in runs:
             begin, end = run[0].offset, run[-1].offset + run[-1].nbytes
             self._read_range(self.path / run[0].file, begin, raw[pos:pos + end - begin])
+        self.bytes_read += sum(self.tensors[n].nbytes for n in names)
+        return self._views(names, where, buffer, device)
+
+    def views(self, names: list[str], buffer: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The tensors `read(names, buffer=...)` returns, over a buffer another process has
+        already read them into (one read per machine, `streamq.engine.prefetch`); no I/O."""
+        _, where, total = self._placement(names)
+        assert buffer.numel() >= total, (buffer.numel(), total)
+        return self._views(names, where, buffer, "cpu")
+
+    def _placement(self, names: list[str]) -> tuple[list[tuple[list[TensorInfo], int]], dict[str, int], int]:
+        """Where `read` puts each run and tensor in its buffer: ([(run, buffer offset)],
+        tensor name -> buffer offset, bytes)."""
+        placed, where, pos = [], {}, 0
+        for run in self._runs(names):
+            begin, end = run[0].offset, run[-1].offset + run[-1].nbytes
+            placed.append((run, pos))
             where.update({t.name: pos + t.offset - begin for t in run})
             pos += -(-(end - begin) // _ALIGN) * _ALIGN
-        self.bytes_read += sum(self.tensors[n].nbytes for n in names)
+        return placed, where, pos
+
+    def _views(self, names: list[str], where: dict[str, int], buffer: torch.Tensor,
+               device: str | torch.device) -> dict[str, torch.Tensor]:
         out = {}
         for name in names:
             info, at = self.tensors[name], where[name]

@@ -137,6 +137,23 @@ class Dist:
                 at += span
         return out
 
+    def node_group(self) -> Any:
+        """The processes of this machine as a `streamq.engine.prefetch.NodeGroup` (gloo), or
+        None when this machine runs one process or torchrun's ranks are not laid out as
+        LOCAL_WORLD_SIZE consecutive ranks per machine. Collective: every rank calls it."""
+        import torch.distributed as td
+
+        from streamq.engine.prefetch import NodeGroup
+
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        laid_out = all(v for v in self.gather(local > 1 and self.world % local == 0
+                                             and self.rank - self.local_rank == self.rank // local * local))
+        if not laid_out:
+            return None
+        minutes = float(os.environ.get("STREAMQ_DIST_TIMEOUT_MINUTES", "30"))
+        group, _ = td.new_subgroups(group_size=local, backend="gloo", timeout=timedelta(minutes=minutes))
+        return NodeGroup(group, self.rank - self.local_rank, self.local_rank)
+
     def check_same(self, facts: dict[str, Any]) -> None:
         """Refuse on every rank, before anything is written, if any rank's `facts` (the job's
         hash, the source checkpoint's fingerprint) differ from rank 0's."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +35,6 @@ from streamq.calib.cache import (
 )
 from streamq.calib.checks import check_activation_stats
 from streamq.calib.observers import LayerObserver
-from streamq.checkpoint.reader import CheckpointReader
 from streamq.checkpoint.writer import (
     atomic_save_tensors,
     atomic_write_json,
@@ -49,6 +47,7 @@ from streamq.config import JobConfig
 from streamq.engine.dist import MODULES, SAMPLES, Dist, assign, calibration_split
 from streamq.engine.job import Job, prepare
 from streamq.engine.plan import ModelShape, make_plan
+from streamq.engine.prefetch import Prefetcher, open_prefetcher
 from streamq.engine.progress import LayerProgress, current_host_rss, fmt_bytes, peak_gpu_bytes, peak_host_rss
 from streamq.engine.staging import Arena, OutputArenas, output_arena_bytes
 from streamq.engine.state import CACHE_DIR, RunState, attach_run, open_run, output_files, rank_manifest
@@ -66,7 +65,6 @@ from streamq.model.skeleton import (
     release_outside_layers,
 )
 from streamq.paths import calibration_file, check_save_path
-from streamq.pinned import host_buffer, page_lock, unregister
 from streamq.schemes.base import (
     COLUMN_STEP_SECONDS_CPU,
     COLUMN_STEP_SECONDS_GPU,
@@ -285,72 +283,6 @@ class _Calibrator:
         return {"gate_up": torch.where(missed, gate_up.max(), gate_up), "down": torch.where(missed, down.max(), down)}
 
 
-class _Prefetcher:
-    """Reads the next layer in a background thread while the current one computes.
-
-    Reads release the GIL, so disk overlaps compute. Layers are read into a small pool of
-    reused host buffers (fresh pages for every layer cost more than the read); on CUDA
-    the buffers are page-locked once, so host-to-device copies run asynchronously.
-    """
-
-    POOL = 2  # the layer in hand and the one being read
-
-    def __init__(self, reader: CheckpointReader, pin: bool):
-        self.reader, self.pin = reader, pin
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-read")
-        self.futures: dict[int, Future] = {}
-        self.free: list[torch.Tensor] = []
-        self.registered: dict[int, torch.Tensor] = {}  # data_ptr -> page-locked buffer
-        self.lock = threading.Lock()  # free/registered: the read thread takes, the loop gives back
-
-    def schedule(self, index: int) -> None:
-        if index not in self.futures:
-            self.futures[index] = self.pool.submit(self._read, index)
-
-    def _buffer(self, size: int) -> torch.Tensor:
-        with self.lock:
-            fitting = [b for b in self.free if b.numel() >= size]
-            if fitting:
-                self.free.remove(fitting[0])
-                return fitting[0]
-        return host_buffer(size)
-
-    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
-        t0 = time.monotonic()
-        names = self.reader.layers[index]
-        buffer = self._buffer(self.reader.read_size(names))
-        tensors = self.reader.read(names, buffer=buffer)
-        # Page-locked after the first read into it: its pages exist by then (streamq.pinned).
-        if self.pin and buffer.data_ptr() not in self.registered and page_lock(buffer):
-            with self.lock:
-                self.registered[buffer.data_ptr()] = buffer
-        return tensors, time.monotonic() - t0, buffer
-
-    def get(self, index: int) -> tuple[dict[str, torch.Tensor], float, torch.Tensor]:
-        self.schedule(index)
-        return self.futures.pop(index).result()
-
-    def recycle(self, buffer: torch.Tensor) -> None:
-        """The layer read into `buffer` is done (and no copy from it is still in flight)."""
-        with self.lock:
-            self.free.append(buffer)
-            if len(self.free) <= self.POOL:
-                return
-            smallest = min(self.free, key=lambda b: b.numel())  # layers differ: keep the largest
-            self.free.remove(smallest)
-            if self.registered.pop(smallest.data_ptr(), None) is not None:
-                unregister(smallest)
-
-    def close(self) -> None:
-        self.pool.shutdown(wait=True, cancel_futures=True)
-        if self.registered:
-            torch.cuda.synchronize()
-            for buffer in self.registered.values():
-                unregister(buffer)
-            self.registered.clear()
-        self.free.clear()
-
-
 class _Writer:
     """Writes finished shards in a background thread; a shard is recorded once renamed."""
 
@@ -470,7 +402,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     if dist is not None and calib is None:
         todo = dist.mine(todo)  # whole layers per rank; calibrated schemes: every rank every layer
     progress = LayerProgress(len(todo), f"{config.quant.name} {job.reader.path.name}", show_progress)
-    prefetch = _Prefetcher(job.reader, pin=job.device.type == "cuda")
+    # Calibrated schemes under torchrun: every process needs every layer, so a machine reads each once.
+    prefetch = open_prefetcher(job.reader, job.device.type == "cuda", todo, dist if calib is not None else None)
     writer = _Writer(state, out_dir)
     arenas = OutputArenas() if job.device.type == "cuda" else None
     try:
@@ -579,7 +512,7 @@ class _PhaseClock:
         self.last = now
 
 
-def _recycle(job: Job, prefetch: _Prefetcher, buffer: torch.Tensor) -> None:
+def _recycle(job: Job, prefetch: Prefetcher, buffer: torch.Tensor) -> None:
     if job.device.type == "cuda":
         torch.cuda.synchronize(job.device)  # asynchronous copies out of the buffer have landed
     prefetch.recycle(buffer)
@@ -625,7 +558,7 @@ def _source_weights(job: Job, layout: LayerLayout, tensors: dict[str, torch.Tens
     return {m: tensors[n].to(job.device, non_blocking=True) for m, n in layout.quantized.items()}
 
 
-def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator | None, prefetch: _Prefetcher,
+def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator | None, prefetch: Prefetcher,
                    writer: _Writer, arenas: OutputArenas | None, progress: LayerProgress) -> dict[str, float]:
     """One layer: read (prefetched), calibrate, quantize, hand to the writer. Returns stage seconds."""
     layout, config = job.layouts[i], job.config
@@ -694,7 +627,10 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     fallbacks = scheme.fallbacks if weights or not split_quantize else []
     if split_quantize:  # every process solved its share: exchange, so each holds the whole layer
         mine = list(results)  # runs the solves; `fallbacks` is filled by now
+        exchanged = time.monotonic()
         results, fallbacks = _exchange_quantized(calib.dist, mine, list(fallbacks), layout, job.device)
+        # Waiting for the slowest process's share, then the transfer.
+        stages["exchange"] = time.monotonic() - exchanged
     elif split_transform:
         fallbacks = earlier
     for module, q in results:
