@@ -12,7 +12,7 @@ import time
 import torch
 
 from streamq.quant.gptq import gptq_quantize
-from streamq.schemes.base import COLUMN_STEP_SECONDS_GPU, FP32_FLOPS_GPU, WorkUnit
+from streamq.schemes.base import GPU_COSTS, WorkUnit
 from streamq.schemes.int4 import expert_chunk
 
 HIDDEN, HEADS, KV, HEAD_DIM, EXPERTS, MOE_I = 4096, 64, 4, 128, 128, 1536
@@ -42,9 +42,9 @@ def main() -> None:
         gptq_quantize(w, h, 128, True)
         torch.cuda.synchronize()
         took = time.monotonic() - t0
-        unit = WorkUnit((name,), cols, float(e * (rows * cols * cols + cols ** 3)))
+        unit = WorkUnit((name,), cols, float(e * (rows * cols * cols + cols ** 3)), e * rows)
         print(f"{name:24s} experts {e:3d} rows {rows:5d} cols {cols:5d}: measured {took:6.2f} s, "
-              f"WorkUnit.seconds {unit.seconds(COLUMN_STEP_SECONDS_GPU, FP32_FLOPS_GPU):6.2f} s, "
+              f"WorkUnit.seconds {unit.seconds(GPU_COSTS):6.2f} s, "
               f"per column {1e3 * took / cols:.3f} ms, per column per 1k rows {1e6 * took / cols / (e * rows):.2f} us")
         del w, h
         torch.cuda.empty_cache()

@@ -47,12 +47,7 @@ from streamq.checkpoint.writer import SAFETENSORS_METADATA, safetensors_header
 from streamq.engine import tp_check
 from streamq.engine.staging import output_arena_bytes
 from streamq.errors import BudgetError
-from streamq.schemes.base import (
-    COLUMN_STEP_SECONDS_CPU,
-    COLUMN_STEP_SECONDS_GPU,
-    FP32_FLOPS_CPU_PER_CORE,
-    FP32_FLOPS_GPU,
-)
+from streamq.schemes.base import GPU_COSTS, DeviceCosts, device_costs
 
 GiB = 2**30
 MiB = 2**20
@@ -113,11 +108,9 @@ class Assumptions:
     gpu_elementwise_bps: float = GPU_ELEMENTWISE_BPS
     cpu_flops: float = CPU_MATMUL_FLOPS_PER_CORE * (os.cpu_count() or 1)
     cpu_elementwise_bps: float = CPU_ELEMENTWISE_BPS_PER_CORE * (os.cpu_count() or 1)
-    # Solvers with work units (GPTQ): launch-bound column steps, float32 arithmetic.
-    gpu_column_step_s: float = COLUMN_STEP_SECONDS_GPU
-    cpu_column_step_s: float = COLUMN_STEP_SECONDS_CPU
-    gpu_fp32_flops: float = FP32_FLOPS_GPU
-    cpu_fp32_flops: float = FP32_FLOPS_CPU_PER_CORE * (os.cpu_count() or 1)
+    # Solvers with work units (GPTQ): column steps, float32 arithmetic (`WorkUnit.seconds`).
+    gpu_units: DeviceCosts = GPU_COSTS
+    cpu_units: DeviceCosts = field(default_factory=lambda: device_costs("cpu"))
 
 
 # ======================================================================================
@@ -160,10 +153,8 @@ class LayerSizes:
     # solve, and the solve's own working set (by label, for the breakdown).
     statistics: tuple[tuple[str, int], ...] = ()
     solve: tuple[tuple[str, int], ...] = ()
-    # Time of a scheme with work units (GPTQ): its solves, and its statistics' multiply-adds
-    # per calibration token (`Scheme.work_units`, `Scheme.statistics_flops`).
+    # Time of a scheme with work units (GPTQ): its solves and their statistics (`Scheme.work_units`).
     solve_units: tuple = ()
-    statistics_flops_per_token: float = 0.0
 
     def output_bytes(self) -> int:
         """The output dict handed to the writer: FP8 weights, scales, copied tensors."""
@@ -587,10 +578,9 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
             calibrate = 2 * _active_params(inputs, lay) * tokens / flops + cache_traffic * choice.expert_groups
             if inputs.propagate_quantized:  # the quantized layer is replayed once more
                 calibrate *= 2
-            step, fp32 = (a.gpu_column_step_s, a.gpu_fp32_flops) if cuda else (a.cpu_column_step_s, a.cpu_fp32_flops)
             # Several processes splitting the work units: each accumulates and solves its share.
-            calibrate += lay.statistics_flops_per_token * tokens / fp32 / inputs.ranks
-            calibrate += _busiest_rank_seconds([u.seconds(step, fp32) for u in lay.solve_units], inputs.ranks)
+            units = a.gpu_units if cuda else a.cpu_units
+            calibrate += _busiest_rank_seconds([u.seconds(units, tokens) for u in lay.solve_units], inputs.ranks)
         t.read.append(lay.source_bytes / a.disk_read_bps)
         t.write.append(lay.out_file_bytes / a.disk_write_bps)
         t.compute.append(transfer + calibrate + lay.quantized_source_bytes / elementwise)
@@ -778,9 +768,8 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
     stats, solve = method(shapes, layout.experts, all_experts)
     sizes = replace(sizes, statistics=tuple(stats.items()), solve=tuple(solve.items()))
     if getattr(config.scheme, "work_units", None) is not None:
-        sizes = replace(sizes, solve_units=tuple(config.scheme.work_units(shapes, layout.experts, all_experts)),
-                        statistics_flops_per_token=config.scheme.statistics_flops(shapes, layout.experts, top_k,
-                                                                                 all_experts))
+        sizes = replace(sizes, solve_units=tuple(config.scheme.work_units(shapes, layout.experts, all_experts,
+                                                                          top_k=top_k)))
     return sizes
 
 

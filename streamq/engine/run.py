@@ -65,14 +65,7 @@ from streamq.model.skeleton import (
     release_outside_layers,
 )
 from streamq.paths import calibration_file, check_save_path
-from streamq.schemes.base import (
-    COLUMN_STEP_SECONDS_CPU,
-    COLUMN_STEP_SECONDS_GPU,
-    FP32_FLOPS_CPU_PER_CORE,
-    FP32_FLOPS_GPU,
-    LayerStats,
-    QuantizedLinear,
-)
+from streamq.schemes.base import LayerStats, QuantizedLinear, device_costs
 from streamq.verify import verify_checkpoint
 
 log = logging.getLogger("streamq")
@@ -148,9 +141,9 @@ class _Calibrator:
         shapes = {m: tuple(infos[n].shape) for m, n in layout.quantized.items()}
         units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts,
                                   layer=layer, layout=layout, top_k=self.top_k)
-        gpu = self.job.device.type == "cuda"
-        costs = [u.seconds(COLUMN_STEP_SECONDS_GPU if gpu else COLUMN_STEP_SECONDS_CPU,
-                           FP32_FLOPS_GPU if gpu else FP32_FLOPS_CPU_PER_CORE) for u in units]
+        device = device_costs(self.job.device.type)
+        tokens = sum(self.job.batches[b].input_ids.numel() for b in self.ids)
+        costs = [u.seconds(device, tokens) for u in units]
         owners = assign(costs, self.dist.world)
         self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
         return self.owned

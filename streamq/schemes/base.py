@@ -45,29 +45,50 @@ class QuantizedLinear:
 
 
 @dataclass(frozen=True)
-class WorkUnit:
-    """One independent solve of a layer (`Scheme.work_units`): the modules solved together,
-    the input columns its column loop steps through, and its multiply-adds.
+class DeviceCosts:
+    """What a solve's pieces cost on one kind of device (`WorkUnit.seconds`)."""
 
-    On a GPU a column step is launch-bound (`COLUMN_STEP_SECONDS_GPU`, measured on an H200),
-    so a unit's time is about its columns times that, plus its arithmetic where that
-    outweighs the launches (a CPU)."""
+    column_step_s: float  # one step of a column loop, whatever its size (kernel launches)
+    row_column_s: float  # per row the step updates (memory traffic beyond the launches)
+    flops_per_s: float  # float32 multiply-adds (a solve's arithmetic, Hessian updates)
+
+
+# An H200, measured with scripts/time_gptq_units.py: one solve each of a Qwen3-235B-A22B layer's
+# q/k/v stack (0.54 s), o_proj (1.11 s), 24 experts' gate/up (0.87 s) and 93 experts' down (0.64 s);
+# 2e13 multiply-adds/s from its Hessian updates (3.6 s a layer for about 7e13 at 128 x 2048 tokens).
+GPU_COSTS = DeviceCosts(column_step_s=0.13e-3, row_column_s=0.62e-9, flops_per_s=2e13)
+# Per CPU core (the 2-core VM this project's CI runs on): a step costs little beyond its arithmetic.
+CPU_COSTS_PER_CORE = DeviceCosts(column_step_s=20e-6, row_column_s=0.0, flops_per_s=2e9)
+
+
+def device_costs(device_type: str, cores: int | None = None) -> DeviceCosts:
+    """The costs of "cuda" (GPU_COSTS) or the CPU with `cores` cores (default: this machine's)."""
+    import os
+
+    if device_type == "cuda":
+        return GPU_COSTS
+    n = cores or os.cpu_count() or 1
+    return DeviceCosts(CPU_COSTS_PER_CORE.column_step_s, 0.0, CPU_COSTS_PER_CORE.flops_per_s * n)
+
+
+@dataclass(frozen=True)
+class WorkUnit:
+    """One independent piece of a layer's work (`Scheme.work_units`): the modules done
+    together and what it costs. A solve (GPTQ): `columns` steps of a column loop, each
+    updating `rows` rows (all experts of the unit), `flops` multiply-adds of arithmetic;
+    `token_flops`: multiply-adds per calibration token of the statistics it alone needs
+    (its Hessian updates), which the process that owns the unit accumulates. A search
+    (AWQ) has no column loop: its cost is all `flops`."""
 
     modules: tuple[str, ...]
     columns: int
     flops: float
+    rows: int = 0
+    token_flops: float = 0.0
 
-    def seconds(self, column_step_s: float, flops_per_s: float) -> float:
-        return self.columns * column_step_s + self.flops / flops_per_s
-
-
-# Seconds per GPTQ column step on a GPU (H200, 128 x 2048 tokens, Qwen3-235B-A22B: 9.8 s for
-# 35,840 columns per layer) and the float32 rate of its arithmetic and of Hessian updates
-# (3.6 s per layer for about 7e13 multiply-adds); on a CPU a step costs little beyond its arithmetic.
-COLUMN_STEP_SECONDS_GPU = 0.27e-3
-COLUMN_STEP_SECONDS_CPU = 20e-6
-FP32_FLOPS_GPU = 2e13
-FP32_FLOPS_CPU_PER_CORE = 2e9  # measured on the 2-core VM this project's CI runs on
+    def seconds(self, costs: DeviceCosts, tokens: int = 0) -> float:
+        return self.columns * (costs.column_step_s + self.rows * costs.row_column_s) + \
+            (self.flops + self.token_flops * tokens) / costs.flops_per_s
 
 
 @dataclass(frozen=True)

@@ -274,43 +274,36 @@ class Int4Gptq(_W4A16):
     work_stage = "quantize"
 
     def work_units(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
-                   all_experts: bool = False, **_layer: Any) -> list[WorkUnit]:
+                   all_experts: bool = False, *, top_k: int = 1, **_layer: Any) -> list[WorkUnit]:
         """The independent solves `quantize` makes of one layer (stacks sharing one Hessian,
         and chunks of a fused experts module's experts, chunked as `quantize` chunks them),
         for several processes to split (`streamq.engine.dist`) and the planner to time.
         `quantize` given the weights of whole units solves exactly what it solves for them
         in a full call, so a split changes no byte. Multiply-adds: the column loop's
-        rows * in^2 and the Cholesky's in^3, per problem."""
+        rows * in^2 and the Cholesky's in^3 per problem; per calibration token, in^2 per
+        Hessian update (an expert sees top_k / num_experts of the tokens, every token with
+        all-experts calibration; the gate/up Hessian those share is spread over its chunks)."""
         units: list[WorkUnit] = []
         stacks, groups = _problems(linears, experts)
         for names in stacks:
             rows, cols = _rows_cols(linears, names)
-            units.append(WorkUnit(tuple(names), cols, float(rows * cols * cols + cols ** 3)))
+            units.append(WorkUnit(tuple(names), cols, float(rows * cols * cols + cols ** 3), rows, float(cols * cols)))
         nums: dict[str, int] = {}  # as `quantize` counts them: every expert of the parent
         for ref in experts.values():
             nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
         for (parent, kind), members in groups.items():
             num = nums[parent]
             rows, cols = _rows_cols(linears, members[max(members)])
-            chunk = expert_chunk(rows, cols, num, not (all_experts and kind == "gate_up"))
+            shared = all_experts and kind == "gate_up"
+            chunk = expert_chunk(rows, cols, num, not shared)
             for e0 in range(0, num, chunk):
                 names = [m for e in range(e0, min(num, e0 + chunk)) for m in members.get(e, [])]
                 if names:
-                    flops = min(chunk, num - e0) * (rows * cols * cols + cols ** 3)
-                    units.append(WorkUnit(tuple(names), cols, float(flops)))
+                    n = min(chunk, num - e0)
+                    seen = n / num if shared else n * (1.0 if all_experts else min(1.0, top_k / num))
+                    units.append(WorkUnit(tuple(names), cols, float(n * (rows * cols * cols + cols ** 3)), n * rows,
+                                          seen * cols * cols))
         return units
-
-    def statistics_flops(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any], top_k: int,
-                         all_experts: bool = False) -> float:
-        """Multiply-adds per calibration token of the layer's Hessian updates (X^T X): one
-        in^2 per distinct dense input, top_k (every expert, with all-experts calibration)
-        per expert input."""
-        stacks, groups = _problems(linears, experts)
-        total = float(sum(linears[names[0]][1] ** 2 for names in stacks))
-        for (_, kind), members in groups.items():
-            num, cols = 1 + max(members), linears[members[max(members)][0]][1]
-            total += (1 if all_experts and kind == "gate_up" else (num if all_experts else top_k)) * cols * cols
-        return total
 
     def _solve(self, w, h, scale_dtype):
         """w float32 [E, out, in]; `scale_dtype` the dtype the scales are stored in (the source
