@@ -3,6 +3,8 @@ time; the DESIGN.md numbers for Qwen3-235B-A22B on its synthetic geometry (heade
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from test_plan import write_header_only
 
@@ -118,3 +120,26 @@ def test_time_counts_hessians_and_solves_as_measured_on_an_h200(tmp_path_factory
     two = make_plan(job, max_gpu_memory=140 << 30, max_cpu_memory=10**13, device_type="cuda",
                     baseline_host_bytes=1 << 30)
     assert 0.8 * 30.9 < two.time_breakdown["layers"] < 1.25 * 30.9, two.time_breakdown
+
+
+def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monkeypatch):
+    """With the solves split, each process ends the layer holding every process's int8 codes
+    plus its own share twice; where that outweighs the solve (small expert chunks here; a
+    DeepSeek-V3 layer's 11G weights at any chunk size), it sets the GPU peak."""
+    import streamq.schemes.int4 as int4
+
+    monkeypatch.setattr(int4, "EXPERT_SOLVE_BYTES", 256 << 20)
+    src = write_header_only(tmp_path_factory.mktemp("plan-exchange") / "q235", "qwen3-235b-a22b", layers=2)
+    cfg = {"global": {"save_path": str(src.parent / "out"), "device": "cpu"}, "model": {"model_path": str(src)},
+           "compression": {"name": "PTQ", "quantization": {"name": "int4_gptq", "bits": 4}},
+           "dataset": {"name": "RandomTokens", "num_samples": 8, "max_seq_length": 256, "batch_size": 4}}
+    plans = {}
+    for ranks in (1, 2):
+        job = prepare(parse_config(cfg))
+        job.work_ranks = ranks
+        plans[ranks] = make_plan(job, max_gpu_memory=140 << 30, max_cpu_memory=10**13, device_type="cuda",
+                                 baseline_host_bytes=1 << 30)
+    assert "exchanged quantized layer" not in plans[1].gpu_breakdown
+    codes = sum(math.prod(job.reader.tensors[n].shape) for n in job.layouts[0].quantized.values())
+    assert plans[2].gpu_breakdown["exchanged quantized layer"] == codes + 2 * codes // 2
+    assert plans[2].predicted_peak_gpu_bytes > plans[1].predicted_peak_gpu_bytes

@@ -467,6 +467,12 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
         phases.append(fixed | stats | act)
         if lay.solve:  # the scheme's solve replaces the per-weight quantize temporaries
             phases.append(fixed | stats | dict(lay.solve))
+            if inputs.ranks > 1:
+                # Several processes splitting the solves: after them, each holds every process's
+                # quantized Linears (int8 codes, a byte per weight; `Dist.exchange`), plus its
+                # own share twice (its results and its send buffer); the statistics still live.
+                codes = sum(lay.quant_numels)
+                phases.append(fixed | stats | {"exchanged quantized layer": codes + 2 * codes // inputs.ranks})
         else:
             phases.append(fixed | stats | {"quantize temporaries": max(lay.quantize_transient(False),
                                                                          lay.absmax_transient)})
