@@ -76,3 +76,21 @@ def test_captured_expert_statistics_on_cuda(tiny_models, implementation, monkeyp
     from test_static_streaming import check_captured_expert_statistics
 
     check_captured_expert_statistics(tiny_models["qwen3_moe"], implementation, monkeypatch, torch.device("cuda"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("algorithm", ["int4_awq", "int4_gptq"])
+def test_calibrated_int4_gpu_peak_is_planned(tmp_path, algorithm):
+    """Qwen3-30B-A3B geometry, 2 layers: the plan's GPU peak holds the run's (AWQ: the
+    recorded blocks and the float32 rescaled weights; GPTQ: Hessians and the solve), and is
+    not more than a third above it."""
+    model = write_synthetic("qwen3-30b-a3b", tmp_path / "m", 2, device="cuda", vocab_size=32768,
+                            log=lambda *_: None)
+    cfg = {"global": {"save_path": str(tmp_path / "out"), "device": "cuda"}, "model": {"model_path": str(model)},
+           "compression": {"name": "PTQ", "quantization": {"name": algorithm, "bits": 4}},
+           "dataset": {"name": "RandomTokens", "num_samples": 32, "max_seq_length": 1024, "batch_size": 4}}
+    report = run_job(cfg)
+    print(f"{algorithm}: peak GPU {report.peak_gpu_bytes / 2**30:.2f} GiB, "
+          f"plan {report.planned_gpu_bytes / 2**30:.2f} GiB")
+    assert report.peak_gpu_bytes <= report.planned_gpu_bytes
+    assert report.planned_gpu_bytes <= 1.35 * report.peak_gpu_bytes

@@ -733,6 +733,8 @@ def _tensors(reader: Any, names: Iterable[str]) -> list[Tensor]:
 
 def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     """Everything the plan needs from a `streamq.engine.job.Job` (no weight is read)."""
+    from streamq.model.skeleton import decoder_layers
+
     config, reader = job.config, job.reader
     static = config.scheme.needs_calibration
     elem = _elem(job.dtype)
@@ -740,7 +742,10 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     layers = [measure_layer(lay.index, _tensors(reader, reader.layers[lay.index]), lay.quantized, lay.experts,
                             elem, config.format, config.scheme.spec) for lay in job.layouts]
     top_k = ModelShape.from_config(job.hf_config).top_k
-    layers = [_with_scheme_memory(config, reader, lay, sizes, top_k)
+    tokens = sum(b.tokens for b in _batch_shapes(job)) if static else 0
+    layer_modules = decoder_layers(job.skeleton)
+    layers = [_with_scheme_memory(config, reader, lay, sizes, top_k, layer=layer_modules[lay.index], tokens=tokens,
+                                  elem=elem)
               for lay, sizes in zip(job.layouts, layers, strict=True)]
     other = _tensors(reader, sorted(reader.other))
     stem = [t for t in other if t.name.startswith("model.") and not t.name.startswith("model.layers.")]
@@ -763,17 +768,21 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     )
 
 
-def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes, top_k: int = 1) -> LayerSizes:
-    """The scheme's statistics and solve memory for one layer (`statistics_bytes`, e.g.
-    GPTQ's Hessians), from the quantized Linears' shapes, and its solves' time inputs."""
+def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes, top_k: int = 1, *,
+                        layer: Any = None, tokens: int = 0, elem: int = 2) -> LayerSizes:
+    """The scheme's statistics and solve memory for one layer (`statistics_bytes`: GPTQ's
+    Hessians, AWQ's recorded blocks), from the quantized Linears' shapes, the (meta) layer and
+    the calibration tokens, and its solves' time inputs."""
     method = getattr(config.scheme, "statistics_bytes", None)
     if method is None or not config.scheme.needs_calibration:
         return sizes
     shapes = {m: tuple(reader.tensors[n].shape) for m, n in layout.quantized.items()}
     all_experts = config.quant.moe_calibrate_all_experts
-    stats, solve = method(shapes, layout.experts, all_experts)
+    stats, solve = method(shapes, layout.experts, all_experts, layer=layer, layout=layout, tokens=tokens, elem=elem,
+                          top_k=top_k)
     sizes = replace(sizes, statistics=tuple(stats.items()), solve=tuple(solve.items()))
-    if getattr(config.scheme, "work_units", None) is not None:
+    # Solves are timed from their work units; searches (AWQ) are not modelled in time yet.
+    if getattr(config.scheme, "work_stage", None) == "quantize":
         sizes = replace(sizes, solve_units=tuple(config.scheme.work_units(shapes, layout.experts, all_experts,
                                                                           top_k=top_k)))
     return sizes

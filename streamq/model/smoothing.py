@@ -33,8 +33,14 @@ def scales_by_weight(norm: nn.Module) -> bool:
     by dividing the weight. Gemma's norms compute f(x) * (1 + w): dividing w would change the
     layer. Probed on the module itself (doubling its weight must double its output)."""
     w = getattr(norm, "weight", None)
-    if w is None or w.device.type == "meta" or getattr(norm, "bias", None) is not None:
+    if w is None or getattr(norm, "bias", None) is not None:
         return False
+    if w.device.type == "meta":  # the planner's skeleton: probe a CPU copy with unit weights
+        import copy
+
+        norm = copy.deepcopy(norm).to_empty(device="cpu")
+        norm.weight.data.fill_(1.0)
+        w = norm.weight
     x = torch.randn(4, w.shape[-1], generator=torch.Generator().manual_seed(0)).to(w.device, w.dtype)
     saved = w.detach().clone()
     try:

@@ -109,6 +109,45 @@ class Int4Awq(Int4Rtn):
                     blocks.append(block)
         return list(dict.fromkeys(blocks))
 
+    def statistics_bytes(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
+                         all_experts: bool = False, *, layer=None, layout=None, tokens: int = 0, elem: int = 2,
+                         top_k: int = 1, owned: set[str] | None = None) -> tuple[dict[str, int], dict[str, int]]:
+        """Device bytes one layer's search holds besides the layer and one batch's activations
+        (for the planner), from the quantized Linears' [out, in] shapes and the (meta) layer.
+        Returns (statistics, search working set), each by label.
+
+        "AWQ recorded blocks": for every calibration token (`tokens`, all batches) the input
+        and output of each block `recorded_blocks` names, kept on the device from the replay
+        through the search: a Linear's in and out features, any other block's hidden size in
+        and out, in the compute dtype (`elem` bytes); a fused experts block also keeps its
+        routing (top_k int64 indices and weights per token).
+        "AWQ search, then rescaled weights": the larger of the search's working set (the
+        largest group's weights copied, restored after each search, plus one target's float32
+        candidate and fake-quantized copy) and, once the scales are applied, every grouped
+        target as a float32 copy (`rescale_group`) until the layer is quantized."""
+        from streamq.model.smoothing import awq_groups
+
+        modules = dict(layer.named_modules())
+        norm = modules.get("input_layernorm", modules.get("post_attention_layernorm"))
+        hidden = norm.weight.shape[0] if norm is not None and getattr(norm, "weight", None) is not None else 0
+        per_token = 0
+        for block in self.recorded_blocks(layer, layout, owned):
+            module = modules[block]
+            if hasattr(module, "in_features"):
+                per_token += (module.in_features + module.out_features) * elem
+            else:
+                per_token += 2 * hidden * elem
+            if hasattr(module, "gate_up_proj"):  # fused experts: their routing is recorded too
+                per_token += top_k * (8 + elem)
+        groups = awq_groups(layer, layout)
+        numel = {m: linears[m][0] * linears[m][1] for g in groups for m in g.targets}
+        search = max((sum(numel[m] for m in g.targets) * elem + 2 * 4 * max(numel[m] for m in g.targets)
+                      for g in groups), default=0)
+        # `rescale_group` gives every target a float32 copy, all alive until quantized.
+        rescaled = 4 * sum(numel.values())
+        return ({"AWQ recorded blocks": per_token * tokens},
+                {"AWQ search, then rescaled weights (float32)": max(search, rescaled)})
+
     def _storage_dtype(self, name: str, w):
         import torch
 

@@ -241,7 +241,7 @@ class Int4Gptq(_W4A16):
         return "hessian"
 
     def statistics_bytes(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
-                         all_experts: bool = False) -> tuple[dict[str, int], dict[str, int]]:
+                         all_experts: bool = False, **_layer: Any) -> tuple[dict[str, int], dict[str, int]]:
         """Device bytes one layer's statistics and solve hold besides the layer and its
         activations (for the planner), from the quantized Linears' [out, in] shapes by module
         name; `experts` maps the fused experts' members to their `ExpertRef`. Returns
