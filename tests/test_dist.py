@@ -246,3 +246,61 @@ def test_without_room_for_shared_layers_every_process_reads(tiny_models, single_
     layers = sum(reader.layer_bytes(i) for i in range(reader.num_layers))
     value, unit = rank1.group().split(", read ")[1].split(",")[0].split()
     assert float(value) * {"B": 1, "KiB": 2**10, "MiB": 2**20}[unit] > layers, rank1.group()
+
+
+def test_a_share_of_the_experts_solves_to_the_full_layers_bytes(tiny_models, tmp_path, monkeypatch):
+    """In one process, no torchrun: the MoE layer's experts are cut into several chunks (a
+    small solve budget), the work units split over 2 ranks, and rank 1 quantizes its units
+    from Hessians of only its experts (what `ExpertHessianAccumulator(owned=...)` holds, with
+    the '.experts' index). Every module it solves is bit-identical to the full layer's."""
+    import torch
+
+    import streamq.schemes.int4 as int4
+    from streamq.config import parse_config
+    from streamq.engine.dist import assign
+    from streamq.engine.job import prepare
+    from streamq.model.fused import fused_group_key
+    from streamq.schemes.base import LayerStats, device_costs
+
+    job = prepare(parse_config(gptq_config(tiny_models["qwen3_moe"], tmp_path / "out"), "test"))
+    layout, scheme, infos = job.layouts[0], job.config.scheme, job.reader.tensors
+    shapes = {m: tuple(infos[n].shape) for m, n in layout.quantized.items()}
+    per_expert = max(int4.solve_bytes(1, *shapes[m], 1) for m in layout.experts)
+    monkeypatch.setattr(int4, "EXPERT_SOLVE_BYTES", 3 * per_expert)  # chunks of at most 3 of the 12 experts
+    gen = torch.Generator().manual_seed(0)
+
+    def psd(*lead, n):
+        x = torch.randn(*lead, 4 * n, n, generator=gen)
+        return x.transpose(-1, -2) @ x / (4 * n)
+
+    weights = {m: torch.randn(*shapes[m], generator=gen).to(torch.bfloat16) for m in layout.quantized}
+    values, by_input = {}, {}
+    for m in layout.quantized:
+        if m not in layout.experts:  # modules reading one input share one Hessian object
+            values[m] = by_input.setdefault(fused_group_key(m), psd(n=shapes[m][1]))
+    nums, cols = {}, {}
+    for m, ref in layout.experts.items():
+        nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
+        cols[ref.parent, ref.kind] = shapes[m][1]
+    for (parent, kind), n in cols.items():
+        values[f"{layout.prefix}{parent}.{kind}"] = psd(nums[parent], n=n)
+        values[f"{layout.prefix}{parent}.{kind}.count"] = torch.full((nums[parent],), 10, dtype=torch.int64)
+    full = dict(scheme.quantize(weights, LayerStats(values, {}, []), layout))
+
+    units = scheme.work_units(shapes, layout.experts)
+    assert sum(1 for u in units if set(u.modules) <= set(layout.experts)) > 4  # several expert chunks
+    owners = assign([u.seconds(device_costs("cpu"), 1000) for u in units], 2)
+    owned = {m for u, r in zip(units, owners, strict=True) if r == 1 for m in u.modules}
+    part_values = dict(values)
+    for (parent, kind) in cols:
+        key = f"{layout.prefix}{parent}.{kind}"
+        held = sorted({layout.experts[m].index for m in owned if m in layout.experts
+                       and layout.experts[m].parent == parent and layout.experts[m].kind == kind})
+        part_values[key] = values[key][held]
+        part_values[f"{key}.experts"] = torch.tensor(held, dtype=torch.int64)
+    # Some chunk sits elsewhere in the held Hessians than in the full stack (held is not 0, 1, 2, ...).
+    assert any(v.tolist() != list(range(len(v))) for k, v in part_values.items() if k.endswith(".experts"))
+    part = dict(scheme.quantize({m: weights[m] for m in owned}, LayerStats(part_values, {}, []), layout))
+    assert set(part) == owned
+    for m, q in part.items():
+        assert torch.equal(q.weight, full[m].weight) and torch.equal(q.weight_scale, full[m].weight_scale), m

@@ -273,3 +273,19 @@ def test_expert_hessian_accumulator_matches_per_expert_loop() -> None:
         torch.testing.assert_close(h[j], expected, rtol=1e-5, atol=1e-5)
         assert sel.any() or j == e - 1
     assert torch.equal(h[e - 1], torch.zeros(n, n))
+
+
+def test_expert_hessian_accumulator_of_some_experts_holds_only_theirs() -> None:
+    """A process owning experts {1, 4} of 6 allocates two Hessians, equal bit for bit to one
+    process's for those experts, and keeps every expert's token count."""
+    gen = torch.Generator().manual_seed(2)
+    e, n = 6, 16
+    x, ids = torch.randn(40, n, generator=gen), torch.randint(0, e, (40, 2), generator=gen)
+    full, part = hessian.ExpertHessianAccumulator(e, n), hessian.ExpertHessianAccumulator(e, n, owned={4, 1})
+    for acc in (full, part):
+        acc.update(x, ids)
+        acc.update_expert(4, x[:5])
+        acc.update_expert(2, x[:3])
+    assert part.sum.shape == (2, n, n) and part.held == [1, 4]
+    assert torch.equal(part.count, full.count)
+    assert torch.equal(part.result(), full.result()[[1, 4]])

@@ -69,8 +69,9 @@ class ExpertHessianAccumulator:
     work is the routed rows', however unbalanced the routing (a zero-padded [E, longest,
     in] block would cost E times the busiest expert's rows).
 
-    `owned` (several processes splitting a layer's experts): only these experts accumulate;
-    the others' sums stay zero (still allocated) and cost no arithmetic; their token counts are still kept.
+    `owned` (several processes splitting a layer's experts): only these experts accumulate,
+    and only their sums are allocated ([len(owned), in, in], in expert order: `held`); the
+    others cost no arithmetic and no memory, but their token counts are still kept.
     """
 
     def __init__(self, num_experts: int, in_features: int, device: torch.device | str | None = None,
@@ -78,7 +79,9 @@ class ExpertHessianAccumulator:
         self.num_experts = num_experts
         self.in_features = in_features
         self.owned = owned
-        self.sum = torch.zeros(num_experts, in_features, in_features, dtype=torch.float32, device=device)
+        self.held = list(range(num_experts)) if owned is None else sorted(owned)
+        self.slot = {e: i for i, e in enumerate(self.held)}
+        self.sum = torch.zeros(len(self.held), in_features, in_features, dtype=torch.float32, device=device)
         self.count = torch.zeros(num_experts, dtype=torch.int64, device=device)
 
     def update(self, x: torch.Tensor, expert_ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
@@ -100,13 +103,17 @@ class ExpertHessianAccumulator:
         sizes = counts.tolist()
         start = 0
         for expert, size in enumerate(sizes[:e]):
-            if size and (self.owned is None or expert in self.owned):
+            if size and expert in self.slot:
                 xe = rows[src[start:start + size]].to(torch.float32)
-                self.sum[expert].addmm_(xe.T, xe)
+                self.sum[self.slot[expert]].addmm_(xe.T, xe)
             start += size
 
     def owns(self, expert: int) -> bool:
-        return self.owned is None or expert in self.owned
+        return expert in self.slot
+
+    def count_only(self, expert: int, tokens: int) -> None:
+        """Another process's expert: `tokens` more reached it (counts are kept for all)."""
+        self.count[expert] += tokens
 
     def update_expert(self, expert: int, x: torch.Tensor) -> None:
         """Every row of x [..., in] (real tokens only) goes to one expert: a plain addmm, not
@@ -115,15 +122,16 @@ class ExpertHessianAccumulator:
         self.count[expert] += rows.shape[0]
         if self.owns(expert):
             rows = rows.to(torch.float32)
-            self.sum[expert].addmm_(rows.T, rows)
+            self.sum[self.slot[expert]].addmm_(rows.T, rows)
 
     def merge(self, other: ExpertHessianAccumulator) -> ExpertHessianAccumulator:
-        assert (other.num_experts, other.in_features) == (self.num_experts, self.in_features)
+        assert (other.num_experts, other.in_features, other.held) == (self.num_experts, self.in_features, self.held)
         self.sum += other.sum.to(self.sum.device)
         self.count += other.count.to(self.count.device)
         return self
 
     def result(self) -> torch.Tensor:
-        """H_e = 2 * sum_e / n_e, float32 [E, in, in]; zero for an expert no token reached."""
-        n = self.count.to(torch.float32).clamp(min=1.0)
+        """H_e = 2 * sum_e / n_e, float32 [len(held), in, in] (every expert: [E, in, in]);
+        zero for an expert no token reached."""
+        n = self.count[self.held].to(torch.float32).clamp(min=1.0)
         return self.sum * (2.0 / n)[:, None, None]

@@ -745,7 +745,8 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     tokens = sum(b.tokens for b in _batch_shapes(job)) if static else 0
     layer_modules = decoder_layers(job.skeleton)
     layers = [_with_scheme_memory(config, reader, lay, sizes, top_k, layer=layer_modules[lay.index], tokens=tokens,
-                                  elem=elem)
+                                  elem=elem, ranks=getattr(job, "work_ranks", 1),
+                                  device_type=device_type or job.device.type)
               for lay, sizes in zip(job.layouts, layers, strict=True)]
     other = _tensors(reader, sorted(reader.other))
     stem = [t for t in other if t.name.startswith("model.") and not t.name.startswith("model.layers.")]
@@ -769,7 +770,8 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
 
 
 def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes, top_k: int = 1, *,
-                        layer: Any = None, tokens: int = 0, elem: int = 2) -> LayerSizes:
+                        layer: Any = None, tokens: int = 0, elem: int = 2, ranks: int = 1,
+                        device_type: str = "cuda") -> LayerSizes:
     """The scheme's statistics and solve memory for one layer (`statistics_bytes`: GPTQ's
     Hessians, AWQ's recorded blocks), from the quantized Linears' shapes, the (meta) layer and
     the calibration tokens, and its solves' time inputs."""
@@ -783,8 +785,15 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
     sizes = replace(sizes, statistics=tuple(stats.items()), solve=tuple(solve.items()))
     # Solves are timed from their work units; searches (AWQ) are not modelled in time yet.
     if getattr(config.scheme, "work_stage", None) == "quantize":
-        sizes = replace(sizes, solve_units=tuple(config.scheme.work_units(shapes, layout.experts, all_experts,
-                                                                          top_k=top_k)))
+        units = config.scheme.work_units(shapes, layout.experts, all_experts, top_k=top_k)
+        sizes = replace(sizes, solve_units=tuple(units))
+        if ranks > 1:  # each process holds only its own units' statistics: plan the largest share
+            from streamq.engine.dist import assign
+
+            owners = assign([u.seconds(device_costs(device_type), tokens) for u in units], ranks)
+            shares = [method(shapes, layout.experts, all_experts, layout=layout, owned={
+                m for u, o in zip(units, owners, strict=True) if o == r for m in u.modules})[0] for r in range(ranks)]
+            sizes = replace(sizes, statistics=tuple(max(shares, key=lambda d: sum(d.values())).items()))
     return sizes
 
 

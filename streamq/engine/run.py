@@ -249,6 +249,8 @@ class _Calibrator:
         out = {}
         for key, acc in obs.expert_hessians.items():
             out[layout.prefix + key] = acc.result()
+            if getattr(acc, "owned", None) is not None:  # only some experts' Hessians, in this order
+                out[f"{layout.prefix}{key}.experts"] = torch.tensor(acc.held, dtype=torch.int64)
             count = getattr(acc, "count", None)
             if count is not None and count.ndim == 1:
                 out[f"{layout.prefix}{key}.count"] = count.cpu()

@@ -163,7 +163,7 @@ def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
         acc = obs.expert_hessian(f"{key}.down", num_experts, self.down_proj.shape[-1], x.device)
         for e in range(num_experts):
             if not acc.owns(e):  # another process's expert: only its token count
-                acc.count[e] += x.shape[0]
+                acc.count_only(e, x.shape[0])
                 continue
             gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
             acc.update_expert(e, self.act_fn(gate) * up)

@@ -77,14 +77,16 @@ class WorkUnit:
     together and what it costs. A solve (GPTQ): `columns` steps of a column loop, each
     updating `rows` rows (all experts of the unit), `flops` multiply-adds of arithmetic;
     `token_flops`: multiply-adds per calibration token of the statistics it alone needs
-    (its Hessian updates), which the process that owns the unit accumulates. A search
-    (AWQ) has no column loop: its cost is all `flops`."""
+    (its Hessian updates), which the process that owns the unit accumulates, and
+    `statistics_bytes` it alone holds (its Hessians). A search (AWQ) has no column loop:
+    its cost is all `flops`."""
 
     modules: tuple[str, ...]
     columns: int
     flops: float
     rows: int = 0
     token_flops: float = 0.0
+    statistics_bytes: int = 0
 
     def seconds(self, costs: DeviceCosts, tokens: int = 0) -> float:
         return self.columns * (costs.column_step_s + self.rows * costs.row_column_s) + \

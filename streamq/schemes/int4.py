@@ -241,7 +241,8 @@ class Int4Gptq(_W4A16):
         return "hessian"
 
     def statistics_bytes(self, linears: dict[str, tuple[int, int]], experts: dict[str, Any],
-                         all_experts: bool = False, **_layer: Any) -> tuple[dict[str, int], dict[str, int]]:
+                         all_experts: bool = False, *, owned: set[str] | None = None,
+                         **_layer: Any) -> tuple[dict[str, int], dict[str, int]]:
         """Device bytes one layer's statistics and solve hold besides the layer and its
         activations (for the planner), from the quantized Linears' [out, in] shapes by module
         name; `experts` maps the fused experts' members to their `ExpertRef`. Returns
@@ -253,6 +254,9 @@ class Int4Gptq(_W4A16):
         "GPTQ solve": the largest single solve (`solve_bytes`): a stack of modules sharing a
         Hessian, or one chunk of experts plus that chunk's Hessians copied for experts that
         fall back to round-to-nearest (counted always: a budget must hold when it happens).
+        `owned` (a process's share of the work units, several processes): only the Hessians
+        of its units (`WorkUnit.statistics_bytes`), as `ExpertHessianAccumulator(owned=...)`
+        and the replay's watch list allocate them.
         """
         hessians = solve = 0
         stacks, groups = _problems(linears, experts)
@@ -269,6 +273,9 @@ class Int4Gptq(_W4A16):
             fallback_copy = 0 if shared else 4 * chunk * cols * cols
             solve = max(solve, solve_bytes(chunk, rows, cols, 1 if shared else chunk, self.sym, self.actorder)
                         + fallback_copy)
+        if owned is not None:
+            units = self.work_units(linears, experts, all_experts)
+            hessians -= sum(u.statistics_bytes for u in units if u.modules[0] not in owned)
         return {"Hessians (float32)": hessians}, {"GPTQ solve": solve}
 
     work_stage = "quantize"
@@ -287,7 +294,8 @@ class Int4Gptq(_W4A16):
         stacks, groups = _problems(linears, experts)
         for names in stacks:
             rows, cols = _rows_cols(linears, names)
-            units.append(WorkUnit(tuple(names), cols, float(rows * cols * cols + cols ** 3), rows, float(cols * cols)))
+            units.append(WorkUnit(tuple(names), cols, float(rows * cols * cols + cols ** 3), rows, float(cols * cols),
+                                  4 * cols * cols))
         nums: dict[str, int] = {}  # as `quantize` counts them: every expert of the parent
         for ref in experts.values():
             nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
@@ -302,7 +310,7 @@ class Int4Gptq(_W4A16):
                     n = min(chunk, num - e0)
                     seen = n / num if shared else n * (1.0 if all_experts else min(1.0, top_k / num))
                     units.append(WorkUnit(tuple(names), cols, float(n * (rows * cols * cols + cols ** 3)), n * rows,
-                                          seen * cols * cols))
+                                          seen * cols * cols, 0 if shared else 4 * n * cols * cols))
         return units
 
     def _solve(self, w, h, scale_dtype):
@@ -316,7 +324,9 @@ class Int4Gptq(_W4A16):
     def quantize(self, weights, stats, layout=None):
         """GPTQ every Linear of the layer. `stats.values`: module -> H float32 [in, in] for
         plain Linears; "<parent>.gate_up" / "<parent>.down" -> [E, in, in] (or [in, in]
-        shared) and "<...>.count" -> int64 [E] tokens per expert for fused experts.
+        shared) and "<...>.count" -> int64 [E] tokens per expert for fused experts; with
+        several processes "<...>.experts" -> int64 [k], the experts whose Hessians [k, in, in]
+        this process holds (its share of the work units).
 
         A module's weight is read before the module is yielded and never after, so the
         engine may write its dequantized weight into the layer at once (propagation)."""
@@ -368,6 +378,9 @@ class Int4Gptq(_W4A16):
                 continue
             h_all = stats.values[f"{parent}.{kind}"]
             count = stats.values.get(f"{parent}.{kind}.count")
+            # Several processes: h_all holds only this process's experts, in this order.
+            held = stats.values.get(f"{parent}.{kind}.experts")
+            at = {e: i for i, e in enumerate(held.tolist())} if held is not None else None
             sample = weights[members[(present[0], projs[0])]]
             rows, cols = sample.shape[0] * len(projs), sample.shape[1]
             self._check_shape(members[(present[0], projs[0])], sample)
@@ -386,7 +399,8 @@ class Int4Gptq(_W4A16):
                     continue  # another process's chunk
                 out_dtype = _scale_dtype(weights[members[(e0, projs[0])]])
                 w = torch.stack([torch.cat([weights[members[(e, p)]] for p in projs]) for e in es]).to(torch.float32)
-                h = h_all if h_all.ndim == 2 else h_all[e0:e0 + len(es)]
+                first = e0 if at is None else at[e0]  # a chunk is owned whole, so its experts are adjacent
+                h = h_all if h_all.ndim == 2 else h_all[first:first + len(es)]
                 low = [e - e0 for e in few if e in es]
                 if low:  # H = 0: the solve quantizes these round-to-nearest, never zeros
                     h = h.clone()  # this chunk's only: a copy of every expert's Hessian would be GiBs
