@@ -304,3 +304,16 @@ def test_a_share_of_the_experts_solves_to_the_full_layers_bytes(tiny_models, tmp
     assert set(part) == owned
     for m, q in part.items():
         assert torch.equal(q.weight, full[m].weight) and torch.equal(q.weight_scale, full[m].weight_scale), m
+
+
+def test_an_awq_search_no_process_ran_stops_the_layer():
+    """Processes that disagree on the split would leave a group unsearched; a missing result
+    that nobody marked "no tokens" raises instead of quantizing with scale 1."""
+    import torch
+
+    from streamq.errors import CheckpointError
+    from streamq.schemes.awq import _searched
+
+    _searched({"mlp.experts.3.up_proj|none": torch.zeros(())}, "mlp.experts.3.up_proj", "group")  # marked: fine
+    with pytest.raises(CheckpointError, match="group 'x' was run by no process"):
+        _searched({"mlp.experts.3.up_proj|none": torch.zeros(())}, "input_layernorm", "group 'x'")

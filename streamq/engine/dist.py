@@ -69,6 +69,14 @@ def assign(costs: list[float], world: int) -> list[int]:
     return owner
 
 
+def assign_units(units: list, world: int, device_type: str, tokens: int) -> list[int]:
+    """Rank of each `WorkUnit`, by its modelled seconds on this kind of device (`assign`)."""
+    from streamq.schemes.base import device_costs
+
+    costs = device_costs(device_type)
+    return assign([u.seconds(costs, tokens) for u in units], world)
+
+
 @dataclass(frozen=True)
 class Dist:
     rank: int
@@ -146,12 +154,11 @@ class Dist:
         from streamq.engine.prefetch import NodeGroup
 
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
-        laid_out = all(v for v in self.gather(local > 1 and self.world % local == 0
-                                             and self.rank - self.local_rank == self.rank // local * local))
-        if not laid_out:
+        views = self.gather((local, local > 1 and self.world % local == 0
+                             and self.rank - self.local_rank == self.rank // local * local))
+        if len({v[0] for v in views}) != 1 or not all(v[1] for v in views):  # machines differ: no groups
             return None
-        minutes = float(os.environ.get("STREAMQ_DIST_TIMEOUT_MINUTES", "30"))
-        group, _ = td.new_subgroups(group_size=local, backend="gloo", timeout=timedelta(minutes=minutes))
+        group, _ = td.new_subgroups(group_size=local, backend="gloo", timeout=timeout())
         return NodeGroup(group, self.rank - self.local_rank, self.local_rank)
 
     def check_same(self, facts: dict[str, Any]) -> None:
@@ -224,6 +231,10 @@ def from_env(device: str = "auto") -> Dist | None:
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if use_nccl:
         torch.cuda.set_device(local_rank)
-    minutes = float(os.environ.get("STREAMQ_DIST_TIMEOUT_MINUTES", "30"))
-    td.init_process_group("nccl" if use_nccl else "gloo", timeout=timedelta(minutes=minutes))
+    td.init_process_group("nccl" if use_nccl else "gloo", timeout=timeout())
     return Dist(td.get_rank(), td.get_world_size(), local_rank)
+
+
+def timeout() -> timedelta:
+    """How long a collective waits (STREAMQ_DIST_TIMEOUT_MINUTES, default 30)."""
+    return timedelta(minutes=float(os.environ.get("STREAMQ_DIST_TIMEOUT_MINUTES", "30")))

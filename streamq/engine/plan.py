@@ -467,7 +467,7 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
         phases.append(fixed | stats | act)
         if lay.solve:  # the scheme's solve replaces the per-weight quantize temporaries
             phases.append(fixed | stats | dict(lay.solve))
-            if inputs.ranks > 1:
+            if inputs.ranks > 1 and lay.solve_units:  # solves split (GPTQ), not searches (AWQ)
                 # Several processes splitting the solves: after them, each holds every process's
                 # quantized Linears (int8 codes, a byte per weight; `Dist.exchange`), plus its
                 # own share twice (its results and its send buffer); the statistics still live.
@@ -788,9 +788,9 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
         units = config.scheme.work_units(shapes, layout.experts, all_experts, top_k=top_k)
         sizes = replace(sizes, solve_units=tuple(units))
         if ranks > 1:  # each process holds only its own units' statistics: plan the largest share
-            from streamq.engine.dist import assign
+            from streamq.engine.dist import assign_units
 
-            owners = assign([u.seconds(device_costs(device_type), tokens) for u in units], ranks)
+            owners = assign_units(units, ranks, device_type, tokens)
             shares = [method(shapes, layout.experts, all_experts, layout=layout, owned={
                 m for u, o in zip(units, owners, strict=True) if o == r for m in u.modules})[0] for r in range(ranks)]
             sizes = replace(sizes, statistics=tuple(max(shares, key=lambda d: sum(d.values())).items()))

@@ -154,6 +154,7 @@ class SharedPrefetcher(Prefetcher):
         self.node.barrier()  # ... and so is every process of the machine
         t0 = time.monotonic()
         names = self.reader.layers[index]
+        assert self.reader.read_size(names) <= slot.numel(), (index, self.reader.read_size(names), slot.numel())
         if self.node.leader:
             tensors = self.reader.read(names, buffer=slot)
         self.node.barrier()  # the layer is in the slot
@@ -186,6 +187,13 @@ class NodeGroup:
 
         td.barrier(group=self.group)
 
+    def gather(self, value: Any) -> list:
+        import torch.distributed as td
+
+        out: list = [None] * td.get_world_size(self.group)
+        td.all_gather_object(out, value, group=self.group)
+        return out
+
     def broadcast(self, value: Any) -> Any:
         import torch.distributed as td
 
@@ -200,18 +208,21 @@ def shared_slots(node: NodeGroup, nbytes: int, slots: int = SharedPrefetcher.SLO
     however the run ends), or None on every process of the machine when the directory cannot
     hold them (then every process reads for itself; a container's default /dev/shm is 64 MB)."""
     directory = Path(os.environ.get("STREAMQ_SHM_DIR", "/dev/shm"))
-    paths = None
-    if node.leader:
-        paths = _create_slots(directory, nbytes, slots)
+    paths = _create_slots(directory, nbytes, slots) if node.leader else None
     paths = node.broadcast(paths)
     if paths is None:
         return None
-    buffers = [_map(Path(p), nbytes) for p in paths]
-    node.barrier()  # every process has mapped them
+    try:
+        buffers = [_map(Path(p), nbytes) for p in paths]
+    except OSError as e:
+        log.info("one read per machine is off: cannot map %s (%s); every process reads each layer itself",
+                 paths[0], e)
+        buffers = None
+    mapped = node.gather(buffers is not None)  # every process has mapped them, or says it could not
     if node.leader:
         for p in paths:
             Path(p).unlink(missing_ok=True)
-    return buffers
+    return buffers if all(mapped) else None
 
 
 def _create_slots(directory: Path, nbytes: int, slots: int) -> list[str] | None:
@@ -227,15 +238,21 @@ def _create_slots(directory: Path, nbytes: int, slots: int) -> list[str] | None:
                  "(set STREAMQ_SHM_DIR to a larger tmpfs); every process reads each layer itself",
                  directory, free / 2**30, need / 2**30)
         return None
-    paths = []
-    for k in range(slots):
-        path = directory / f"streamq-{os.getpid()}-{k}"
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            os.ftruncate(fd, nbytes)
-        finally:
-            os.close(fd)
-        paths.append(str(path))
+    paths: list[str] = []
+    try:
+        for k in range(slots):
+            paths.append(str(directory / f"streamq-{os.getpid()}-{k}"))
+            fd = os.open(paths[-1], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                os.ftruncate(fd, nbytes)
+            finally:
+                os.close(fd)
+    except OSError as e:
+        for p in paths:
+            Path(p).unlink(missing_ok=True)
+        log.info("one read per machine is off: cannot create shared layer buffers in %s (%s); every process "
+                 "reads each layer itself", directory, e)
+        return None
     return paths
 
 

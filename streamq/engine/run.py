@@ -44,7 +44,7 @@ from streamq.checkpoint.writer import (
     write_index,
 )
 from streamq.config import JobConfig
-from streamq.engine.dist import MODULES, SAMPLES, Dist, assign, calibration_split
+from streamq.engine.dist import MODULES, SAMPLES, Dist, assign_units, calibration_split
 from streamq.engine.job import Job, prepare
 from streamq.engine.plan import ModelShape, make_plan
 from streamq.engine.prefetch import Prefetcher, open_prefetcher
@@ -65,7 +65,7 @@ from streamq.model.skeleton import (
     release_outside_layers,
 )
 from streamq.paths import calibration_file, check_save_path
-from streamq.schemes.base import LayerStats, QuantizedLinear, device_costs
+from streamq.schemes.base import LayerStats, QuantizedLinear
 from streamq.verify import verify_checkpoint
 
 log = logging.getLogger("streamq")
@@ -141,10 +141,9 @@ class _Calibrator:
         shapes = {m: tuple(infos[n].shape) for m, n in layout.quantized.items()}
         units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts,
                                   layer=layer, layout=layout, top_k=self.top_k)
-        device = device_costs(self.job.device.type)
         tokens = sum(self.job.batches[b].input_ids.numel() for b in self.ids)
-        costs = [u.seconds(device, tokens) for u in units]
-        owners = assign(costs, self.dist.world)
+        # Rank 0's assignment for all: cost models may differ between machines (CPU core counts).
+        owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens))
         self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
         return self.owned
 

@@ -242,6 +242,7 @@ class Int4Awq(Int4Rtn):
                     if x_mean is None:
                         self.fallbacks.append(f"{prefix}{group.source}: no calibration token reached this expert; "
                                               "AWQ scale 1, quantized round-to-nearest")
+                        found[f"{group.source}|none"] = torch.zeros(())  # searched: scale 1
                         continue
                 w_mean = awq_weight_mean([base[m] for m in group.targets], self.group_size)
                 ratios, candidates = awq_candidates(x_mean.to(w_mean.device), w_mean, self.n_grid,
@@ -258,8 +259,9 @@ class Int4Awq(Int4Rtn):
             found = ctx.share(found)
             for group in groups:
                 s = found.get(f"{group.source}|s")
-                if s is None:  # an expert no token reached: scale 1
-                    continue
+                if s is None:
+                    _searched(found, group.source, f"AWQ group '{prefix}{group.source}'")
+                    continue  # an expert no token reached: scale 1
                 self.chosen[prefix + group.source] = float(found[f"{group.source}|ratio"])
                 rescale_group(ctx, group.source, group.targets, s, changed, group.extras)
                 for m in group.targets:
@@ -287,6 +289,7 @@ class Int4Awq(Int4Rtn):
             x = self._linear_input(ctx, stats, m)
             if x is None:
                 self.fallbacks.append(f"{m}: no calibration input, not clipped")
+                clips[f"{m}|none"] = torch.zeros(())
                 continue
             w = ctx.weights[m].to(torch.float32)
             if m in col_scale:
@@ -294,9 +297,15 @@ class Int4Awq(Int4Rtn):
             fq = self._fake_quant(m)
             clips[m] = clip_search(w, x.to(torch.float32), g, lambda wr, c, _fq=fq: _fq(clamp_to_clip(wr, c, g)),
                                    n_grid=20)
-        for m, clip in ctx.share(clips).items():
+        clips = ctx.share(clips)
+        for m in list(ctx.weights):
+            if ctx.layout.rel(m).rpartition(".")[2] in ("q_proj", "k_proj"):
+                continue
+            if m not in clips:
+                _searched(clips, m, f"the clipping search of '{m}'")
+                continue
             w = ctx.weights[m].to(torch.float32)
-            ctx.weights[m] = clamp_to_clip(w, clip.to(w.device, w.dtype), g)
+            ctx.weights[m] = clamp_to_clip(w, clips[m].to(w.device, w.dtype), g)
 
     def _linear_input(self, ctx, stats, module):
         """The real-token inputs [n, in] of one quantized Linear over all batches, from the
@@ -397,6 +406,15 @@ class Int4Awq(Int4Rtn):
 # Quantized Linear (relative name) -> the recorded block whose input is its input.
 CLIP_INPUTS = {"self_attn.v_proj": "self_attn", "self_attn.o_proj": "self_attn.o_proj", "mlp.gate_proj": "mlp",
                "mlp.up_proj": "mlp", "mlp.down_proj": "mlp.down_proj"}
+
+
+def _searched(found: dict, key: str, what: str) -> None:
+    """A search without a result must have said so ("<key>|none"); otherwise no process ran it
+    (several processes that disagree on the work split), and quantizing on would change bytes."""
+    from streamq.errors import CheckpointError
+
+    if f"{key}|none" not in found:
+        raise CheckpointError(f"{what} was run by no process; the processes disagree on the layer's work split")
 
 
 def _aliases(a, b) -> bool:
