@@ -9,7 +9,7 @@ CONFIG  ?= configs/examples/tiny_qwen3_moe_fp8_static.yaml
 ARGS    ?=
 DEMO    := build/demo
 
-.PHONY: help install demo quantize plan test test-fast lint bench bench-dist bench-host-depth eval-table clean
+.PHONY: help install demo quantize plan test test-fast lint bench bench-dist bench-host-depth bench-gptq-units eval-table clean
 
 help:
 	@echo "make install                   create $(VENV) and install streamq (+ test tools)"
@@ -21,6 +21,8 @@ help:
 	@echo "make bench-dist                1 vs 2 processes (torchrun) on 2 GPUs, byte-identical outputs (scripts/bench_dist.sh;"
 	@echo "                               ALGOS=\"fp8_static int4_gptq\" SAMPLES=... SEQ=... LAYERS=... as its header says)"
 	@echo "make bench-host-depth          CPU host memory at 4 vs 48 layers, plan next to measurement (scripts/bench_host_depth.sh)"
+	@echo "make bench-gptq-units          one GPTQ solve of each work unit of a 235B layer on a GPU, next to its modelled"
+	@echo "                               cost, which splits the work across processes (scripts/time_gptq_units.py)"
 	@echo "make eval-table                quality table: bf16 vs each scheme on the trained fixtures (ARGS='--schemes ...')"
 	@echo "                               llm-compressor side by side: scripts/peer_llmcompressor.py (its own venv), then --peer"
 	@echo "                               (build/eval_table/; ARGS='--device cuda --models DIR ...')"
@@ -63,6 +65,9 @@ bench-dist: install
 
 bench-host-depth: install
 	PY=$(PY) bash scripts/bench_host_depth.sh
+
+bench-gptq-units: install
+	PYTHONPATH=. $(PY) scripts/time_gptq_units.py
 
 eval-table: install
 	$(PY) scripts/eval_table.py $(ARGS)
