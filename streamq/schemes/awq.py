@@ -173,8 +173,8 @@ class Int4Awq(Int4Rtn):
         (`streamq.engine.dist`): one unit per AWQ group (its targets), and one per quantized
         Linear in no group (its clipping search, with `mse_range`). Every search runs on the
         layer as calibrated, so a process searching some groups finds the scales one process
-        finds for them. Cost: n_grid re-runs of the group's parent block, in multiply-adds
-        per calibration token (routed experts weighted top_k / num_experts)."""
+        finds for them. Cost (`token_flops`): n_grid re-runs of the group's parent block, in
+        multiply-adds per calibration token (routed experts weighted top_k / num_experts)."""
         from streamq.model.smoothing import awq_groups
         from streamq.schemes.base import WorkUnit
 
@@ -195,11 +195,11 @@ class Int4Awq(Int4Rtn):
         units, grouped = [], set()
         for g in awq_groups(layer, layout):
             cost = sum(macs(m) for m in g.targets) if g.expert is not None else under(g.parent)
-            units.append(WorkUnit(tuple(g.targets), 0, float(self.n_grid * cost)))
+            units.append(WorkUnit(tuple(g.targets), 0, 0.0, token_flops=float(self.n_grid * cost)))
             grouped.update(g.targets)
         for m in linears:
             if m not in grouped:
-                units.append(WorkUnit((m,), 0, float(self.n_grid * macs(m) if self.mse_range else macs(m))))
+                units.append(WorkUnit((m,), 0, 0.0, token_flops=float(self.n_grid * macs(m) if self.mse_range else 0)))
         return units
 
     def transform(self, ctx, stats):
