@@ -231,8 +231,7 @@ def _create_slots(directory: Path, nbytes: int, slots: int) -> list[str] | None:
     except OSError:
         free = 0
     need = slots * nbytes
-    # Space is taken as pages are written (tmpfs files are sparse): a full tmpfs would kill the
-    # process writing it (SIGBUS), so keep a margin beyond what the slots will hold.
+    # Leave the machine's shared memory a margin beyond the slots.
     if free < need + need // 8:
         log.info("one read per machine is off: %s has %.1f GiB free, the shared layer buffers need %.1f GiB "
                  "(set STREAMQ_SHM_DIR to a larger tmpfs); every process reads each layer itself",
@@ -244,7 +243,9 @@ def _create_slots(directory: Path, nbytes: int, slots: int) -> list[str] | None:
             paths.append(str(directory / f"streamq-{os.getpid()}-{k}"))
             fd = os.open(paths[-1], os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
             try:
-                os.ftruncate(fd, nbytes)
+                # Reserves the pages now: a tmpfs filling up later fails here (ENOSPC, and the run
+                # falls back) instead of killing a process mid-read (SIGBUS on a sparse file).
+                os.posix_fallocate(fd, 0, nbytes)
             finally:
                 os.close(fd)
     except OSError as e:
