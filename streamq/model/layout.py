@@ -44,6 +44,16 @@ class ExpertRef:
         return "down" if self.proj == "down_proj" else "gate_up"
 
 
+def experts_per_parent(refs) -> dict[str, int]:
+    """Experts of each fused experts module (`ExpertRef.parent` -> count), from the highest
+    index among `refs`: the layout's refs, so a process holding a share of the experts' Linears
+    still counts them all."""
+    nums: dict[str, int] = {}
+    for ref in refs:
+        nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
+    return nums
+
+
 @dataclass
 class LayerLayout:
     index: int

@@ -99,7 +99,7 @@ class Int4Awq(Int4Rtn):
         and with `mse_range` the blocks whose inputs are the clipped Linears' inputs."""
         from streamq.model.smoothing import awq_groups
 
-        blocks = [g.parent for g in awq_groups(layer, layout) if owned is None or g.targets[0] in owned]
+        blocks = [g.parent for g in awq_groups(layer, layout) if _searches(g, owned)]
         if self.mse_range:  # the clipping search needs every clipped Linear's input
             modules = dict(layer.named_modules())
             for m in layout.quantized:
@@ -175,12 +175,11 @@ class Int4Awq(Int4Rtn):
         layer as calibrated, so a process searching some groups finds the scales one process
         finds for them. Cost (`token_flops`): n_grid re-runs of the group's parent block, in
         multiply-adds per calibration token (routed experts weighted top_k / num_experts)."""
+        from streamq.model.layout import experts_per_parent
         from streamq.model.smoothing import awq_groups
         from streamq.schemes.base import WorkUnit
 
-        nums: dict[str, int] = {}
-        for ref in experts.values():
-            nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
+        nums = experts_per_parent(experts.values())
 
         def macs(module: str) -> float:
             rows, cols = linears[module]
@@ -225,7 +224,7 @@ class Int4Awq(Int4Rtn):
         found: dict[str, torch.Tensor] = {}  # "<source>|s" and "<source>|ratio" of the groups searched here
         with torch.no_grad():
             for group in groups:
-                if ctx.owned is not None and group.targets[0] not in ctx.owned:
+                if not _searches(group, ctx.owned):
                     continue  # another process searches it
                 for m in group.targets:
                     self._check_shape(m, ctx.weights[m])
@@ -406,6 +405,11 @@ class Int4Awq(Int4Rtn):
 # Quantized Linear (relative name) -> the recorded block whose input is its input.
 CLIP_INPUTS = {"self_attn.v_proj": "self_attn", "self_attn.o_proj": "self_attn.o_proj", "mlp.gate_proj": "mlp",
                "mlp.up_proj": "mlp", "mlp.down_proj": "mlp.down_proj"}
+
+
+def _searches(group, owned: set[str] | None) -> bool:
+    """Whether this process searches `group`: a work unit holds a group's targets together."""
+    return owned is None or group.targets[0] in owned
 
 
 def _searched(found: dict, key: str, what: str) -> None:

@@ -296,9 +296,9 @@ class Int4Gptq(_W4A16):
             rows, cols = _rows_cols(linears, names)
             units.append(WorkUnit(tuple(names), cols, float(rows * cols * cols + cols ** 3), rows, float(cols * cols),
                                   4 * cols * cols))
-        nums: dict[str, int] = {}  # as `quantize` counts them: every expert of the parent
-        for ref in experts.values():
-            nums[ref.parent] = max(nums.get(ref.parent, 0), ref.index + 1)
+        from streamq.model.layout import experts_per_parent
+
+        nums = experts_per_parent(experts.values())  # as `quantize` counts them: every expert of the parent
         for (parent, kind), members in groups.items():
             num = nums[parent]
             rows, cols = _rows_cols(linears, members[max(members)])
@@ -356,15 +356,15 @@ class Int4Gptq(_W4A16):
                 start += count
                 zp = None if r.zero_point is None else r.zero_point[0, sl]
                 yield n, QuantizedLinear(r.codes[0, sl], r.scale[0, sl].to(_scale_dtype(weights[n])), zero_point=zp)
+        from streamq.model.layout import experts_per_parent
+
         by_parent: dict[str, dict[tuple[int, str], str]] = {}
-        nums: dict[str, int] = {}  # experts per parent, from the layout: `weights` may hold a share of them
-        for module, ref in layout.experts.items() if layout is not None else ():
-            parent = layout.prefix + ref.parent
-            nums[parent] = max(nums.get(parent, 0), ref.index + 1)
-            if module in experts:
-                by_parent.setdefault(parent, {})[(ref.index, ref.proj)] = module
+        for module, ref in experts.items():
+            by_parent.setdefault(ref.parent, {})[(ref.index, ref.proj)] = module
+        # From the layout, not `weights`: this process may hold a share of the experts.
+        nums = experts_per_parent(layout.experts.values()) if layout is not None else {}
         for parent, members in by_parent.items():
-            yield from self._solve_experts(parent, members, weights, stats, nums[parent])
+            yield from self._solve_experts(layout.prefix + parent, members, weights, stats, nums[parent])
 
     def _solve_experts(self, parent, members, weights, stats, num):
         """Gate and up of each expert stacked into one [E, 2I, in] problem, down into
