@@ -512,6 +512,13 @@ def _recycle(job: Job, prefetch: Prefetcher, buffer: torch.Tensor) -> None:
     prefetch.recycle(buffer)
 
 
+def _let_go(job: Job, prefetch: Prefetcher, buffer: torch.Tensor, layer: nn.Module | None) -> None:
+    """A layer this process does not write: its materialized weights and read buffer go back."""
+    if layer is not None:
+        release_layer(layer)
+    _recycle(job, prefetch, buffer)
+
+
 def _output_arena_bytes(job: Job, i: int) -> int:
     layout, infos, config = job.layouts[i], job.reader.tensors, job.config
     quantized = set(layout.quantized.values())
@@ -586,9 +593,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     if not emit and not scheme.propagates_quantized and (owned is None or already_written):
         # Replayed only to advance the hidden states, or another process writes it (with
         # work units split, every process still solves its share for the writer).
-        if layer is not None:
-            release_layer(layer)
-        _recycle(job, prefetch, buffer)
+        _let_go(job, prefetch, buffer, layer)
         return stages
     t = time.monotonic()
     ctx = LayerContext(layout, layer, _source_weights(job, layout, tensors, layer), tensors, job.device)
@@ -605,8 +610,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         if not emit and not scheme.propagates_quantized:  # every process searched its share; one writes
             _note_fallbacks(calib, i, earlier)
             ctx.weights.clear()
-            release_layer(layer)
-            _recycle(job, prefetch, buffer)
+            _let_go(job, prefetch, buffer, layer)
             return stages
     # CUDA: results are copied (asynchronously) into a page-locked arena that the writer
     # serializes from; on the CPU they already are host tensors.
@@ -649,8 +653,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         t = time.monotonic()
     if not emit:
         ctx.weights.clear()
-        release_layer(layer)
-        _recycle(job, prefetch, buffer)
+        _let_go(job, prefetch, buffer, layer)
         return stages
     ctx.weights.clear()
     _check_scales(i, checks)

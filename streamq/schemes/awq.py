@@ -47,7 +47,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from streamq.errors import ConfigError
+from streamq.errors import CheckpointError, ConfigError
 from streamq.schemes.base import Q, Scheme, check_bits, register, setting
 from streamq.schemes.int4 import Int4Rtn, _group_size, _scale_dtype
 
@@ -280,11 +280,11 @@ class Int4Awq(Int4Rtn):
         from streamq.quant.smooth import clamp_to_clip, clip_search
 
         g = self.group_size
+        clipped = [m for m in ctx.weights if ctx.layout.rel(m).rpartition(".")[2] not in ("q_proj", "k_proj")]
         clips: dict[str, torch.Tensor] = {}
-        for m in list(ctx.weights):
-            rel = ctx.layout.rel(m)
-            if rel.rpartition(".")[2] in ("q_proj", "k_proj") or (ctx.owned is not None and m not in ctx.owned):
-                continue
+        for m in clipped:
+            if ctx.owned is not None and m not in ctx.owned:
+                continue  # another process searches it
             x = self._linear_input(ctx, stats, m)
             if x is None:
                 self.fallbacks.append(f"{m}: no calibration input, not clipped")
@@ -297,9 +297,7 @@ class Int4Awq(Int4Rtn):
             clips[m] = clip_search(w, x.to(torch.float32), g, lambda wr, c, _fq=fq: _fq(clamp_to_clip(wr, c, g)),
                                    n_grid=20)
         clips = ctx.share(clips)
-        for m in list(ctx.weights):
-            if ctx.layout.rel(m).rpartition(".")[2] in ("q_proj", "k_proj"):
-                continue
+        for m in clipped:
             if m not in clips:
                 _searched(clips, m, f"the clipping search of '{m}'")
                 continue
@@ -415,8 +413,6 @@ def _searches(group, owned: set[str] | None) -> bool:
 def _searched(found: dict, key: str, what: str) -> None:
     """A search without a result must have said so ("<key>|none"); otherwise no process ran it
     (several processes that disagree on the work split), and quantizing on would change bytes."""
-    from streamq.errors import CheckpointError
-
     if f"{key}|none" not in found:
         raise CheckpointError(f"{what} was run by no process; the processes disagree on the layer's work split")
 

@@ -79,7 +79,7 @@ class WorkUnit:
     `token_flops`: multiply-adds per calibration token of the statistics it alone needs
     (its Hessian updates), which the process that owns the unit accumulates, and
     `statistics_bytes` it alone holds (its Hessians). A search (AWQ) has no column loop:
-    its cost is all `flops`."""
+    its cost is all per token (`token_flops`)."""
 
     modules: tuple[str, ...]
     columns: int
