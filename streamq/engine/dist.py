@@ -146,9 +146,10 @@ class Dist:
         return out
 
     def node_group(self) -> Any:
-        """The processes of this machine as a `streamq.engine.prefetch.NodeGroup` (gloo), or
-        None when this machine runs one process or torchrun's ranks are not laid out as
-        LOCAL_WORLD_SIZE consecutive ranks per machine. Collective: every rank calls it."""
+        """The processes of this machine as a `streamq.engine.prefetch.NodeGroup` (a process
+        group of the job's backend), or None when this machine runs one process or torchrun's
+        ranks are not laid out as LOCAL_WORLD_SIZE consecutive ranks per machine.
+        Collective: every rank calls it."""
         import torch.distributed as td
 
         from streamq.engine.prefetch import NodeGroup
@@ -158,7 +159,9 @@ class Dist:
                              and self.rank - self.local_rank == self.rank // local * local))
         if len({v[0] for v in views}) != 1 or not all(v[1] for v in views):  # machines differ: no groups
             return None
-        group, _ = td.new_subgroups(group_size=local, backend="gloo", timeout=timeout())
+        if local == self.world:  # one machine: the job's own group
+            return NodeGroup(None, 0, self.local_rank)
+        group, _ = td.new_subgroups(group_size=local, timeout=timeout())
         return NodeGroup(group, self.rank - self.local_rank, self.local_rank)
 
     def check_same(self, facts: dict[str, Any]) -> None:

@@ -53,6 +53,9 @@ class Job:
     batch_ids: list[int] | None = None
     # Processes splitting each layer's work units (several processes, GPTQ); the planner's time.
     work_ranks: int = 1
+    # Several processes of a machine taking every layer: one reads it, each receives the
+    # layer as one device buffer held through the layer (`engine.prefetch.NodePrefetcher`).
+    received_layers: bool = False
 
     @property
     def my_batches(self) -> list[int]:

@@ -331,6 +331,7 @@ class Inputs:
     startup_seconds: float = 0.0  # imports and `prepare`, as the planning process measured them
     propagate_quantized: bool = False  # a second replay per layer (GPTQ's quantized outputs)
     ranks: int = 1  # processes splitting each layer's work units (torchrun, GPTQ)
+    received_layers: bool = False  # each layer arrives as one device buffer (one read per machine)
 
 
 @dataclass
@@ -458,7 +459,8 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
         params = lay.param_bytes - lay.expert_param_bytes + lay.expert_param_bytes // choice.expert_groups
         fixed = {"embedding": inputs.stem_param_bytes,
                  "hidden cache": _cache_bytes(inputs, False) if choice.location == "device" else 0,
-                 "layer (compute dtype)": params}
+                 "layer (compute dtype)": params,
+                 "layer as received (one read per machine)": lay.source_bytes if inputs.received_layers else 0}
         act = _largest_activation(inputs, choice.micro_batch)
         if choice.location != "device":
             act = {"hidden states in": (max(b.tokens for b in inputs.batches) * inputs.shape.hidden
@@ -766,6 +768,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         model_path=str(reader.path), algorithm=config.quant.name,
         propagate_quantized=static and config.scheme.propagates_quantized,
         ranks=getattr(job, "work_ranks", 1),
+        received_layers=bool(getattr(job, "received_layers", False)),
     )
 
 

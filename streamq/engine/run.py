@@ -341,6 +341,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         job.batch_ids = dist.batches(len(job.batches))  # the plan sizes this process's share of the cache
     elif split == MODULES:
         job.work_ranks = dist.world  # the plan times this process's share of the solves
+    job.received_layers = split is not None and job.device.type == "cuda"
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
     plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
@@ -397,7 +398,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         todo = dist.mine(todo)  # whole layers per rank; calibrated schemes: every rank every layer
     progress = LayerProgress(len(todo), f"{config.quant.name} {job.reader.path.name}", show_progress)
     # Calibrated schemes under torchrun: every process needs every layer, so a machine reads each once.
-    prefetch = open_prefetcher(job.reader, job.device.type == "cuda", todo, dist if calib is not None else None)
+    prefetch = open_prefetcher(job.reader, job.device.type == "cuda", job.device,
+                               dist if calib is not None and todo else None)
     writer = _Writer(state, out_dir)
     arenas = OutputArenas() if job.device.type == "cuda" else None
     try:
@@ -507,9 +509,13 @@ class _PhaseClock:
 
 
 def _recycle(job: Job, prefetch: Prefetcher, buffer: torch.Tensor) -> None:
-    if job.device.type == "cuda":
-        torch.cuda.synchronize(job.device)  # asynchronous copies out of the buffer have landed
+    _settle(job)  # asynchronous copies out of the buffer have landed
     prefetch.recycle(buffer)
+
+
+def _settle(job: Job) -> None:
+    if job.device.type == "cuda":
+        torch.cuda.synchronize(job.device)
 
 
 def _let_go(job: Job, prefetch: Prefetcher, buffer: torch.Tensor, layer: nn.Module | None) -> None:
@@ -649,6 +655,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         t = time.monotonic()
         progress.step("propagate")
         calib.run_layer(layer, layout, observe=False, advance=True)
+        _settle(job)  # the stage's time is the device's, not only the launches'
         stages["propagate"] = time.monotonic() - t
         t = time.monotonic()
     if not emit:
