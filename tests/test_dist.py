@@ -16,6 +16,8 @@ import pytest
 from conftest import make_config, write_yaml
 from test_gptq_streaming import gptq_config
 
+from streamq.testing.tiny_models import CALIB_FILE
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -75,10 +77,16 @@ def test_killed_rank_stops_the_job_and_one_process_resumes(tiny_models, single, 
 
 
 def _calibrated(scheme: str, model: Path, out: Path) -> dict:
-    if scheme.startswith("int4_gptq"):  # 4 batches: every rank replays them all, solves its share
-        return gptq_config(model, out, propagate="original" if scheme.endswith("original") else "quantized")
-    if scheme.startswith("int4_awq"):  # every rank replays every batch, searches its share of the groups
-        cfg = gptq_config(model, out)
+    # int4: 5 batches of 2 (some padded), 3 for rank 0 and 2 for rank 1, so the last step has one
+    # batch and every sum has more than two terms: their order shows in the bytes (a + b == b + a).
+    # Every rank replays its batches and solves (or searches) its share of the layer.
+    dataset = {"name": "TextDataset", "data_path": str(CALIB_FILE), "max_seq_length": 96, "num_samples": 10,
+               "batch_size": 2}
+    if scheme.startswith("int4_gptq"):
+        return gptq_config(model, out, propagate="original" if scheme.endswith("original") else "quantized",
+                           dataset=dataset)
+    if scheme.startswith("int4_awq"):
+        cfg = gptq_config(model, out, dataset=dataset)
         q = cfg["compression"]["quantization"]
         q.pop("propagate")
         q.update(name="int4_awq", n_grid=4, quant_method={"weight": "per-group", "group_size": 32, "zero_point": True,
@@ -222,7 +230,7 @@ def test_cache_checkpoint_of_two_processes_resumes_with_one(tiny_models, single_
     r = _run(path, 2, {"STREAMQ_KILL_AT": "layer-recorded:1", "STREAMQ_KILL_RANK": "1"})
     assert r.returncode != 0
     checkpoint = out / ".streamq_cache" / "checkpoint-layer-00001"
-    batches = {"fp8_static": 4, "int4_gptq": 2}[scheme]  # every batch, whoever held it
+    batches = {"fp8_static": 4, "int4_gptq": 5}[scheme]  # every batch, whoever held it
     assert len(list(checkpoint.glob("batch-*.safetensors"))) == batches
     r = _run(path, 1)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -8,17 +8,18 @@ number of processes:
 
 - calibration-free schemes split whole layers across ranks; each rank reads and writes
   only its layers;
-- calibrated schemes whose statistics merge exactly (ranges: a max is the same in any
-  order) split the calibration samples (SAMPLES): each rank keeps only its batches' hidden
-  states, replays every layer on them, and the ranges are max-reduced before quantizing;
-- calibrated schemes whose statistics are floating-point sums (Hessians) split the work
-  that dominates (MODULES): every rank replays every batch, but does only its share of the
-  layer's work units (`Scheme.work_units`). GPTQ ("quantize" `work_stage`): each rank
-  accumulates Hessians for and solves its units, and the quantized weights are exchanged so
-  every rank can replay the quantized layer. AWQ ("transform"): each rank searches its
-  smoothing groups, and the scales are exchanged before any is applied. A sum of partial
-  sums from several processes would differ from one process's sum in its last bits, so
-  splitting samples there would break byte-identity;
+- calibrated schemes split the calibration samples: each rank keeps only its batches'
+  hidden states (round robin, `Dist.batches`) and replays every layer on them;
+- whose statistics merge exactly (ranges: a max is the same in any order; SAMPLES), the
+  ranges are max-reduced before quantizing;
+- whose statistics are floating-point sums (Hessians, AWQ's means and recorded blocks;
+  MODULES) also split the layer's work units (`Scheme.work_units`): each sum is kept by its
+  unit's owner, and every update of it is routed there and applied in batch order
+  (`streamq.calib.routing`), because a sum of per-rank partial sums would differ from one
+  process's in its last bits. GPTQ ("quantize" `work_stage`): each rank solves its units,
+  and the quantized weights are exchanged so every rank can replay the quantized layer.
+  AWQ ("transform"): each rank searches its smoothing groups, and the scales are exchanged
+  before any is applied;
 - rank 0 opens the output directory and writes the non-layer shard; a layer's shard is
   written by one rank; rank 0 writes the index and config.json last, after gathering
   every rank's shard records.
@@ -38,7 +39,7 @@ from typing import Any
 from streamq.errors import ConfigError, StreamqError
 
 SAMPLES = "samples"  # calibration batches split across ranks, ranges max-reduced
-MODULES = "modules"  # every rank sees every batch; statistics and solves split by work unit
+MODULES = "modules"  # batches split too; sums routed to their work unit's owner, which solves it
 
 
 def calibration_split(scheme: Any) -> str:
@@ -100,12 +101,14 @@ class Dist:
         return items[self.rank::self.world]
 
     def batches(self, count: int) -> list[int]:
-        """This rank's calibration batches: a contiguous block of range(count)."""
+        """This rank's calibration batches, round robin: rank r replays batches r, r + world,
+        ..., so the batches of one step (one per rank) in rank order are in batch order
+        (`streamq.calib.routing`)."""
         if count < self.world:
             raise ConfigError(f"{count} calibration batch(es) cannot be split across {self.world} processes; "
                               "use more samples (dataset.num_samples) or a smaller dataset.batch_size, "
                               "or fewer processes")
-        return list(range(self.rank * count // self.world, (self.rank + 1) * count // self.world))
+        return list(range(self.rank, count, self.world))
 
     def max_(self, tensors: list) -> None:
         """Element-wise max across ranks, in place (exact: the order does not matter)."""
@@ -116,20 +119,34 @@ class Dist:
 
     def exchange(self, mine: dict, device: Any) -> dict:
         """Every rank's tensors to every rank: `mine` (name -> tensor) from this rank; returns
-        the union over ranks. One broadcast of one byte buffer per rank."""
+        the union over ranks (names must be unique across ranks)."""
+        out: dict = {}
+        for _, tensors in self.each(mine, None, device):
+            out.update(tensors)
+        return out
+
+    def each(self, mine: dict, note: Any, device: Any):
+        """Every rank's (note, tensors), in rank order: `mine` (name -> tensor) and `note` (any
+        picklable value) from this rank. One gather of the notes and shapes, then one
+        broadcast of one byte buffer per rank that has tensors; a rank's tensors are views
+        into its buffer, valid until the caller drops them. A generator: every rank must
+        run it to the end."""
         import torch
         import torch.distributed as td
 
-        meta = self.gather({k: (tuple(t.shape), t.dtype) for k, t in mine.items()})
-        out = dict(mine)
-        for r, entries in enumerate(meta):
+        meta = self.gather((note, {k: (tuple(t.shape), t.dtype) for k, t in mine.items()}))
+        for r, (their_note, entries) in enumerate(meta):
+            if r == self.rank:
+                yield note, mine
             sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in entries.values()]
             if not sizes:
+                if r != self.rank:
+                    yield their_note, {}
                 continue
             # Each tensor starts 16-byte aligned in the buffer, so it can be viewed in its dtype.
             spans = [-(-n // 16) * 16 for n in sizes]
             if r == self.rank:
-                buf = torch.zeros(sum(spans), dtype=torch.uint8, device=device)
+                buf = torch.empty(sum(spans), dtype=torch.uint8, device=device)
                 at = 0
                 for t, size, span in zip(mine.values(), sizes, spans, strict=True):
                     buf[at:at + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
@@ -139,11 +156,12 @@ class Dist:
             td.broadcast(buf, src=r)
             if r == self.rank:
                 continue
-            at = 0
+            received, at = {}, 0
             for (name, (shape, dtype)), size, span in zip(entries.items(), sizes, spans, strict=True):
-                out[name] = buf[at:at + size].view(dtype).view(shape)
+                received[name] = buf[at:at + size].view(dtype).view(shape)
                 at += span
-        return out
+            del buf
+            yield their_note, received
 
     def node_group(self) -> Any:
         """The processes of this machine as a `streamq.engine.prefetch.NodeGroup` (a process

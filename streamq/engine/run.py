@@ -35,6 +35,7 @@ from streamq.calib.cache import (
 )
 from streamq.calib.checks import check_activation_stats
 from streamq.calib.observers import LayerObserver
+from streamq.calib.routing import Router, skip
 from streamq.checkpoint.writer import (
     atomic_save_tensors,
     atomic_write_json,
@@ -121,8 +122,9 @@ class _Calibrator:
         materialize_outside_layers(job.skeleton, tensors, job.device)
         self.kwargs = capture_mod.LayerKwargs(job.skeleton, job.hf_config.hidden_size, job.dtype, job.device)
         # On the device once, not per batch and layer: a pageable copy would synchronize.
-        mine = set(self.ids)
-        self.masks = [b.attention_mask.to(job.device).bool() if i in mine else None for i, b in enumerate(job.batches)]
+        # Every batch's, not only this process's: routed statistics (AWQ's recorded blocks)
+        # arrive from every batch.
+        self.masks = [b.attention_mask.to(job.device).bool() for b in job.batches]
         self.uncovered = 0
         self.fallbacks: list[str] = []  # "layer i: <module>: <why>", from the scheme
         self.last_checkpoint = time.monotonic()
@@ -141,7 +143,7 @@ class _Calibrator:
         shapes = {m: tuple(infos[n].shape) for m, n in layout.quantized.items()}
         units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts,
                                   layer=layer, layout=layout, top_k=self.top_k)
-        tokens = sum(self.job.batches[b].input_ids.numel() for b in self.ids)
+        tokens = sum(b.input_ids.numel() for b in self.job.batches)  # each unit's statistics see every batch
         # Rank 0's assignment for all: cost models may differ between machines (CPU core counts).
         owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens))
         self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
@@ -172,24 +174,37 @@ class _Calibrator:
         kind = scheme.observer_kind()
         shared: dict[str, str] = {}  # module -> the module whose observer it shares
         blocks: dict[str, list[tuple]] = {}
+        kept: set[str] | None = None  # observers whose statistics this process keeps (None: all)
+        router = None
+        if observe and self.split == MODULES:  # sums of every batch, kept by their work unit's owner
+            router = obs.router = Router(lambda mine, note: self.dist.each(mine, note, self.job.device))
+            kept = set()
         if observe:
             watch = {}
             if kind is not None:
                 for m in layout.quantized:
-                    if m not in layout.experts and (self.owned is None or m in self.owned):
-                        shared[m] = rep = next(x for x in layout.quantized
-                                               if fused_group_key(x) == fused_group_key(m))
-                        watch[layout.rel(rep)] = kind
+                    if m in layout.experts:
+                        continue
+                    rep = next(x for x in layout.quantized if fused_group_key(x) == fused_group_key(m))
+                    watch[layout.rel(rep)] = kind  # routed: every process records every input
+                    if self.owned is None or m in self.owned:
+                        shared[m] = rep
+                        if kept is not None:
+                            kept.add(layout.rel(rep))
             smoothing = scheme.smoothing_kind()
             if smoothing is not None:
                 for name in scheme.smoothing_inputs(layer, layout):
                     watch[name] = smoothing
-            obs.watch_linears(layer, watch)
+                    if kept is not None:
+                        kept.add(name)
+            obs.watch_linears(layer, watch, kept)
             blocks = {name: [] for name in scheme.recorded_blocks(layer, layout, self.owned)}
-            for name, records in blocks.items():
-                def record(_mod, args, kwargs, output, _records=records):
-                    _records.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs),
-                                     output.detach() if torch.is_tensor(output) else output))
+            for name in scheme.recorded_blocks(layer, layout, None if router is not None else self.owned):
+                keep = _keep_block(blocks[name], clone=router is not None) if name in blocks else skip
+
+                def record(_mod, args, kwargs, output, _name=name, _keep=keep):
+                    obs.add(f"block {_name}", _keep, args, dict(kwargs), output)
+
                 obs._handles.append(layer.get_submodule(name).register_forward_hook(record, with_kwargs=True))
             if kind is not None:
                 obs.expert_kind = kind
@@ -203,14 +218,22 @@ class _Calibrator:
                             obs.owned_experts.setdefault(key, set())
                 for parent, module in fused.items():
                     instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
+        # Routed: every process takes the same number of steps (its batch of the step, if it has
+        # one), and each step ends with every process's updates applied in batch order.
+        steps = -(-len(self.job.batches) // self.dist.world) if router is not None else len(self.ids)
         try:
-            for b in self.ids:
-                batch = self.job.batches[b]
-                obs.token_mask = self.masks[b]
-                kwargs = self.kwargs.for_batch(b, batch.attention_mask)[layout.index]
-                out = layer(self.cache.get(b), **kwargs)
-                if advance:
-                    self.cache.put(b, out[0] if isinstance(out, tuple) else out)
+            for step in range(steps):
+                if step < len(self.ids):
+                    b = self.ids[step]
+                    batch = self.job.batches[b]
+                    obs.token_mask = self.masks[b]
+                    kwargs = self.kwargs.for_batch(b, batch.attention_mask)[layout.index]
+                    out = layer(self.cache.get(b), **kwargs)
+                    if advance:
+                        self.cache.put(b, out[0] if isinstance(out, tuple) else out)
+                    del out
+                if router is not None:
+                    router.flush()
                 faults.checkpoint("calibrate-batch")
         finally:
             obs.close()
@@ -222,7 +245,7 @@ class _Calibrator:
             return None
         if self.split == SAMPLES:
             self._merge_ranges(obs)
-        values = {layout.prefix + name: o.result() for name, o in obs.observers.items()}
+        values = {layout.prefix + name: o.result() for name, o in obs.observers.items() if kept is None or name in kept}
         values.update({m: values[rep] for m, rep in shared.items()})
         if kind == "hessian":
             values.update(self._expert_hessians(obs, layout))
@@ -275,6 +298,21 @@ class _Calibrator:
         missed = gate_up == 0
         self.uncovered += int(missed.sum())
         return {"gate_up": torch.where(missed, gate_up.max(), gate_up), "down": torch.where(missed, down.max(), down)}
+
+
+def _keep_block(records: list, clone: bool) -> Callable[[tuple, dict, object], None]:
+    """The update that keeps one recorded block call (args, kwargs, output); `clone` when the
+    tensors may be views into a routed step's buffer, which must not outlive the step."""
+    def own(value):
+        if torch.is_tensor(value):
+            return value.detach().clone() if clone else value.detach()
+        if isinstance(value, (tuple, list)):
+            return type(value)(own(v) for v in value)
+        if isinstance(value, dict):
+            return {k: own(v) for k, v in value.items()}
+        return value
+
+    return lambda args, kwargs, output: records.append((own(args), own(kwargs), own(output)))
 
 
 class _Writer:
@@ -337,9 +375,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     if dist is not None:
         dist.check_same({"config": config.job_hash(), "source checkpoint": job.reader.fingerprint(),
                          "calibration data": _batches_digest(job.batches)})
-    if split == SAMPLES:
+    if split is not None:
         job.batch_ids = dist.batches(len(job.batches))  # the plan sizes this process's share of the cache
-    elif split == MODULES:
+    if split == MODULES:
         job.work_ranks = dist.world  # the plan times this process's share of the solves
     job.received_layers = split is not None and job.device.type == "cuda"
     prepared = time.monotonic()
@@ -479,8 +517,8 @@ def _checkpoint_due(calib: _Calibrator, index: int, dist: Dist | None) -> bool:
 
 def _save_cache_checkpoint(calib: _Calibrator, next_layer: int, root: Path, dist: Dist | None) -> None:
     """The hidden states entering `next_layer`, for a resume. Several processes: each writes
-    the batches it alone holds (split samples), or rank 0 writes them all (every rank holds
-    every batch); rank 0 starts and commits, so the checkpoint appears whole or not at all."""
+    the batches it alone holds; rank 0 starts and commits, so the checkpoint appears whole or
+    not at all."""
     if dist is None:
         save_checkpoint(calib.cache, len(calib.job.batches), next_layer, root)
         return
@@ -488,8 +526,7 @@ def _save_cache_checkpoint(calib: _Calibrator, next_layer: int, root: Path, dist
         start_checkpoint(root, next_layer)
     dist.barrier()
     tmp, _ = checkpoint_dirs(root, next_layer)
-    if calib.split == SAMPLES or dist.leader:
-        write_checkpoint_batches(calib.cache, calib.ids, tmp)
+    write_checkpoint_batches(calib.cache, calib.ids, tmp)
     dist.barrier()
     if dist.leader:
         commit_checkpoint(root, next_layer)
