@@ -146,3 +146,10 @@ def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monk
     # Each process holds only its own units' Hessians: about half of them (attention's stay whole).
     hessians = [plans[r].gpu_breakdown["Hessians (float32)"] for r in (1, 2)]
     assert 0.45 < hessians[1] / hessians[0] < 0.6, hessians
+    # ... and only its own batches' hidden states (rank 1 of 2: batch 1 of the 2).
+    job = prepare(parse_config(cfg))
+    job.work_ranks, job.batch_ids = 2, [1]
+    share = make_plan(job, max_gpu_memory=140 << 30, max_cpu_memory=10**13, device_type="cuda",
+                      baseline_host_bytes=1 << 30)
+    assert share.cache_bytes == plans[1].cache_bytes // 2, (share.cache_bytes, plans[1].cache_bytes)
+    assert share.gpu_breakdown["Hessians (float32)"] == hessians[1]  # kept from every batch, not halved again

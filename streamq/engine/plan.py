@@ -332,6 +332,7 @@ class Inputs:
     propagate_quantized: bool = False  # a second replay per layer (GPTQ's quantized outputs)
     ranks: int = 1  # processes splitting each layer's work units (torchrun, GPTQ)
     received_layers: bool = False  # each layer arrives as one device buffer (one read per machine)
+    statistics_tokens: int = 0  # every process's calibration tokens (`batches` are this process's)
 
 
 @dataclass
@@ -442,6 +443,22 @@ def _largest_activation(inputs: Inputs, micro_batch: int) -> dict[str, int]:
     return best
 
 
+def _routed_bytes(inputs: Inputs, lay: LayerSizes) -> dict[str, int]:
+    """Several processes routing sum statistics (`streamq.calib.routing`): during a step, the
+    updates this process recorded on its batch (the inputs of the layer's Linears, and AWQ's
+    recorded block calls), its send copy of them, and one peer's received buffer."""
+    from streamq.schemes.awq import RECORDED_BLOCKS
+
+    if inputs.ranks <= 1 or not inputs.batches:
+        return {}
+    m = inputs.shape
+    n = max(b.tokens for b in inputs.batches)
+    mlp = m.hidden + max(m.top_k, 1) * m.moe_intermediate if m.num_experts else m.hidden + m.intermediate
+    batch = n * (m.hidden + m.heads * m.head_dim + mlp) * inputs.compute_elem
+    batch += dict(lay.statistics).get(RECORDED_BLOCKS, 0) * n // (inputs.statistics_tokens or n)
+    return {"routed statistics (own batch, its send copy, one peer's)": 3 * batch}
+
+
 def _max_phase(phases: list[dict[str, int]]) -> dict[str, int]:
     return max(phases, key=lambda p: sum(p.values()), default={})
 
@@ -466,7 +483,7 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
             act = {"hidden states in": (max(b.tokens for b in inputs.batches) * inputs.shape.hidden
                                         * inputs.compute_elem)} | act
         stats = dict(lay.statistics)
-        phases.append(fixed | stats | act)
+        phases.append(fixed | stats | act | _routed_bytes(inputs, lay))
         if lay.solve:  # the scheme's solve replaces the per-weight quantize temporaries
             phases.append(fixed | stats | dict(lay.solve))
             if inputs.ranks > 1 and lay.solve_units:  # solves split (GPTQ), not searches (AWQ)
@@ -588,7 +605,8 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
                 calibrate *= 2
             # Several processes splitting the work units: each accumulates and solves its share.
             units = a.gpu_units if cuda else a.cpu_units
-            calibrate += _busiest_rank_seconds([u.seconds(units, tokens) for u in lay.solve_units], inputs.ranks)
+            every = inputs.statistics_tokens or tokens
+            calibrate += _busiest_rank_seconds([u.seconds(units, every) for u in lay.solve_units], inputs.ranks)
         t.read.append(lay.source_bytes / a.disk_read_bps)
         t.write.append(lay.out_file_bytes / a.disk_write_bps)
         t.compute.append(transfer + calibrate + lay.quantized_source_bytes / elementwise)
@@ -744,7 +762,10 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     layers = [measure_layer(lay.index, _tensors(reader, reader.layers[lay.index]), lay.quantized, lay.experts,
                             elem, config.format, config.scheme.spec) for lay in job.layouts]
     top_k = ModelShape.from_config(job.hf_config).top_k
-    tokens = sum(b.tokens for b in _batch_shapes(job)) if static else 0
+    # Every batch's tokens, not this process's share: a statistic kept by one process (a
+    # Hessian, AWQ's recorded blocks) sees every batch (`streamq.calib.routing`).
+    tokens = sum(int(b.input_ids.numel()) for b in job.batches) if static and job.batches else \
+        sum(b.tokens for b in _batch_shapes(job)) if static else 0
     layer_modules = decoder_layers(job.skeleton)
     layers = [_with_scheme_memory(config, reader, lay, sizes, top_k, layer=layer_modules[lay.index], tokens=tokens,
                                   elem=elem, ranks=getattr(job, "work_ranks", 1),
@@ -768,6 +789,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         model_path=str(reader.path), algorithm=config.quant.name,
         propagate_quantized=static and config.scheme.propagates_quantized,
         ranks=getattr(job, "work_ranks", 1),
+        statistics_tokens=tokens,
         received_layers=bool(getattr(job, "received_layers", False)),
     )
 
