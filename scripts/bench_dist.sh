@@ -37,7 +37,7 @@ YAML
       > "$WORK/log-$algo-$n" 2>&1; fi
     t1=$(date +%s.%N)
     echo "== $algo nproc=$n process wall $(python -c "print(round($t1-$t0,2))") s"
-    grep -h 'done in\|peak\|rank [0-9]*:' "$WORK/log-$algo-$n" || tail -20 "$WORK/log-$algo-$n"
+    grep -h 'done in\|peak\|layer stages\|rank [0-9]*:' "$WORK/log-$algo-$n" || tail -20 "$WORK/log-$algo-$n"
     python - "$WORK/out-$algo" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1] + "/streamq_report.json"))

@@ -60,7 +60,8 @@ def _quantize(args: argparse.Namespace) -> int:
         print(report.summary())
         print(f"wrote {config.save_path}")
     else:  # each process's own time and peaks (memory is per process)
-        print("\n".join(f"rank {dist.rank}: {line}" for line in report.summary().splitlines()[:2]))
+        print("\n".join(f"rank {dist.rank}: {line}" for line in report.summary().splitlines()[:2]
+                        + [report.stage_line()]))
     return 0
 
 

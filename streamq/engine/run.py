@@ -101,10 +101,20 @@ class Report:
         if self.cache_location:
             lines.append(f"hidden-state cache: {self.cache_location}; MoE experts no calibration token reached: "
                          f"{self.uncovered_experts}")
+        lines.append(self.stage_line())
         if self.rtn_fallbacks:
             lines.append(f"modules quantized round-to-nearest instead of solved: {len(self.rtn_fallbacks)} "
                          "(rtn_fallbacks in the report)")
         return "\n".join(lines)
+
+    def stage_line(self) -> str:
+        """Seconds per stage of the layer loop, summed over layers (read: the background reads)."""
+        totals: dict[str, float] = {}
+        for stages in self.stages:
+            for k, v in stages.items():
+                if k != "layer":
+                    totals[k] = totals.get(k, 0.0) + v
+        return "layer stages (s): " + ", ".join(f"{k} {v:.1f}" for k, v in totals.items())
 
 
 class _Calibrator:
