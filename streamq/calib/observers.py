@@ -130,17 +130,7 @@ class LayerObserver:
         # whose Hessians this process accumulates (absent: all).
         self.owned_experts: dict[str, set[int]] = {}
         self.token_mask: torch.Tensor | None = None  # bool [B, T]
-        # Several processes splitting the samples: statistics that are sums go through a
-        # `streamq.calib.routing.Router`, replayed in batch order on the process keeping them.
-        self.router = None
         self._handles: list = []
-
-    def add(self, label: str, fn, *args) -> None:
-        """Apply the update `fn(*args)` to a sum statistic now, or route it (`router`)."""
-        if self.router is None:
-            fn(*args)
-        else:
-            self.router.add(label, fn, *args)
 
     def flat_mask(self, rows: int) -> torch.Tensor | None:
         if self.token_mask is None:
@@ -160,27 +150,17 @@ class LayerObserver:
         mask = self.flat_mask(rows.numel())
         return rows if mask is None else torch.where(mask, rows, torch.zeros_like(rows))
 
-    def watch_linears(self, layer: nn.Module, kinds: dict[str, str] | list[str], kept: set[str] | None = None
-                      ) -> None:
+    def watch_linears(self, layer: nn.Module, kinds: dict[str, str] | list[str]) -> None:
         """Hook the inputs of these Linear modules (names relative to `layer`) with an
-        observer of the given kind each ("absmax" for a plain list). With a `router`, the
-        updates of observers that do not merge exactly are routed, and only those in `kept`
-        (default: all) are applied here; the others' observers stay empty."""
-        from streamq.calib.routing import skip
-
+        observer of the given kind each ("absmax" for a plain list)."""
         if isinstance(kinds, list):
             kinds = dict.fromkeys(kinds, "absmax")
         for name, kind in kinds.items():
             module = layer.get_submodule(name)
-            self.observers[name] = observer = OBSERVERS[kind]()
-            routed = not getattr(observer, "exact_merge", False)
-            fn = observer.update if kept is None or name in kept else skip
+            self.observers[name] = OBSERVERS[kind]()
 
-            def hook(_mod: nn.Module, args: tuple, _name: str = name, _routed: bool = routed, _fn=fn) -> None:
-                if _routed:
-                    self.add(_name, _fn, args[0], self.token_mask)
-                else:
-                    self.observers[_name].update(args[0], self.token_mask)
+            def hook(_mod: nn.Module, args: tuple, _name: str = name) -> None:
+                self.observers[_name].update(args[0], self.token_mask)
 
             self._handles.append(module.register_forward_pre_hook(hook))
 

@@ -136,25 +136,22 @@ class Dist:
 
         meta = self.gather((note, {k: (tuple(t.shape), t.dtype) for k, t in mine.items()}))
         for r, (their_note, entries) in enumerate(meta):
-            if r == self.rank:
-                yield note, mine
             sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in entries.values()]
             if not sizes:
-                if r != self.rank:
-                    yield their_note, {}
+                yield their_note, (mine if r == self.rank else {})
                 continue
             # Each tensor starts 16-byte aligned in the buffer, so it can be viewed in its dtype.
             spans = [-(-n // 16) * 16 for n in sizes]
+            buf = torch.empty(sum(spans), dtype=torch.uint8, device=device)
             if r == self.rank:
-                buf = torch.empty(sum(spans), dtype=torch.uint8, device=device)
                 at = 0
                 for t, size, span in zip(mine.values(), sizes, spans, strict=True):
                     buf[at:at + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
                     at += span
-            else:
-                buf = torch.empty(sum(spans), dtype=torch.uint8, device=device)
             td.broadcast(buf, src=r)
-            if r == self.rank:
+            if r == self.rank:  # sent before the caller sees its own: it may change them then
+                del buf
+                yield note, mine
                 continue
             received, at = {}, 0
             for (name, (shape, dtype)), size, span in zip(entries.items(), sizes, spans, strict=True):

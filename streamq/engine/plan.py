@@ -443,20 +443,15 @@ def _largest_activation(inputs: Inputs, micro_batch: int) -> dict[str, int]:
     return best
 
 
-def _routed_bytes(inputs: Inputs, lay: LayerSizes) -> dict[str, int]:
-    """Several processes routing sum statistics (`streamq.calib.routing`): during a step, the
-    updates this process recorded on its batch (the inputs of the layer's Linears, and AWQ's
-    recorded block calls), its send copy of them, and one peer's received buffer."""
-    from streamq.schemes.awq import RECORDED_BLOCKS
-
+def _gathered_bytes(inputs: Inputs) -> dict[str, int]:
+    """Several processes each replaying every batch on its own share of the hidden states
+    (`_Calibrator._inputs`): a batch received from another process, and the send copy of
+    this process's own."""
     if inputs.ranks <= 1 or not inputs.batches:
         return {}
-    m = inputs.shape
     n = max(b.tokens for b in inputs.batches)
-    mlp = m.hidden + max(m.top_k, 1) * m.moe_intermediate if m.num_experts else m.hidden + m.intermediate
-    batch = n * (m.hidden + m.heads * m.head_dim + mlp) * inputs.compute_elem
-    batch += dict(lay.statistics).get(RECORDED_BLOCKS, 0) * n // (inputs.statistics_tokens or n)
-    return {"routed statistics (own batch, its send copy, one peer's)": 3 * batch}
+    return {"hidden states between processes (one batch in, one out)": 2 * n * inputs.shape.hidden
+            * inputs.compute_elem}
 
 
 def _max_phase(phases: list[dict[str, int]]) -> dict[str, int]:
@@ -483,7 +478,7 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
             act = {"hidden states in": (max(b.tokens for b in inputs.batches) * inputs.shape.hidden
                                         * inputs.compute_elem)} | act
         stats = dict(lay.statistics)
-        phases.append(fixed | stats | act | _routed_bytes(inputs, lay))
+        phases.append(fixed | stats | act | _gathered_bytes(inputs))
         if lay.solve:  # the scheme's solve replaces the per-weight quantize temporaries
             phases.append(fixed | stats | dict(lay.solve))
             if inputs.ranks > 1 and lay.solve_units:  # solves split (GPTQ), not searches (AWQ)
@@ -600,12 +595,15 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
         transfer = (lay.source_bytes + lay.fp8_bytes) / a.pcie_bps if cuda else 0.0
         calibrate = 0.0
         if inputs.static:
-            calibrate = 2 * _active_params(inputs, lay) * tokens / flops + cache_traffic * choice.expert_groups
-            if inputs.propagate_quantized:  # the quantized layer is replayed once more
-                calibrate *= 2
-            # Several processes splitting the work units: each accumulates and solves its share.
-            units = a.gpu_units if cuda else a.cpu_units
+            # Several processes splitting the work units replay every batch for the statistics
+            # (their own share of the hidden states, and the others'), but only their own batches
+            # to propagate; each accumulates and solves its share of the units.
             every = inputs.statistics_tokens or tokens
+            replay = 2 * _active_params(inputs, lay) / flops
+            calibrate = replay * (every if inputs.ranks > 1 else tokens) + cache_traffic * choice.expert_groups
+            if inputs.propagate_quantized:  # the quantized layer is replayed once more
+                calibrate += replay * tokens + cache_traffic * choice.expert_groups
+            units = a.gpu_units if cuda else a.cpu_units
             calibrate += _busiest_rank_seconds([u.seconds(units, every) for u in lay.solve_units], inputs.ranks)
         t.read.append(lay.source_bytes / a.disk_read_bps)
         t.write.append(lay.out_file_bytes / a.disk_write_bps)

@@ -35,7 +35,6 @@ from streamq.calib.cache import (
 )
 from streamq.calib.checks import check_activation_stats
 from streamq.calib.observers import LayerObserver
-from streamq.calib.routing import Router, skip
 from streamq.checkpoint.writer import (
     atomic_save_tensors,
     atomic_write_json,
@@ -123,7 +122,8 @@ class _Calibrator:
     def __init__(self, job: Job, location: str, disk_dir: Path, dist: Dist | None = None, split: str | None = None):
         self.job = job
         self.dist, self.split = dist, split  # several processes: how they share the calibration
-        self.ids = job.my_batches  # the batches this process replays
+        self.ids = job.my_batches  # the batches whose hidden states this process keeps
+        self.mine = set(self.ids)
         self.top_k = ModelShape.from_config(job.hf_config).top_k
         self.owned: set[str] | None = None  # MODULES: this process's modules of the current layer
         self.cache = HiddenStateCache(location, job.device, disk_dir)
@@ -184,37 +184,24 @@ class _Calibrator:
         kind = scheme.observer_kind()
         shared: dict[str, str] = {}  # module -> the module whose observer it shares
         blocks: dict[str, list[tuple]] = {}
-        kept: set[str] | None = None  # observers whose statistics this process keeps (None: all)
-        router = None
-        if observe and self.split == MODULES:  # sums of every batch, kept by their work unit's owner
-            router = obs.router = Router(lambda mine, note: self.dist.each(mine, note, self.job.device))
-            kept = set()
         if observe:
             watch = {}
             if kind is not None:
                 for m in layout.quantized:
-                    if m in layout.experts:
-                        continue
-                    rep = next(x for x in layout.quantized if fused_group_key(x) == fused_group_key(m))
-                    watch[layout.rel(rep)] = kind  # routed: every process records every input
-                    if self.owned is None or m in self.owned:
-                        shared[m] = rep
-                        if kept is not None:
-                            kept.add(layout.rel(rep))
+                    if m not in layout.experts and (self.owned is None or m in self.owned):
+                        shared[m] = rep = next(x for x in layout.quantized
+                                               if fused_group_key(x) == fused_group_key(m))
+                        watch[layout.rel(rep)] = kind
             smoothing = scheme.smoothing_kind()
             if smoothing is not None:
                 for name in scheme.smoothing_inputs(layer, layout):
                     watch[name] = smoothing
-                    if kept is not None:
-                        kept.add(name)
-            obs.watch_linears(layer, watch, kept)
+            obs.watch_linears(layer, watch)
             blocks = {name: [] for name in scheme.recorded_blocks(layer, layout, self.owned)}
-            for name in scheme.recorded_blocks(layer, layout, None if router is not None else self.owned):
-                keep = _keep_block(blocks[name], clone=router is not None) if name in blocks else skip
-
-                def record(_mod, args, kwargs, output, _name=name, _keep=keep):
-                    obs.add(f"block {_name}", _keep, args, dict(kwargs), output)
-
+            for name, records in blocks.items():
+                def record(_mod, args, kwargs, output, _records=records):
+                    _records.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs),
+                                     output.detach() if torch.is_tensor(output) else output))
                 obs._handles.append(layer.get_submodule(name).register_forward_hook(record, with_kwargs=True))
             if kind is not None:
                 obs.expert_kind = kind
@@ -228,22 +215,15 @@ class _Calibrator:
                             obs.owned_experts.setdefault(key, set())
                 for parent, module in fused.items():
                     instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
-        # Routed: every process takes the same number of steps (its batch of the step, if it has
-        # one), and each step ends with every process's updates applied in batch order.
-        steps = -(-len(self.job.batches) // self.dist.world) if router is not None else len(self.ids)
         try:
-            for step in range(steps):
-                if step < len(self.ids):
-                    b = self.ids[step]
-                    batch = self.job.batches[b]
-                    obs.token_mask = self.masks[b]
-                    kwargs = self.kwargs.for_batch(b, batch.attention_mask)[layout.index]
-                    out = layer(self.cache.get(b), **kwargs)
-                    if advance:
-                        self.cache.put(b, out[0] if isinstance(out, tuple) else out)
-                    del out
-                if router is not None:
-                    router.flush()
+            for b, hidden in self._inputs(gather=observe and self.split == MODULES):
+                batch = self.job.batches[b]
+                obs.token_mask = self.masks[b]
+                kwargs = self.kwargs.for_batch(b, batch.attention_mask)[layout.index]
+                out = layer(hidden, **kwargs)
+                if advance and b in self.mine:  # each process keeps (and advances) its own batches only
+                    self.cache.put(b, out[0] if isinstance(out, tuple) else out)
+                del out, hidden
                 faults.checkpoint("calibrate-batch")
         finally:
             obs.close()
@@ -255,7 +235,7 @@ class _Calibrator:
             return None
         if self.split == SAMPLES:
             self._merge_ranges(obs)
-        values = {layout.prefix + name: o.result() for name, o in obs.observers.items() if kept is None or name in kept}
+        values = {layout.prefix + name: o.result() for name, o in obs.observers.items()}
         values.update({m: values[rep] for m, rep in shared.items()})
         if kind == "hessian":
             values.update(self._expert_hessians(obs, layout))
@@ -265,6 +245,25 @@ class _Calibrator:
             if values.get(module) is None:
                 raise CheckpointError(f"Linear '{module}' received no input during calibration")
         return LayerStats(values, blocks, self.masks)
+
+    def _inputs(self, gather: bool):
+        """(batch, hidden states entering the layer) to replay, in batch order: this process's
+        batches, or with `gather` every batch. Gathered, each step brings every process's next
+        batch (rank r holds batches r, r + world, ...; `Dist.batches`), so a statistic that is a
+        sum (a Hessian, AWQ's means and recorded blocks), kept whole by its work unit's owner,
+        adds every batch in the order one process does: the same bytes. Only the hidden states
+        travel (one [rows, seq, hidden] tensor per batch), and each process keeps only its own
+        share of the cache."""
+        if not gather:
+            for b in self.ids:
+                yield b, self.cache.get(b)
+            return
+        for step in range(-(-len(self.job.batches) // self.dist.world)):
+            b = self.ids[step] if step < len(self.ids) else None
+            mine = {f"h{b}": self.cache.get(b)} if b is not None else {}
+            for theirs, tensors in self.dist.each(mine, b, self.job.device):
+                if theirs is not None:
+                    yield theirs, tensors[f"h{theirs}"]
 
     def _merge_ranges(self, obs: LayerObserver) -> None:
         """SAMPLES: every rank's ranges become the max over all ranks' samples, in place."""
@@ -308,21 +307,6 @@ class _Calibrator:
         missed = gate_up == 0
         self.uncovered += int(missed.sum())
         return {"gate_up": torch.where(missed, gate_up.max(), gate_up), "down": torch.where(missed, down.max(), down)}
-
-
-def _keep_block(records: list, clone: bool) -> Callable[[tuple, dict, object], None]:
-    """The update that keeps one recorded block call (args, kwargs, output); `clone` when the
-    tensors may be views into a routed step's buffer, which must not outlive the step."""
-    def own(value):
-        if torch.is_tensor(value):
-            return value.detach().clone() if clone else value.detach()
-        if isinstance(value, (tuple, list)):
-            return type(value)(own(v) for v in value)
-        if isinstance(value, dict):
-            return {k: own(v) for k, v in value.items()}
-        return value
-
-    return lambda args, kwargs, output: records.append((own(args), own(kwargs), own(output)))
 
 
 class _Writer:

@@ -157,16 +157,19 @@ def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
     num_experts = self.gate_up_proj.shape[0]
     top_k = top_k_index.shape[1]
     mask = obs.flat_mask(hidden_states.shape[0])
-    # Through `obs.add`: sums, so several processes route them (streamq.calib.routing); the
-    # functions take only what the batch decides as arguments.
     if all_experts:
-        obs.add(f"{key}.gate_up", lambda x, m: obs.shared_hessian(f"{key}.gate_up").update(x, m),
-                hidden_states, mask)
-        obs.add(f"{key}.down", lambda x, m: _all_experts_down(self, obs, key, x, m), hidden_states, mask)
+        obs.shared_hessian(f"{key}.gate_up").update(hidden_states, mask)
+        x = hidden_states if mask is None else hidden_states[mask]
+        acc = obs.expert_hessian(f"{key}.down", num_experts, self.down_proj.shape[-1], x.device)
+        for e in range(num_experts):
+            if not acc.owns(e):  # another process's expert: only its token count
+                acc.count_only(e, x.shape[0])
+                continue
+            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
+            acc.update_expert(e, self.act_fn(gate) * up)
         return
-    obs.add(f"{key}.gate_up", lambda x, i, m: obs.expert_hessian(f"{key}.gate_up", num_experts, x.shape[-1],
-                                                                 x.device).update(x, i, m),
-            hidden_states, top_k_index, mask)
+    obs.expert_hessian(f"{key}.gate_up", num_experts, hidden_states.shape[-1],
+                       hidden_states.device).update(hidden_states, top_k_index, mask)
     if inter is not None and order == "sorted":
         ids, perm = torch.sort(top_k_index.reshape(-1))
         rows = perm // top_k
@@ -175,25 +178,9 @@ def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
         rows = torch.arange(ids.numel(), device=ids.device) // top_k
     else:
         inter, ids, rows = _routed_intermediate(self, hidden_states, top_k_index)
+    acc = obs.expert_hessian(f"{key}.down", num_experts, inter.shape[-1], inter.device)
     keep = ids < num_experts
-    obs.add(f"{key}.down", lambda x, i, m: obs.expert_hessian(f"{key}.down", num_experts, x.shape[-1],
-                                                              x.device).update(x, i, m),
-            inter[keep], ids[keep], None if mask is None else mask[rows[keep]])
-
-
-def _all_experts_down(self: nn.Module, obs: LayerObserver, key: str, hidden_states: torch.Tensor,
-                      mask: torch.Tensor | None) -> None:
-    """All-experts calibration: each expert's down Hessian from its intermediate on every
-    real token (the experts this process keeps; the others count the tokens only)."""
-    num_experts = self.gate_up_proj.shape[0]
-    x = hidden_states if mask is None else hidden_states[mask]
-    acc = obs.expert_hessian(f"{key}.down", num_experts, self.down_proj.shape[-1], x.device)
-    for e in range(num_experts):
-        if not acc.owns(e):  # another process's expert: only its token count
-            acc.count_only(e, x.shape[0])
-            continue
-        gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-        acc.update_expert(e, self.act_fn(gate) * up)
+    acc.update(inter[keep], ids[keep], None if mask is None else mask[rows[keep]])
 
 
 @torch.no_grad()

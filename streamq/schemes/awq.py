@@ -51,8 +51,6 @@ from streamq.errors import CheckpointError, ConfigError
 from streamq.schemes.base import Q, Scheme, check_bits, register, setting
 from streamq.schemes.int4 import Int4Rtn, _group_size, _scale_dtype
 
-RECORDED_BLOCKS = "AWQ recorded blocks"  # the statistics label of the recorded block calls (planner)
-
 
 def _first(out: Any):
     return out[0] if isinstance(out, tuple) else out
@@ -147,7 +145,7 @@ class Int4Awq(Int4Rtn):
                       for g in groups), default=0)
         # `rescale_group` gives every target a float32 copy, all alive until quantized.
         rescaled = 4 * sum(numel.values())
-        return ({RECORDED_BLOCKS: per_token * tokens},
+        return ({"AWQ recorded blocks": per_token * tokens},
                 {"AWQ search, then rescaled weights (float32)": max(search, rescaled)})
 
     def _storage_dtype(self, name: str, w):
