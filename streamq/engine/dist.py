@@ -58,11 +58,10 @@ def calibration_split(scheme: Any) -> str:
                       "process (plain python -m streamq)")
 
 
-def assign(costs: list[float], world: int, start: list[float] | None = None) -> list[int]:
+def assign(costs: list[float], world: int) -> list[int]:
     """Rank of each work unit: largest first to the least loaded rank (ties: lowest rank),
-    so every rank computes the same assignment. `start`: seconds each rank is busy with
-    besides the units (the rank writing the layer packs it)."""
-    load = list(start) if start is not None else [0.0] * world
+    so every rank computes the same assignment."""
+    load = [0.0] * world
     owner = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
         r = min(range(world), key=lambda r: (load[r], r))
@@ -71,13 +70,12 @@ def assign(costs: list[float], world: int, start: list[float] | None = None) -> 
     return owner
 
 
-def assign_units(units: list, world: int, device_type: str, tokens: int, start: list[float] | None = None
-                 ) -> list[int]:
+def assign_units(units: list, world: int, device_type: str, tokens: int) -> list[int]:
     """Rank of each `WorkUnit`, by its modelled seconds on this kind of device (`assign`)."""
     from streamq.schemes.base import device_costs
 
     costs = device_costs(device_type)
-    return assign([u.seconds(costs, tokens) for u in units], world, start)
+    return assign([u.seconds(costs, tokens) for u in units], world)
 
 
 @dataclass(frozen=True)

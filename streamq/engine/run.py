@@ -137,9 +137,6 @@ class _Calibrator:
         self.masks = [b.attention_mask.to(job.device).bool() for b in job.batches]
         self.uncovered = 0
         self.fallbacks: list[str] = []  # "layer i: <module>: <why>", from the scheme
-        # Several processes splitting the solves: seconds from the end of the exchange to the end
-        # of the layer, the last time this process wrote a layer (True) and did not (False).
-        self.tails: dict[bool, float] = {}
         self.last_checkpoint = time.monotonic()
 
     def capture_inputs(self) -> None:
@@ -157,14 +154,8 @@ class _Calibrator:
         units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts,
                                   layer=layer, layout=layout, top_k=self.top_k)
         tokens = sum(b.input_ids.numel() for b in self.job.batches)  # each unit's statistics see every batch
-        # The process writing the layer also packs it, after the exchange, while the others
-        # go on to the next layer and wait for it there: it takes that much less solving.
-        start = [0.0] * self.dist.world
-        if len(self.tails) == 2:
-            start[layout.index % self.dist.world] = max(0.0, self.tails[True] - self.tails[False])
-        # Rank 0's assignment for all: cost models may differ between machines (CPU core counts),
-        # and the times above are rank 0's. Who solves a unit does not change its bytes.
-        owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens, start))
+        # Rank 0's assignment for all: cost models may differ between machines (CPU core counts).
+        owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens))
         self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
         return self.owned
 
@@ -675,7 +666,6 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         results, fallbacks = _exchange_quantized(calib.dist, mine, list(fallbacks), layout, job.device)
         # Waiting for the slowest process's share, then the transfer.
         stages["exchange"] = time.monotonic() - exchanged
-        exchanged += stages["exchange"]
     elif split_transform:
         fallbacks = earlier
     for module, q in results:
@@ -702,8 +692,6 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     if not emit:
         ctx.weights.clear()
         _let_go(job, prefetch, buffer, layer)
-        if split_quantize:
-            calib.tails[False] = time.monotonic() - exchanged
         return stages
     ctx.weights.clear()
     _check_scales(i, checks)
@@ -730,8 +718,6 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     _recycle(job, prefetch, buffer)
     stages["wait_write"] = writer.wait(max_pending=0)
     writer.submit(f"layer-{i}", shard_name(i, job.num_layers + 1), out, arena)
-    if split_quantize:
-        calib.tails[True] = time.monotonic() - exchanged
     return stages
 
 
