@@ -480,12 +480,15 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
         stats = dict(lay.statistics)
         phases.append(fixed | stats | act | _gathered_bytes(inputs))
         if lay.solve:  # the scheme's solve replaces the per-weight quantize temporaries
-            phases.append(fixed | stats | dict(lay.solve))
-            if inputs.ranks > 1 and lay.solve_units:  # solves split (GPTQ), not searches (AWQ)
-                # Several processes splitting the solves: after them, each holds every process's
-                # quantized Linears (int8 codes, a byte per weight; `Dist.exchange`), plus its
-                # own share twice (its results and its send buffer); the statistics still live.
-                codes = sum(lay.quant_numels)
+            split = inputs.ranks > 1 and bool(lay.solve_units)  # solves split (GPTQ), not searches (AWQ)
+            codes = sum(lay.quant_numels)
+            # Several processes splitting the solves: each keeps its results (int8 codes, a byte
+            # per weight) until all are exchanged, so its last solve runs beside most of its share.
+            held = {"own quantized Linears (until the exchange)": codes // inputs.ranks} if split else {}
+            phases.append(fixed | stats | dict(lay.solve) | held)
+            if split:
+                # After the solves each holds every process's quantized Linears (`Dist.exchange`),
+                # plus its own share twice (its results and its send buffer); the statistics live.
                 phases.append(fixed | stats | {"exchanged quantized layer": codes + 2 * codes // inputs.ranks})
         else:
             phases.append(fixed | stats | {"quantize temporaries": max(lay.quantize_transient(False),
