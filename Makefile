@@ -9,7 +9,7 @@ CONFIG  ?= configs/examples/tiny_qwen3_moe_fp8_static.yaml
 ARGS    ?=
 DEMO    := build/demo
 
-.PHONY: help install demo quantize plan test test-fast lint bench bench-dist bench-host-depth bench-gptq-units eval-table clean
+.PHONY: help install demo quantize plan test test-fast lint bench bench-dist bench-host-depth bench-gptq-units bench-link eval-table clean
 
 help:
 	@echo "make install                   create $(VENV) and install streamq (+ test tools)"
@@ -23,6 +23,8 @@ help:
 	@echo "make bench-host-depth          CPU host memory at 4 vs 48 layers, plan next to measurement (scripts/bench_host_depth.sh)"
 	@echo "make bench-gptq-units          one GPTQ solve of each work unit of a 235B layer on a GPU, next to its modelled"
 	@echo "                               cost, which splits the work across processes (scripts/time_gptq_units.py)"
+	@echo "make bench-link                NCCL broadcast bandwidth between 2 GPUs for the sizes a torchrun job sends"
+	@echo "                               (a batch's hidden states, a layer), context for bench-dist (scripts/bench_link.py)"
 	@echo "make eval-table                quality table: bf16 vs each scheme on the trained fixtures (ARGS='--schemes ...')"
 	@echo "                               llm-compressor side by side: scripts/peer_llmcompressor.py (its own venv), then --peer"
 	@echo "                               (build/eval_table/; ARGS='--device cuda --models DIR ...')"
@@ -68,6 +70,9 @@ bench-host-depth: install
 
 bench-gptq-units: install
 	PYTHONPATH=. $(PY) scripts/time_gptq_units.py
+
+bench-link: install
+	$(PY) -m torch.distributed.run --nproc-per-node 2 scripts/bench_link.py
 
 eval-table: install
 	$(PY) scripts/eval_table.py $(ARGS)
