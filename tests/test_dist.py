@@ -221,8 +221,8 @@ def test_work_units_go_largest_first_to_the_least_loaded_rank():
 
 @pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq"])
 def test_cache_checkpoint_of_two_processes_resumes_with_one(tiny_models, single_calibrated, tmp_path, scheme):
-    """Two processes checkpoint the hidden states after layer 0 (each its own batches, or rank
-    0 all of them); rank 1 dies writing layer 1; one process resumes from the checkpoint."""
+    """Two processes checkpoint the hidden states after layer 0 (each its own batches); rank 1
+    dies writing layer 1; one process resumes from the checkpoint."""
     out = tmp_path / "out"
     cfg = _calibrated(scheme, tiny_models["qwen3_moe"], out)
     cfg["global"]["cache_checkpoint_layers"] = 1
@@ -236,6 +236,49 @@ def test_cache_checkpoint_of_two_processes_resumes_with_one(tiny_models, single_
     assert r.returncode == 0, r.stderr[-3000:]
     assert "calibration resumes at layer 1 from its hidden-state checkpoint" in r.stderr
     assert _digests(out) == _digests(single_calibrated(scheme, "qwen3_moe"))
+
+
+def test_cache_checkpoint_of_one_process_resumes_with_two(tiny_models, single_calibrated, tmp_path):
+    """One process checkpoints the hidden states after layer 0 and dies calibrating layer 1; two
+    processes resume from the checkpoint, each loading its own batches of it (5 batches: 3 and
+    2), and redo layer 0's quantized replay (GPTQ) from the checkpoint's layer 1 inputs on."""
+    out = tmp_path / "out"
+    cfg = _calibrated("int4_gptq", tiny_models["qwen3_moe"], out)
+    cfg["global"]["cache_checkpoint_layers"] = 1
+    path = write_yaml(tmp_path / "job.yaml", cfg)
+    r = _run(path, 1, {"STREAMQ_KILL_AT": "calibrate-batch:12"})  # layer 0: 5 batches twice (GPTQ)
+    assert r.returncode != 0
+    assert len(list((out / ".streamq_cache" / "checkpoint-layer-00001").glob("batch-*.safetensors"))) == 5
+    r = _run(path, 2)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "calibration resumes at layer 1 from its hidden-state checkpoint" in r.stderr
+    assert _digests(out) == _digests(single_calibrated("int4_gptq", "qwen3_moe"))
+
+
+@pytest.mark.parametrize("scheme", ["int4_gptq", "int4_awq"])
+def test_three_processes_write_the_same_bytes(tiny_models, single_calibrated, tmp_path, scheme):
+    """5 batches over 3 processes (2, 2, 1: the last step has two), work units over 3."""
+    out = tmp_path / "out"
+    r = _run(write_yaml(tmp_path / "job.yaml", _calibrated(scheme, tiny_models["qwen3_moe"], out)), 3)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert _digests(out) == _digests(single_calibrated(scheme, "qwen3_moe"))
+
+
+def test_fewer_batches_than_processes_split_the_work_units(tiny_models, tmp_path):
+    """int4_gptq with one calibration batch on two processes: rank 1 holds no hidden states,
+    still replays the batch rank 0 sends for the Hessians of its work units, and the output
+    is one process's. (Ranges, fp8_static, need a batch on every process: refused.)"""
+    outs = {}
+    for n in (1, 2):
+        outs[n] = tmp_path / f"out{n}"
+        cfg = _calibrated("int4_gptq", tiny_models["qwen3_moe"], outs[n])
+        cfg["dataset"].update(num_samples=2, batch_size=2)
+        r = _run(write_yaml(tmp_path / f"job{n}.yaml", cfg), n)
+        assert r.returncode == 0, r.stderr[-3000:]
+    assert _digests(outs[2]) == _digests(outs[1])
+    cfg = make_config(tiny_models["qwen3"], tmp_path / "static", algorithm="fp8_static", num_samples=2, batch_size=2)
+    r = _run(write_yaml(tmp_path / "static.yaml", cfg), 2)
+    assert r.returncode != 0 and "1 calibration batch(es) cannot be split across 2 processes" in r.stderr
 
 
 def test_a_share_of_the_experts_solves_to_the_full_layers_bytes(tiny_models, tmp_path, monkeypatch):

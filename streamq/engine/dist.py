@@ -13,13 +13,13 @@ number of processes:
 - whose statistics merge exactly (ranges: a max is the same in any order; SAMPLES), the
   ranges are max-reduced before quantizing;
 - whose statistics are floating-point sums (Hessians, AWQ's means and recorded blocks;
-  MODULES) also split the layer's work units (`Scheme.work_units`): each sum is kept by its
-  unit's owner, and every update of it is routed there and applied in batch order
-  (`streamq.calib.routing`), because a sum of per-rank partial sums would differ from one
-  process's in its last bits. GPTQ ("quantize" `work_stage`): each rank solves its units,
-  and the quantized weights are exchanged so every rank can replay the quantized layer.
-  AWQ ("transform"): each rank searches its smoothing groups, and the scales are exchanged
-  before any is applied;
+  MODULES) also split the layer's work units (`Scheme.work_units`): each sum is kept whole
+  by its unit's owner, and for the statistics every rank replays every batch in batch order,
+  each batch's hidden states broadcast by the rank holding it, because a sum of per-rank
+  partial sums would differ from one process's in its last bits. GPTQ ("quantize"
+  `work_stage`): each rank solves its units, and the quantized weights are exchanged so
+  every rank can replay the quantized layer on its own batches. AWQ ("transform"): each
+  rank searches its smoothing groups, and the scales are exchanged before any is applied;
 - rank 0 opens the output directory and writes the non-layer shard; a layer's shard is
   written by one rank; rank 0 writes the index and config.json last, after gathering
   every rank's shard records.
@@ -39,7 +39,7 @@ from typing import Any
 from streamq.errors import ConfigError, StreamqError
 
 SAMPLES = "samples"  # calibration batches split across ranks, ranges max-reduced
-MODULES = "modules"  # batches split too; sums routed to their work unit's owner, which solves it
+MODULES = "modules"  # batches split too; each sum kept by its work unit's owner, from every batch
 
 
 def calibration_split(scheme: Any) -> str:
@@ -100,15 +100,22 @@ class Dist:
         """This rank's share of `items`, round robin (layer i to rank i mod world)."""
         return items[self.rank::self.world]
 
-    def batches(self, count: int) -> list[int]:
+    def batches(self, count: int, allow_none: bool = False) -> list[int]:
         """This rank's calibration batches, round robin: rank r replays batches r, r + world,
         ..., so the batches of one step (one per rank) in rank order are in batch order
-        (`streamq.calib.routing`)."""
-        if count < self.world:
+        (`_Calibrator._inputs`). `allow_none`: a process may get none (it still replays every
+        batch for the statistics)."""
+        if count < self.world and not allow_none:
             raise ConfigError(f"{count} calibration batch(es) cannot be split across {self.world} processes; "
                               "use more samples (dataset.num_samples) or a smaller dataset.batch_size, "
                               "or fewer processes")
         return list(range(self.rank, count, self.world))
+
+    def broadcast(self, tensor: Any, src: int) -> None:
+        """`tensor` of rank `src` into `tensor` on every rank, in place (same shape and dtype)."""
+        import torch.distributed as td
+
+        td.broadcast(tensor, src=src)
 
     def max_(self, tensors: list) -> None:
         """Element-wise max across ranks, in place (exact: the order does not matter)."""
@@ -130,7 +137,8 @@ class Dist:
         picklable value) from this rank. One gather of the notes and shapes, then one
         broadcast of one byte buffer per rank that has tensors; a rank's tensors are views
         into its buffer, valid until the caller drops them. A generator: every rank must
-        run it to the end."""
+        run it to the end (a rank that raises midway leaves the others waiting in a broadcast
+        until torchrun stops them, or the collective timeout)."""
         import torch
         import torch.distributed as td
 
@@ -159,6 +167,7 @@ class Dist:
                 at += span
             del buf
             yield their_note, received
+            received = None  # not held while the next rank's buffer arrives
 
     def node_group(self) -> Any:
         """The processes of this machine as a `streamq.engine.prefetch.NodeGroup` (a process

@@ -49,9 +49,9 @@ class Job:
     layouts: list[LayerLayout]
     device: torch.device
     batches: list = field(default_factory=list)  # calibration batches (static only)
-    # The batches this process replays (several processes splitting the samples); None: all.
+    # The batches whose hidden states this process keeps (several processes split them); None: all.
     batch_ids: list[int] | None = None
-    # Processes splitting each layer's work units (several processes, GPTQ); the planner's time.
+    # Processes splitting each layer's work units (GPTQ's solves, AWQ's searches); for the plan.
     work_ranks: int = 1
     # Several processes of a machine taking every layer: one reads it, each receives the
     # layer as one device buffer held through the layer (`engine.prefetch.NodePrefetcher`).

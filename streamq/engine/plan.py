@@ -17,6 +17,11 @@ GPU (device = cuda)
             replay and the quantize phase, and the solve's working set in place of the
             per-weight quantize temporaries; on CPU the same on the host. A scheme that
             propagates quantized outputs replays every layer twice (time).
+  torchrun  (calibrated, several processes) each process's share of the hidden cache; the
+            layer as received from the machine's reading process; with the work units split,
+            the activations of the widest of every process's batches (all are replayed), a
+            batch's hidden states in and out, the process's own quantized Linears until
+            the exchange, then every process's.
 HOST
   baseline  the process RSS after imports and `prepare` (measured when planning), plus
             what CUDA adds (context, kernels, cuBLAS).
@@ -330,9 +335,10 @@ class Inputs:
     algorithm: str = ""
     startup_seconds: float = 0.0  # imports and `prepare`, as the planning process measured them
     propagate_quantized: bool = False  # a second replay per layer (GPTQ's quantized outputs)
-    ranks: int = 1  # processes splitting each layer's work units (torchrun, GPTQ)
+    ranks: int = 1  # processes splitting each layer's work units (torchrun: GPTQ, AWQ)
     received_layers: bool = False  # each layer arrives as one device buffer (one read per machine)
     statistics_tokens: int = 0  # every process's calibration tokens (`batches` are this process's)
+    every_batch: list[BatchShape] = field(default_factory=list)  # every process's batches (torchrun)
 
 
 @dataclass
@@ -433,9 +439,15 @@ def _micro(batch: BatchShape, rows: int) -> BatchShape:
     return replace(batch, rows=min(rows, batch.rows))
 
 
+def _replayed(inputs: Inputs) -> list[BatchShape]:
+    """The batches the statistics pass runs: every process's when the work units are split
+    (each replays every batch), else this process's."""
+    return inputs.every_batch if inputs.ranks > 1 and inputs.every_batch else inputs.batches
+
+
 def _largest_activation(inputs: Inputs, micro_batch: int) -> dict[str, int]:
     best: dict[str, int] = {}
-    for b in inputs.batches:
+    for b in _replayed(inputs):
         act = activation_bytes(inputs.shape, _micro(b, micro_batch), inputs.compute_elem, inputs.all_experts,
                                grouped_gemm=inputs.device_type == "cuda" and inputs.compute_elem == 2)
         if sum(act.values()) > sum(best.values()):
@@ -445,13 +457,11 @@ def _largest_activation(inputs: Inputs, micro_batch: int) -> dict[str, int]:
 
 def _gathered_bytes(inputs: Inputs) -> dict[str, int]:
     """Several processes each replaying every batch on its own share of the hidden states
-    (`_Calibrator._inputs`): a batch received from another process, and the send copy of
-    this process's own."""
-    if inputs.ranks <= 1 or not inputs.batches:
+    (`_Calibrator._inputs`): a batch received from another process."""
+    if inputs.ranks <= 1 or not _replayed(inputs):
         return {}
-    n = max(b.tokens for b in inputs.batches)
-    return {"hidden states between processes (one batch in, one out)": 2 * n * inputs.shape.hidden
-            * inputs.compute_elem}
+    n = max(b.tokens for b in _replayed(inputs))
+    return {"hidden states from another process (a batch)": n * inputs.shape.hidden * inputs.compute_elem}
 
 
 def _max_phase(phases: list[dict[str, int]]) -> dict[str, int]:
@@ -475,7 +485,7 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
                  "layer as received (one read per machine)": lay.source_bytes if inputs.received_layers else 0}
         act = _largest_activation(inputs, choice.micro_batch)
         if choice.location != "device":
-            act = {"hidden states in": (max(b.tokens for b in inputs.batches) * inputs.shape.hidden
+            act = {"hidden states in": (max(b.tokens for b in _replayed(inputs)) * inputs.shape.hidden
                                         * inputs.compute_elem)} | act
         stats = dict(lay.statistics)
         phases.append(fixed | stats | act | _gathered_bytes(inputs))
@@ -571,7 +581,7 @@ def _gemm_caches(inputs: Inputs, choice: _Choice) -> dict[str, int]:
     from streamq.hostmem import CPU_KERNEL_CACHE_ENTRIES
 
     entries = CPU_KERNEL_CACHE_ENTRIES if inputs.shape.num_experts else min(CPU_KERNEL_CACHE_ENTRIES, 8)
-    tokens = max(_micro(b, choice.micro_batch).tokens for b in inputs.batches)
+    tokens = max(_micro(b, choice.micro_batch).tokens for b in _replayed(inputs))
     return {"CPU GEMM caches": entries * tokens * inputs.shape.hidden * 4}
 
 
@@ -656,7 +666,7 @@ def _candidates(inputs: Inputs, allow_micro_batch: bool, allow_expert_groups: bo
         locations = [inputs.hidden_cache]
     else:
         locations = ["device", "host", "disk"] if inputs.device_type == "cuda" else ["host", "disk"]
-    rows = max(b.rows for b in inputs.batches)
+    rows = max(b.rows for b in _replayed(inputs))
     micro = [rows]
     while allow_micro_batch and micro[-1] > 1:
         micro.append((micro[-1] + 1) // 2)
@@ -764,7 +774,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
                             elem, config.format, config.scheme.spec) for lay in job.layouts]
     top_k = ModelShape.from_config(job.hf_config).top_k
     # Every batch's tokens, not this process's share: a statistic kept by one process (a
-    # Hessian, AWQ's recorded blocks) sees every batch (`streamq.calib.routing`).
+    # Hessian, AWQ's recorded blocks) sees every batch (`run._Calibrator._inputs`).
     tokens = sum(int(b.input_ids.numel()) for b in job.batches) if static and job.batches else \
         sum(b.tokens for b in _batch_shapes(job)) if static else 0
     layer_modules = decoder_layers(job.skeleton)
@@ -791,6 +801,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         propagate_quantized=static and config.scheme.propagates_quantized,
         ranks=getattr(job, "work_ranks", 1),
         statistics_tokens=tokens,
+        every_batch=_batch_shapes(job, every=True) if static else [],
         received_layers=bool(getattr(job, "received_layers", False)),
     )
 
@@ -835,11 +846,13 @@ def _aux_bytes(path: Any) -> int:
     return sum((path / n).stat().st_size for n in AUX_FILES if (path / n).is_file())
 
 
-def _batch_shapes(job: Any) -> list[BatchShape]:
-    """The calibration batches as prepared; from the dataset section when none are loaded."""
-    if job.batches:  # this process's share when several split the samples
+def _batch_shapes(job: Any, every: bool = False) -> list[BatchShape]:
+    """The calibration batches as prepared (this process's share when several split the
+    samples, unless `every`); from the dataset section when none are loaded."""
+    if job.batches:
+        ids = range(len(job.batches)) if every else job.my_batches
         return [BatchShape(int(b.input_ids.shape[0]), int(b.input_ids.shape[1]), bool((b.attention_mask == 0).any()))
-                for b in (job.batches[i] for i in job.my_batches)]
+                for b in (job.batches[i] for i in ids)]
     d = job.config.dataset
     full, last = divmod(d.num_samples, d.batch_size)
     shapes = [BatchShape(d.batch_size, d.max_seq_length, True)] * full

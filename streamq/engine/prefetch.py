@@ -9,7 +9,6 @@ cache) is read once per machine, not once per process.
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -19,8 +18,6 @@ import torch
 
 from streamq.checkpoint.reader import CheckpointReader
 from streamq.pinned import host_buffer, page_lock, unregister
-
-log = logging.getLogger("streamq")
 
 Read = tuple[dict[str, torch.Tensor], float, torch.Tensor]  # tensors by name, seconds, their buffer
 
@@ -127,6 +124,8 @@ class NodePrefetcher(Prefetcher):
             if self.device.type == "cuda":
                 layer = torch.empty(nbytes, dtype=torch.uint8, device=self.device)
                 layer.copy_(host[:nbytes], non_blocking=self.pin)
+                copied = torch.cuda.Event()
+                copied.record()
             else:
                 layer = host  # broadcast from the read buffer itself; recycled with the layer
         else:
@@ -135,7 +134,7 @@ class NodePrefetcher(Prefetcher):
                 else self._buffer(nbytes)
         self.node.broadcast(layer[:nbytes])
         if self.node.leader and layer is not host:
-            torch.cuda.current_stream(self.device).synchronize()  # the copy out of `host` has landed
+            copied.synchronize()  # the copy out of `host` has landed (not the broadcast: peers may be late)
             self.recycle(host)
         return self.reader.views(names, layer), seconds, layer
 

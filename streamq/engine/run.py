@@ -132,8 +132,8 @@ class _Calibrator:
         materialize_outside_layers(job.skeleton, tensors, job.device)
         self.kwargs = capture_mod.LayerKwargs(job.skeleton, job.hf_config.hidden_size, job.dtype, job.device)
         # On the device once, not per batch and layer: a pageable copy would synchronize.
-        # Every batch's, not only this process's: routed statistics (AWQ's recorded blocks)
-        # arrive from every batch.
+        # Every batch's, not only this process's: with the work units split, every process
+        # replays every batch for the statistics (AWQ's recorded blocks index them by batch).
         self.masks = [b.attention_mask.to(job.device).bool() for b in job.batches]
         self.uncovered = 0
         self.fallbacks: list[str] = []  # "layer i: <module>: <why>", from the scheme
@@ -249,21 +249,29 @@ class _Calibrator:
     def _inputs(self, gather: bool):
         """(batch, hidden states entering the layer) to replay, in batch order: this process's
         batches, or with `gather` every batch. Gathered, each step brings every process's next
-        batch (rank r holds batches r, r + world, ...; `Dist.batches`), so a statistic that is a
-        sum (a Hessian, AWQ's means and recorded blocks), kept whole by its work unit's owner,
-        adds every batch in the order one process does: the same bytes. Only the hidden states
-        travel (one [rows, seq, hidden] tensor per batch), and each process keeps only its own
-        share of the cache."""
+        batch (rank r holds batches r, r + world, ...; `Dist.batches`) by one broadcast from
+        the process holding it, so a statistic that is a sum (a Hessian, AWQ's means and
+        recorded blocks), kept whole by its work unit's owner, adds every batch in the order
+        one process does: the same bytes. Only the hidden states travel (one [rows, seq,
+        hidden] tensor per batch, its shape known to all), and each process keeps only its
+        own share of the cache."""
         if not gather:
             for b in self.ids:
                 yield b, self.cache.get(b)
             return
-        for step in range(-(-len(self.job.batches) // self.dist.world)):
-            b = self.ids[step] if step < len(self.ids) else None
-            mine = {f"h{b}": self.cache.get(b)} if b is not None else {}
-            for theirs, tensors in self.dist.each(mine, b, self.job.device):
-                if theirs is not None:
-                    yield theirs, tensors[f"h{theirs}"]
+        count, world, hidden_size = len(self.job.batches), self.dist.world, self.job.hf_config.hidden_size
+        for first in range(0, count, world):
+            for b in range(first, min(first + world, count)):
+                shape = (*self.job.batches[b].input_ids.shape, hidden_size)
+                if b in self.mine:
+                    hidden = self.cache.get(b).contiguous()
+                    assert tuple(hidden.shape) == shape and hidden.dtype == self.job.dtype, \
+                        (b, tuple(hidden.shape), hidden.dtype)
+                else:
+                    hidden = torch.empty(shape, dtype=self.job.dtype, device=self.job.device)
+                self.dist.broadcast(hidden, b % world)
+                yield b, hidden
+                hidden = None  # not held while the next batch arrives
 
     def _merge_ranges(self, obs: LayerObserver) -> None:
         """SAMPLES: every rank's ranges become the max over all ranks' samples, in place."""
@@ -369,8 +377,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     if dist is not None:
         dist.check_same({"config": config.job_hash(), "source checkpoint": job.reader.fingerprint(),
                          "calibration data": _batches_digest(job.batches)})
-    if split is not None:
-        job.batch_ids = dist.batches(len(job.batches))  # the plan sizes this process's share of the cache
+    if split is not None:  # the plan sizes this process's share of the cache
+        # Ranges need a batch on every process; sums replay every batch on every process.
+        job.batch_ids = dist.batches(len(job.batches), allow_none=split == MODULES)
     if split == MODULES:
         job.work_ranks = dist.world  # the plan times this process's share of the solves
     job.received_layers = split is not None and job.device.type == "cuda"

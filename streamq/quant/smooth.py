@@ -215,9 +215,7 @@ def grid_losses(candidates: torch.Tensor, loss_fn: Callable[[torch.Tensor], torc
 
     loss_fn maps s [in] float32 to a float32 scalar, typically the squared error of the parent
     block's output with weights Q(W * s) / s (`scaled_fake_quantize`) against the unquantized
-    output. In a multi-process run every rank evaluates its own samples and the per-grid losses
-    are all-reduce-summed before `pick`; for that to equal the single-process choice, loss_fn
-    should return a SUM over the rank's real tokens (the argmin of a sum equals that of the mean).
+    output; a SUM over real tokens (the argmin of a sum equals that of the mean).
     """
     assert candidates.ndim == 2 and candidates.dtype == torch.float32, (tuple(candidates.shape), candidates.dtype)
     out = torch.empty(candidates.shape[0], dtype=torch.float32, device=candidates.device)

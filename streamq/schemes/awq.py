@@ -32,9 +32,11 @@ inputs and routing); the loss is down_proj's output error there (gate/up unquant
 AutoAWQ inspects down_proj). An expert no calibration token reached keeps s = 1 and is
 quantized round-to-nearest like the others (reported in `fallbacks`).
 
-Several processes (torchrun) split the searches, not the samples: every process replays
-every batch, searches its share of the groups (`work_units`), and the scales are exchanged
-before any is applied, so the output is one process's, byte for byte.
+Several processes (torchrun) split the searches: each keeps its share of the samples' hidden
+states, but for the statistics every process replays every batch in batch order (the batches
+broadcast by the processes holding them), so the means and recorded blocks of the groups it
+searches (`work_units`) are one process's; the scales are exchanged before any is applied,
+and the output is one process's, byte for byte.
 
 `mse_range: true` adds AutoAWQ's clipping search (`_clip`) after the scales are applied: for
 every Linear but q_proj / k_proj, per (row, group) the clip maximum r * absmax (r = 1, 0.95,
