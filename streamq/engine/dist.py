@@ -126,48 +126,34 @@ class Dist:
 
     def exchange(self, mine: dict, device: Any) -> dict:
         """Every rank's tensors to every rank: `mine` (name -> tensor) from this rank; returns
-        the union over ranks (names must be unique across ranks)."""
-        out: dict = {}
-        for _, tensors in self.each(mine, None, device):
-            out.update(tensors)
-        return out
-
-    def each(self, mine: dict, note: Any, device: Any):
-        """Every rank's (note, tensors), in rank order: `mine` (name -> tensor) and `note` (any
-        picklable value) from this rank. One gather of the notes and shapes, then one
-        broadcast of one byte buffer per rank that has tensors; a rank's tensors are views
-        into its buffer, valid until the caller drops them. A generator: every rank must
-        run it to the end (a rank that raises midway leaves the others waiting in a broadcast
-        until torchrun stops them, or the collective timeout)."""
+        the union over ranks. One broadcast of one byte buffer per rank."""
         import torch
         import torch.distributed as td
 
-        meta = self.gather((note, {k: (tuple(t.shape), t.dtype) for k, t in mine.items()}))
-        for r, (their_note, entries) in enumerate(meta):
+        meta = self.gather({k: (tuple(t.shape), t.dtype) for k, t in mine.items()})
+        out = dict(mine)
+        for r, entries in enumerate(meta):
             sizes = [math.prod(shape) * dtype.itemsize for shape, dtype in entries.values()]
             if not sizes:
-                yield their_note, (mine if r == self.rank else {})
                 continue
             # Each tensor starts 16-byte aligned in the buffer, so it can be viewed in its dtype.
             spans = [-(-n // 16) * 16 for n in sizes]
-            buf = torch.empty(sum(spans), dtype=torch.uint8, device=device)
             if r == self.rank:
+                buf = torch.zeros(sum(spans), dtype=torch.uint8, device=device)
                 at = 0
                 for t, size, span in zip(mine.values(), sizes, spans, strict=True):
                     buf[at:at + size].copy_(t.contiguous().reshape(-1).view(torch.uint8))
                     at += span
+            else:
+                buf = torch.empty(sum(spans), dtype=torch.uint8, device=device)
             td.broadcast(buf, src=r)
-            if r == self.rank:  # sent before the caller sees its own: it may change them then
-                del buf
-                yield note, mine
+            if r == self.rank:
                 continue
-            received, at = {}, 0
+            at = 0
             for (name, (shape, dtype)), size, span in zip(entries.items(), sizes, spans, strict=True):
-                received[name] = buf[at:at + size].view(dtype).view(shape)
+                out[name] = buf[at:at + size].view(dtype).view(shape)
                 at += span
-            del buf
-            yield their_note, received
-            received = None  # not held while the next rank's buffer arrives
+        return out
 
     def node_group(self) -> Any:
         """The processes of this machine as a `streamq.engine.prefetch.NodeGroup` (a process
