@@ -337,7 +337,6 @@ class Inputs:
     propagate_quantized: bool = False  # a second replay per layer (GPTQ's quantized outputs)
     ranks: int = 1  # processes splitting each layer's work units (torchrun: GPTQ, AWQ)
     received_layers: bool = False  # each layer arrives as one device buffer (one read per machine)
-    statistics_tokens: int = 0  # every process's calibration tokens (`batches` are this process's)
     every_batch: list[BatchShape] = field(default_factory=list)  # every process's batches (torchrun)
 
 
@@ -600,6 +599,8 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
     flops = a.gpu_flops if cuda else a.cpu_flops
     elementwise = a.gpu_elementwise_bps if cuda else a.cpu_elementwise_bps
     tokens = sum(b.tokens for b in inputs.batches) if inputs.static else 0
+    replayed = sum(b.tokens for b in _replayed(inputs)) if inputs.static else 0  # the statistics pass
+    every = sum(b.tokens for b in inputs.every_batch) or tokens  # what each work unit's statistics see
     cache = _cache_bytes(inputs, False) if inputs.static else 0
     cache_traffic = {"host": 2 * cache / a.pcie_bps if cuda else 0.0,
                      "disk": cache / a.disk_read_bps + cache / a.disk_write_bps}.get(choice.location, 0.0)
@@ -611,9 +612,8 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
             # Several processes splitting the work units replay every batch for the statistics
             # (their own share of the hidden states, and the others'), but only their own batches
             # to propagate; each accumulates and solves its share of the units.
-            every = inputs.statistics_tokens or tokens
             replay = 2 * _active_params(inputs, lay) / flops
-            calibrate = replay * (every if inputs.ranks > 1 else tokens) + cache_traffic * choice.expert_groups
+            calibrate = replay * replayed + cache_traffic * choice.expert_groups
             if inputs.propagate_quantized:  # the quantized layer is replayed once more
                 calibrate += replay * tokens + cache_traffic * choice.expert_groups
             units = a.gpu_units if cuda else a.cpu_units
@@ -775,8 +775,8 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
     top_k = ModelShape.from_config(job.hf_config).top_k
     # Every batch's tokens, not this process's share: a statistic kept by one process (a
     # Hessian, AWQ's recorded blocks) sees every batch (`run._Calibrator._inputs`).
-    tokens = sum(int(b.input_ids.numel()) for b in job.batches) if static and job.batches else \
-        sum(b.tokens for b in _batch_shapes(job)) if static else 0
+    every_batch = _batch_shapes(job, every=True) if static else []
+    tokens = sum(b.tokens for b in every_batch)
     layer_modules = decoder_layers(job.skeleton)
     layers = [_with_scheme_memory(config, reader, lay, sizes, top_k, layer=layer_modules[lay.index], tokens=tokens,
                                   elem=elem, ranks=getattr(job, "work_ranks", 1),
@@ -800,8 +800,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         model_path=str(reader.path), algorithm=config.quant.name,
         propagate_quantized=static and config.scheme.propagates_quantized,
         ranks=getattr(job, "work_ranks", 1),
-        statistics_tokens=tokens,
-        every_batch=_batch_shapes(job, every=True) if static else [],
+        every_batch=every_batch,
         received_layers=bool(getattr(job, "received_layers", False)),
     )
 

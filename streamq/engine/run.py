@@ -704,8 +704,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         return stages
     ctx.weights.clear()
     _check_scales(i, checks)
-    if job.device.type == "cuda":
-        torch.cuda.synchronize(job.device)  # the asynchronous copies must land before the writer reads them
+    _settle(job)  # the asynchronous copies must land before the writer reads them
     out: dict[str, torch.Tensor] = {}
     for name in job.reader.layers[i]:  # source order: quantized tensors where their weight was
         module = name[: -len(".weight")]
