@@ -224,6 +224,68 @@ def test_work_units_go_largest_first_to_the_least_loaded_rank():
     assert assign([5.0, 1.0, 4.0, 3.0, 3.0], 2) == [0, 1, 1, 1, 0]  # loads 8 and 8
     assert assign([1.0, 1.0, 1.0], 1) == [0, 0, 0]
     assert assign([2.0, 2.0], 3) == [0, 1]
+    # With a cap on what each rank holds, a unit goes to the least loaded rank with room.
+    assert assign([5.0, 4.0, 3.0, 1.0], 2) == [0, 1, 1, 0]
+    assert assign([5.0, 4.0, 3.0, 1.0], 2, sizes=[1, 2, 2, 0], cap=3) == [0, 1, 0, 1]
+    assert assign([5.0, 4.0, 3.0], 2, sizes=[3, 3, 3], cap=3) is None  # the third fits nowhere
+
+
+def test_measured_solves_rebalance_within_the_planned_statistics():
+    """The next layer's assignment takes the solves measured on earlier layers in place of
+    the model's, and keeps each rank's statistics within the modelled assignment's largest
+    share (what the plan sizes); the measurements are keyed by the unit within its layer."""
+    from streamq.engine.dist import UnitTimes, assign_units
+    from streamq.schemes.base import WorkUnit, device_costs
+
+    def units(layer, sizes=(8, 4, 4, 4)):
+        p = f"model.layers.{layer}."
+        modules = [(p + "self_attn.o_proj",), (p + "mlp.experts.0.down_proj", p + "mlp.experts.1.down_proj"),
+                   (p + "mlp.experts.2.down_proj", p + "mlp.experts.3.down_proj"), (p + "self_attn.q_proj",)]
+        return [WorkUnit(m, 8, f, statistics_bytes=n) for m, f, n in zip(modules, (8e9, 8e9, 8e9, 4e9), sizes,
+                                                                         strict=True)]
+
+    def held(assignment, rank, sizes=(8, 4, 4, 4)):
+        return sum(n for n, r in zip(sizes, assignment, strict=True) if r == rank)
+
+    costs = device_costs("cpu")
+    first = units(0)
+    modelled = assign_units(first, 2, "cpu", 0)
+    assert modelled == [0, 1, 0, 1]  # the model: three equal units and a half one
+    times = UnitTimes()
+    sigs = [UnitTimes.signature(u, "model.layers.0.") for u in first]
+    assert len(set(sigs)) == 4 and sigs == [UnitTimes.signature(u, "model.layers.5.") for u in units(5)]
+    # Measured: o_proj takes three times the model's; the others as modelled.
+    times.record({sigs[0]: 3 * first[0].seconds(costs), sigs[3]: first[3].seconds(costs)})
+    times.record({sigs[1]: first[1].seconds(costs), sigs[2]: first[2].seconds(costs)})
+    times.record({sigs[0]: 3 * first[0].seconds(costs)})
+    assert times.solve_seconds(sigs[0]) == pytest.approx(3 * first[0].seconds(costs))
+    solves = [times.solve_seconds(UnitTimes.signature(u, "model.layers.5.")) for u in units(5)]
+    balanced = assign_units(units(5), 2, "cpu", 0, solves)
+    assert balanced == [0, 1, 1, 1]  # o_proj alone on one rank
+    assert max(held(balanced, 0), held(balanced, 1)) <= max(held(modelled, 0), held(modelled, 1))
+    # Where balancing by time would break the modelled share of statistics, the model's stands.
+    tight = units(5, sizes=(8, 4, 4, 8))
+    assert assign_units(tight, 2, "cpu", 0, solves) == assign_units(tight, 2, "cpu", 0) == modelled
+
+
+def test_timed_units_give_each_unit_the_time_up_to_its_modules():
+    import time
+
+    import torch
+
+    from streamq.engine.dist import timed_units
+
+    def solves():
+        time.sleep(0.05)  # unit a solves its two modules at once
+        yield "a1", 1
+        yield "a2", 2
+        time.sleep(0.01)
+        yield "b1", 3
+
+    pairs, seconds = timed_units(solves(), {"a1": ("a",), "a2": ("a",), "b1": ("b",)}, torch.device("cpu"))
+    assert pairs == [("a1", 1), ("a2", 2), ("b1", 3)]
+    assert set(seconds) == {("a",), ("b",)}
+    assert 0.05 <= seconds[("a",)] < 0.5 and 0.01 <= seconds[("b",)] < seconds[("a",)]
 
 
 @pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq"])

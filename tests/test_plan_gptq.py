@@ -153,3 +153,18 @@ def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monk
                       baseline_host_bytes=1 << 30)
     assert share.cache_bytes == plans[1].cache_bytes // 2, (share.cache_bytes, plans[1].cache_bytes)
     assert share.gpu_breakdown["Hessians (float32)"] == hessians[1]  # kept from every batch, not halved again
+
+
+def test_processes_taking_turns_writing_plan_one_output_arena():
+    """One process alternates two page-locked output arenas, each grown to the largest layer
+    it held; processes that take turns writing layers keep one each (`OutputArenas(count=1)`),
+    reserved for the largest layer before the loop."""
+    from types import SimpleNamespace
+
+    from streamq.engine.plan import _arenas_in_use
+
+    layers = [SimpleNamespace(arena_bytes=n) for n in (5, 3, 7, 2)]
+    one = SimpleNamespace(layers=layers, write_turns=1)
+    assert [_arenas_in_use(one, i) for i in range(4)] == [5, 8, 10, 10]
+    turns = SimpleNamespace(layers=layers, write_turns=2)
+    assert [_arenas_in_use(turns, i) for i in range(4)] == [7, 7, 7, 7]

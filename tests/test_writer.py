@@ -116,3 +116,21 @@ def test_pinned_cache_chunks_hold_batches_apart_and_match_the_planners_count(mon
     assert taken == cache.pinned_cache_bytes([4 * s[0] * s[1] for s in shapes])
     chunks.close()
     assert chunks.buffers == []
+
+
+def test_one_reserved_arena_when_processes_take_turns_writing():
+    from concurrent.futures import Future
+
+    from streamq.engine.staging import OutputArenas
+
+    arenas = OutputArenas(count=1, pin=False)
+    arenas.reserve(4096)
+    reserved = arenas.arenas[0]
+    assert reserved is not None and reserved.buffer.numel() == 4096
+    a = arenas.begin(1000)
+    assert a is reserved  # sized ahead: no allocation in the layer loop
+    done: Future = Future()
+    a.busy = done
+    done.set_result(1.0)
+    assert arenas.begin(4096) is a  # the only arena, once its write is done
+    assert arenas.begin(8192) is not a  # a larger layer than reserved still gets room

@@ -56,6 +56,9 @@ class Job:
     # Several processes of a machine taking every layer: one reads it, each receives the
     # layer as one device buffer held through the layer (`engine.prefetch.NodePrefetcher`).
     received_layers: bool = False
+    # Processes taking turns writing layers (calibrated schemes under torchrun): each keeps
+    # one output arena, not two (`engine.staging.OutputArenas`).
+    write_turns: int = 1
 
     @property
     def my_batches(self) -> list[int]:

@@ -337,6 +337,7 @@ class Inputs:
     propagate_quantized: bool = False  # a second replay per layer (GPTQ's quantized outputs)
     ranks: int = 1  # processes splitting each layer's work units (torchrun: GPTQ, AWQ)
     received_layers: bool = False  # each layer arrives as one device buffer (one read per machine)
+    write_turns: int = 1  # processes taking turns writing layers: one output arena each, not two
     every_batch: list[BatchShape] = field(default_factory=list)  # every process's batches (torchrun)
 
 
@@ -552,7 +553,11 @@ def _host_phases(inputs: Inputs, choice: _Choice, baseline: int, times: _LayerTi
 
 def _arenas_in_use(inputs: Inputs, i: int) -> int:
     """The two output arenas once layer i has begun: layers take them in turn, and each
-    grows to the largest layer it has held (`staging.OutputArenas`)."""
+    grows to the largest layer it has held (`staging.OutputArenas`). Processes taking turns
+    writing layers keep one, sized before the first layer for the largest they write (here:
+    the largest of all)."""
+    if inputs.write_turns > 1:
+        return max(x.arena_bytes for x in inputs.layers)
     sizes = [x.arena_bytes for x in inputs.layers[:i + 1]]
     return max(sizes[0::2], default=0) + max(sizes[1::2], default=0)
 
@@ -802,6 +807,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         ranks=getattr(job, "work_ranks", 1),
         every_batch=every_batch,
         received_layers=bool(getattr(job, "received_layers", False)),
+        write_turns=getattr(job, "write_turns", 1),
     )
 
 

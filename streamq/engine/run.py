@@ -44,7 +44,7 @@ from streamq.checkpoint.writer import (
     write_index,
 )
 from streamq.config import JobConfig
-from streamq.engine.dist import MODULES, SAMPLES, Dist, assign_units, calibration_split
+from streamq.engine.dist import MODULES, SAMPLES, Dist, UnitTimes, assign_units, calibration_split, timed_units
 from streamq.engine.job import Job, prepare
 from streamq.engine.plan import ModelShape, make_plan
 from streamq.engine.prefetch import Prefetcher, open_prefetcher
@@ -126,6 +126,8 @@ class _Calibrator:
         self.mine = set(self.ids)
         self.top_k = ModelShape.from_config(job.hf_config).top_k
         self.owned: set[str] | None = None  # MODULES: this process's modules of the current layer
+        self.unit_of: dict[str, tuple] = {}  # MODULES: module -> its work unit's signature (UnitTimes)
+        self.unit_times = UnitTimes()  # the solves of earlier layers, for balancing the next
         self.cache = HiddenStateCache(location, job.device, disk_dir)
         tensors = job.reader.read([n for n in job.reader.other if n.startswith("model.")
                                    and not n.startswith("model.layers.")])
@@ -154,8 +156,11 @@ class _Calibrator:
         units = scheme.work_units(shapes, layout.experts, self.job.config.quant.moe_calibrate_all_experts,
                                   layer=layer, layout=layout, top_k=self.top_k)
         tokens = sum(b.input_ids.numel() for b in self.job.batches)  # each unit's statistics see every batch
-        # Rank 0's assignment for all: cost models may differ between machines (CPU core counts).
-        owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens))
+        signatures = [UnitTimes.signature(u, layout.prefix) for u in units]
+        self.unit_of = {m: sig for u, sig in zip(units, signatures, strict=True) for m in u.modules}
+        solves = [self.unit_times.solve_seconds(sig) for sig in signatures]
+        # Rank 0's assignment for all: cost models and clocks differ between machines.
+        owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens, solves))
         self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
         return self.owned
 
@@ -383,6 +388,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     if split == MODULES:
         job.work_ranks = dist.world  # the plan times this process's share of the solves
     job.received_layers = split is not None and job.device.type == "cuda"
+    job.write_turns = dist.world if split is not None else 1
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
     plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
@@ -442,7 +448,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     prefetch = open_prefetcher(job.reader, job.device.type == "cuda", job.device,
                                dist if calib is not None and todo else None)
     writer = _Writer(state, out_dir)
-    arenas = OutputArenas() if job.device.type == "cuda" else None
+    turns = job.write_turns > 1  # processes take turns writing layers
+    arenas = OutputArenas(count=1 if turns else 2) if job.device.type == "cuda" else None
     try:
         if leader and not state.shard_ok(REST_KEY):
             # The non-layer tensors (embeddings, final norm, lm_head) go first: their write
@@ -450,6 +457,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             writer.submit(REST_KEY, shard_name(n, n + 1), job.reader.read(sorted(job.reader.other)))
         if todo:
             prefetch.schedule(todo[0])  # first, so the next layer's read queues behind it
+        writes = [i for i in todo if not done[i] and calib.writes(i)] if turns else []
+        if arenas is not None and writes:  # every process at once, while the first layer is read
+            arenas.reserve(max(_output_arena_bytes(job, i) for i in writes))
         for pos, i in enumerate(todo):
             if pos + 1 < len(todo):
                 prefetch.schedule(todo[pos + 1])
@@ -670,9 +680,11 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
     results = scheme.quantize(weights, stats, layout) if weights or not split_quantize else iter(())
     fallbacks = scheme.fallbacks if weights or not split_quantize else []
     if split_quantize:  # every process solved its share: exchange, so each holds the whole layer
-        mine = list(results)  # runs the solves; `fallbacks` is filled by now
+        mine, seconds = timed_units(results, calib.unit_of, job.device)  # runs the solves; fills `fallbacks`
         exchanged = time.monotonic()
-        results, fallbacks = _exchange_quantized(calib.dist, mine, list(fallbacks), layout, job.device)
+        results, fallbacks, seconds = _exchange_quantized(calib.dist, mine, list(fallbacks), seconds, layout,
+                                                          job.device)
+        calib.unit_times.record(seconds)  # every process's solves balance the next layer
         # Waiting for the slowest process's share, then the transfer.
         stages["exchange"] = time.monotonic() - exchanged
     elif split_transform:
@@ -743,10 +755,10 @@ _Q_FIELDS = tuple(f.name for f in fields(QuantizedLinear))
 
 
 def _exchange_quantized(dist: Dist, mine: list[tuple[str, QuantizedLinear]], fallbacks: list[str],
-                        layout: LayerLayout, device: torch.device
-                        ) -> tuple[list[tuple[str, QuantizedLinear]], list[str]]:
-    """MODULES: every process's quantized Linears (and fallback notes) to every process, in
-    the layer's module order."""
+                        seconds: dict[tuple, float], layout: LayerLayout, device: torch.device
+                        ) -> tuple[list[tuple[str, QuantizedLinear]], list[str], dict[tuple, float]]:
+    """MODULES: every process's quantized Linears to every process, in the layer's module
+    order, with every process's fallback notes and work units' seconds (`timed_units`)."""
     flat = {f"{m}|{f}": getattr(q, f) for m, q in mine for f in _Q_FIELDS if getattr(q, f) is not None}
     everything = dist.exchange(flat, device)
     by_module: dict[str, dict[str, torch.Tensor]] = {}
@@ -757,8 +769,10 @@ def _exchange_quantized(dist: Dist, mine: list[tuple[str, QuantizedLinear]], fal
     if missing:
         raise CheckpointError(f"'{missing[0]}' was quantized by no process ({len(missing)} module(s)); "
                               "the processes disagree on the layer's work split")
-    notes = [note for share in dist.gather(fallbacks) for note in share]
-    return [(m, QuantizedLinear(**by_module[m])) for m in layout.quantized], notes
+    shares = dist.gather((fallbacks, seconds))
+    notes = [note for share, _ in shares for note in share]
+    measured = {unit: s for _, times in shares for unit, s in times.items()}
+    return [(m, QuantizedLinear(**by_module[m])) for m in layout.quantized], notes, measured
 
 
 def _finish(job: Job, state: RunState, out_dir: Path, total_shards: int, weight_map: dict[str, str]) -> None:

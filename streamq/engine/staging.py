@@ -61,7 +61,10 @@ class Arena:
 
 
 class OutputArenas:
-    """Two arenas used in turn; an arena is reused only once the write reading it is done."""
+    """Arenas used in turn (two: one layer's outputs written while the next layer's fill the
+    other; one when processes take turns writing layers, so a process's previous write
+    had the other processes' layers to finish); an arena is reused only once the write
+    reading it is done."""
 
     def __init__(self, count: int = 2, pin: bool = True):
         self.arenas: list[Arena | None] = [None] * count
@@ -72,11 +75,23 @@ class OutputArenas:
         arena = self.arenas[k]
         if arena is not None and arena.busy is not None:
             arena.busy.result()  # normally long done: the loop waits for each write before the next
+        arena = self._sized(k, nbytes)
+        arena.used, arena.busy = 0, None
+        return arena
+
+    def reserve(self, nbytes: int) -> None:
+        """Every arena page-locked for `nbytes` now (ahead of the layer loop: locking stalls
+        the process's CUDA calls for about 0.1 s a GB, which mid-loop the other processes
+        of a torchrun job would wait out at their next collective)."""
+        for k in range(len(self.arenas)):
+            self._sized(k, nbytes)
+
+    def _sized(self, k: int, nbytes: int) -> Arena:
+        arena = self.arenas[k]
         if arena is None or arena.buffer.numel() < nbytes:
             if arena is not None and arena.registered:
                 unregister(arena.buffer)
             self.arenas[k] = arena = Arena(*(locked_buffer(nbytes) if self.pin else (host_buffer(nbytes), False)))
-        arena.used, arena.busy = 0, None
         return arena
 
     def close(self) -> None:
