@@ -268,6 +268,22 @@ def test_measured_solves_rebalance_within_the_planned_statistics():
     assert assign_units(tight, 2, "cpu", 0, solves) == assign_units(tight, 2, "cpu", 0) == modelled
 
 
+def test_rebalance_shortens_the_slowest_rank_of_each_phase_within_the_cap():
+    from streamq.engine.dist import rebalance
+
+    statistics, solves = [2.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 2.0]
+
+    def span(owner):
+        return sum(max(sum(c for c, o in zip(phase, owner, strict=True) if o == r) for r in (0, 1))
+                   for phase in (statistics, solves))
+
+    # Start: statistics 2 | 0, solves 1 | 3: the layer takes 2 + 3; the best is 2 + 2.
+    assert span([0, 0, 1, 1]) == 5
+    assert span(rebalance([0, 0, 1, 1], [statistics, solves], 2, [0, 0, 0, 0], 0)) == 4
+    # Each rank may hold 2: unit 2 cannot join unit 1 (2 + 1), and no swap shortens the layer.
+    assert rebalance([0, 0, 1, 1], [statistics, solves], 2, [0, 2, 1, 1], 2) == [0, 0, 1, 1]
+
+
 def test_timed_units_give_each_unit_the_time_up_to_its_modules():
     import time
 

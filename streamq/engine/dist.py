@@ -79,22 +79,85 @@ def assign(costs: list[float], world: int, sizes: list[int] | None = None, cap: 
 
 def assign_units(units: list, world: int, device_type: str, tokens: int,
                  solves: list[float | None] | None = None) -> list[int]:
-    """Rank of each `WorkUnit`, by its seconds on this kind of device (`assign`): the model's
-    (`WorkUnit.seconds`), with `solves[i]`, unit i's solve as measured on earlier layers
-    (`UnitTimes`), in place of the modelled solve where given. A measured assignment keeps
-    every rank's statistics (`WorkUnit.statistics_bytes`) within the largest share of the
-    modelled one, which is what the plan sizes; where it cannot, the modelled one stands."""
+    """Rank of each `WorkUnit`, by its seconds on this kind of device: the model's
+    (`WorkUnit.seconds`, `assign`), or with `solves[i]`, unit i's solve as measured on
+    earlier layers (`UnitTimes`, None where not measured), `rebalance`d for the measured
+    solves and the modelled statistics. A measured assignment keeps every rank's statistics
+    (`WorkUnit.statistics_bytes`) within the largest share of the modelled one, which is
+    what the plan sizes."""
     from streamq.schemes.base import device_costs
 
     costs = device_costs(device_type)
     modelled = assign([u.seconds(costs, tokens) for u in units], world)
     if not solves or all(s is None for s in solves):
         return modelled
+    solve = [u.seconds(costs) if s is None else s for u, s in zip(units, solves, strict=True)]
+    statistics = [u.seconds(costs, tokens) - u.seconds(costs) for u in units]
     sizes = [u.statistics_bytes for u in units]
     cap = max(sum(n for n, o in zip(sizes, modelled, strict=True) if o == r) for r in range(world))
-    seconds = [u.seconds(costs, tokens) if solve is None else solve + u.seconds(costs, tokens) - u.seconds(costs, 0)
-               for u, solve in zip(units, solves, strict=True)]
-    return assign(seconds, world, sizes, cap) or modelled
+    start = assign([a + b for a, b in zip(solve, statistics, strict=True)], world, sizes, cap) or modelled
+    return rebalance(start, [statistics, solve], world, sizes, cap)
+
+
+def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: list[int], cap: int) -> list[int]:
+    """Improve an assignment by moving one unit to another rank or swapping two, the best
+    such step at a time, while it shortens the layer: the sum over `phases` (seconds per
+    unit in each) of the slowest rank's time, since each phase ends in a collective that
+    waits for the slowest (the statistics in the replay's broadcasts, the solves at the
+    exchange). No rank's `sizes` may exceed `cap`. Deterministic: ties keep the earlier
+    step, so every rank would compute the same."""
+    owner = list(owner)
+    n = len(owner)
+    loads = [[0.0] * world for _ in phases]
+    held = [0] * world
+    for i, r in enumerate(owner):
+        held[r] += sizes[i]
+        for load, cost in zip(loads, phases, strict=True):
+            load[r] += cost[i]
+
+    def span_after(moves: list[tuple[int, int, int]]) -> float:
+        """The layer's time if each (unit, from, to) of `moves` were made."""
+        total = 0.0
+        for load, cost in zip(loads, phases, strict=True):
+            changed = dict.fromkeys((r for _, a, b in moves for r in (a, b)), 0.0)
+            for i, a, b in moves:
+                changed[a] -= cost[i]
+                changed[b] += cost[i]
+            total += max(load[r] + changed.get(r, 0.0) for r in range(world))
+        return total
+
+    def fits(moves: list[tuple[int, int, int]]) -> bool:
+        after = dict.fromkeys((r for _, a, b in moves for r in (a, b)), 0)
+        for i, a, b in moves:
+            after[a] -= sizes[i]
+            after[b] += sizes[i]
+        return all(held[r] + d <= cap for r, d in after.items())
+
+    for _ in range(4 * n + 4):  # each step shortens the span; bounded all the same
+        best, step = span_after([]) - 1e-9, None
+        for i in range(n):
+            for r in range(world):
+                if r != owner[i]:
+                    moves = [(i, owner[i], r)]
+                    s = span_after(moves)
+                    if s < best and fits(moves):
+                        best, step = s, moves
+            for j in range(i + 1, n):
+                if owner[j] != owner[i]:
+                    moves = [(i, owner[i], owner[j]), (j, owner[j], owner[i])]
+                    s = span_after(moves)
+                    if s < best and fits(moves):
+                        best, step = s, moves
+        if step is None:
+            break
+        for i, a, b in step:
+            owner[i] = b
+            held[a] -= sizes[i]
+            held[b] += sizes[i]
+            for load, cost in zip(loads, phases, strict=True):
+                load[a] -= cost[i]
+                load[b] += cost[i]
+    return owner
 
 
 class UnitTimes:
@@ -146,6 +209,8 @@ def timed_units(results: Any, unit_of: dict[str, tuple], device: Any) -> tuple[l
         event.record()
         return event
 
+    if cuda:  # the replay's last kernels must not count as the first unit's
+        torch.cuda.synchronize(device)
     start, pairs, marks = mark(), [], []
     for module, result in results:
         pairs.append((module, result))

@@ -65,7 +65,7 @@ from streamq.model.skeleton import (
     release_outside_layers,
 )
 from streamq.paths import calibration_file, check_save_path
-from streamq.schemes.base import LayerStats, QuantizedLinear
+from streamq.schemes.base import LayerStats, QuantizedLinear, device_costs
 from streamq.verify import verify_checkpoint
 
 log = logging.getLogger("streamq")
@@ -87,6 +87,7 @@ class Report:
     cache_location: str = ""
     uncovered_experts: int = 0
     rtn_fallbacks: list[str] = field(default_factory=list)  # modules a solver quantized round-to-nearest instead
+    work_split: list[dict] = field(default_factory=list)  # several processes: each layer's solves per rank
     stages: list[dict] = field(default_factory=list)  # per layer: seconds per stage
     phases: dict[str, float] = field(default_factory=dict)  # seconds of the whole run, in order
     layer_gpu_bytes: list[int] = field(default_factory=list)
@@ -128,6 +129,9 @@ class _Calibrator:
         self.owned: set[str] | None = None  # MODULES: this process's modules of the current layer
         self.unit_of: dict[str, tuple] = {}  # MODULES: module -> its work unit's signature (UnitTimes)
         self.unit_times = UnitTimes()  # the solves of earlier layers, for balancing the next
+        self.rank_of: dict[tuple, int] = {}  # the current layer's unit -> its rank
+        self.predicted: list[float] = []  # the current layer's solve seconds per rank, as assigned
+        self.work_split: list[dict] = []  # per layer: solve seconds per rank, predicted and measured
         self.cache = HiddenStateCache(location, job.device, disk_dir)
         tensors = job.reader.read([n for n in job.reader.other if n.startswith("model.")
                                    and not n.startswith("model.layers.")])
@@ -161,8 +165,22 @@ class _Calibrator:
         solves = [self.unit_times.solve_seconds(sig) for sig in signatures]
         # Rank 0's assignment for all: cost models and clocks differ between machines.
         owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens, solves))
+        self.rank_of = dict(zip(signatures, owners, strict=True))
+        modelled = [u.seconds(device_costs(self.job.device.type)) for u in units]
+        self.predicted = [round(sum(m if s is None else s for m, s, r in zip(modelled, solves, owners, strict=True)
+                                    if r == rank), 3) for rank in range(self.dist.world)]
         self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
         return self.owned
+
+    def solved(self, index: int, seconds: dict[tuple, float]) -> None:
+        """Every process's measured solves of layer `index` (`timed_units`): kept to balance
+        the next layers, and reported against what the assignment expected."""
+        self.unit_times.record(seconds)
+        measured = [0.0] * self.dist.world
+        for unit, s in seconds.items():
+            measured[self.rank_of[unit]] += s
+        self.work_split.append({"layer": index, "predicted_solve_s": self.predicted,
+                                "measured_solve_s": [round(s, 3) for s in measured]})
 
     def writes(self, index: int) -> bool:
         """Whether this process writes layer `index` (every process calibrates every layer)."""
@@ -500,6 +518,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         if calib is not None:
             report.uncovered_experts = calib.uncovered
             report.rtn_fallbacks = calib.fallbacks
+            report.work_split = calib.work_split
             calib.cache.close()
             release_outside_layers(job.skeleton)
     clock.mark("teardown")
@@ -684,7 +703,7 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         exchanged = time.monotonic()
         results, fallbacks, seconds = _exchange_quantized(calib.dist, mine, list(fallbacks), seconds, layout,
                                                           job.device)
-        calib.unit_times.record(seconds)  # every process's solves balance the next layer
+        calib.solved(i, seconds)  # every process's solves balance the next layers
         # Waiting for the slowest process's share, then the transfer.
         stages["exchange"] = time.monotonic() - exchanged
     elif split_transform:
