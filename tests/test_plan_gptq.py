@@ -168,3 +168,28 @@ def test_processes_taking_turns_writing_plan_one_output_arena():
     assert [_arenas_in_use(one, i) for i in range(4)] == [5, 8, 10, 10]
     turns = SimpleNamespace(layers=layers, write_turns=2)
     assert [_arenas_in_use(turns, i) for i in range(4)] == [7, 7, 7, 7]
+
+
+def test_a_process_that_receives_the_layers_plans_no_read_buffers(tmp_path_factory):
+    """Under torchrun the machine's first process reads each layer and broadcasts it; the
+    others hold no page-locked read buffers, and only rank 0 writes the non-layer shard. Their
+    plan counts neither (it counted both: 12.6 GiB planned against 3.4 GiB measured on rank 1
+    of two H200s)."""
+    src = write_header_only(tmp_path_factory.mktemp("plan-reader") / "q235", "qwen3-235b-a22b", layers=2)
+    cfg = {"global": {"save_path": str(src.parent / "out"), "device": "cpu"}, "model": {"model_path": str(src)},
+           "compression": {"name": "PTQ", "quantization": {"name": "int4_gptq", "bits": 4}},
+           "dataset": {"name": "RandomTokens", "num_samples": 8, "max_seq_length": 256, "batch_size": 4}}
+    plans = []
+    for rank in (0, 1):
+        job = prepare(parse_config(cfg))
+        job.work_ranks, job.batch_ids, job.received_layers, job.write_turns = 2, [rank], True, 2
+        job.reads_layers = job.writes_rest = rank == 0
+        plans.append(make_plan(job, max_gpu_memory=140 << 30, max_cpu_memory=10**13, device_type="cuda",
+                               baseline_host_bytes=1 << 30))
+    layer = max(sum(job.reader.tensors[n].nbytes for n in names) for names in job.reader.layers.values())
+    reader, receiver = (p.host_breakdown for p in plans)
+    assert reader["layer (page-locked read buffer)"] >= layer and receiver["layer (page-locked read buffer)"] == 0
+    assert reader["non-layer tensors (first shard, write pending)"] > 0
+    assert "non-layer tensors (first shard, write pending)" not in receiver
+    assert plans[1].predicted_peak_host_bytes < plans[0].predicted_peak_host_bytes - 2 * layer
+    assert plans[1].gpu_breakdown == plans[0].gpu_breakdown  # the GPU holds the layer as received either way

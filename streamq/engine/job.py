@@ -56,6 +56,10 @@ class Job:
     # Several processes of a machine taking every layer: one reads it, each receives the
     # layer as one device buffer held through the layer (`engine.prefetch.NodePrefetcher`).
     received_layers: bool = False
+    # False where another process of the machine reads the layers (it holds no read buffers).
+    reads_layers: bool = True
+    # False where another process writes the non-layer shard (under torchrun, rank 0 does).
+    writes_rest: bool = True
     # Processes taking turns writing layers (calibrated schemes under torchrun): each keeps
     # one output arena, not two (`engine.staging.OutputArenas`).
     write_turns: int = 1

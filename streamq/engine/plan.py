@@ -338,6 +338,8 @@ class Inputs:
     ranks: int = 1  # processes splitting each layer's work units (torchrun: GPTQ, AWQ)
     received_layers: bool = False  # each layer arrives as one device buffer (one read per machine)
     write_turns: int = 1  # processes taking turns writing layers: one output arena each, not two
+    reads_layers: bool = True  # False: another process of the machine reads (and broadcasts) the layers
+    writes_rest: bool = True  # False: another process writes the non-layer shard (torchrun: rank 0)
     every_batch: list[BatchShape] = field(default_factory=list)  # every process's batches (torchrun)
 
 
@@ -533,10 +535,13 @@ def _host_phases(inputs: Inputs, choice: _Choice, baseline: int, times: _LayerTi
     for i, lay in enumerate(inputs.layers):
         nxt = inputs.layers[i + 1] if i + 1 < len(inputs.layers) else None
         # The non-layer shard is written first; it may be pending all through layer 0.
-        first = {"non-layer tensors (first shard, write pending)": inputs.other_bytes} if i == 0 else {}
-        if cuda:  # outputs pending a write live in the arenas
-            phases.append(fixed | first | {"layer (page-locked read buffer)": lay.source_bytes,
-                                           "next layer (page-locked read buffer)": nxt.source_bytes if nxt else 0,
+        first = {"non-layer tensors (first shard, write pending)": inputs.other_bytes} \
+            if i == 0 and inputs.writes_rest else {}
+        if cuda:  # outputs pending a write live in the arenas; a process that receives the layers reads none
+            reads = inputs.reads_layers
+            phases.append(fixed | first | {"layer (page-locked read buffer)": lay.source_bytes if reads else 0,
+                                           "next layer (page-locked read buffer)": nxt.source_bytes if nxt and reads
+                                           else 0,
                                            "output arenas (page-locked)": _arenas_in_use(inputs, i)})
         else:
             held = sum(p.output_bytes() for p in _pending_writes(inputs, times, i))
@@ -546,7 +551,8 @@ def _host_phases(inputs: Inputs, choice: _Choice, baseline: int, times: _LayerTi
     last: dict[str, int] = {}
     if cuda:  # the buffers are released when the run ends, after the last shard
         sources = sorted((x.source_bytes for x in inputs.layers), reverse=True)
-        last["page-locked buffers kept"] = sum(sources[:2]) + _arenas_in_use(inputs, len(inputs.layers) - 1)
+        last["page-locked buffers kept"] = sum(sources[:2]) * inputs.reads_layers + \
+            _arenas_in_use(inputs, len(inputs.layers) - 1)
     phases.append(fixed | last)
     return _max_phase(phases)
 
@@ -808,6 +814,8 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         every_batch=every_batch,
         received_layers=bool(getattr(job, "received_layers", False)),
         write_turns=getattr(job, "write_turns", 1),
+        reads_layers=getattr(job, "reads_layers", True),
+        writes_rest=getattr(job, "writes_rest", True),
     )
 
 

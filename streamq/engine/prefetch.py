@@ -157,11 +157,11 @@ class NodeGroup:
         td.broadcast(tensor, src=self.leader_rank, group=self.group)
 
 
-def open_prefetcher(reader: CheckpointReader, pin: bool, device: torch.device, dist: Any = None) -> Prefetcher:
+def open_prefetcher(reader: CheckpointReader, pin: bool, device: torch.device, node: NodeGroup | None = None
+                   ) -> Prefetcher:
     """A prefetcher that reads once per machine when several processes of this machine take
-    every layer (`dist` given by the caller only then), else a private one. Collective over
-    all processes when `dist` is given."""
-    node = dist.node_group() if dist is not None else None
+    every layer (`node`, from `Dist.node_group`, given by the caller only then), else a
+    private one."""
     if node is None:
         return Prefetcher(reader, pin)
     return NodePrefetcher(reader, pin, node, device)

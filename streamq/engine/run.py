@@ -405,7 +405,12 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         job.batch_ids = dist.batches(len(job.batches), allow_none=split == MODULES)
     if split == MODULES:
         job.work_ranks = dist.world  # the plan times this process's share of the solves
-    job.received_layers = split is not None and job.device.type == "cuda"
+    # Calibrated schemes: every process needs every layer, so a machine reads each once
+    # (collective, so before any process may stop alone).
+    node = dist.node_group() if split is not None else None
+    job.received_layers = node is not None and job.device.type == "cuda"
+    job.reads_layers = node is None or node.leader
+    job.writes_rest = dist is None or dist.leader
     job.write_turns = dist.world if split is not None else 1
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
@@ -462,9 +467,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     if dist is not None and calib is None:
         todo = dist.mine(todo)  # whole layers per rank; calibrated schemes: every rank every layer
     progress = LayerProgress(len(todo), f"{config.quant.name} {job.reader.path.name}", show_progress)
-    # Calibrated schemes under torchrun: every process needs every layer, so a machine reads each once.
-    prefetch = open_prefetcher(job.reader, job.device.type == "cuda", job.device,
-                               dist if calib is not None and todo else None)
+    prefetch = open_prefetcher(job.reader, job.device.type == "cuda", job.device, node if todo else None)
     writer = _Writer(state, out_dir)
     turns = job.write_turns > 1  # processes take turns writing layers
     arenas = OutputArenas(count=1 if turns else 2) if job.device.type == "cuda" else None
