@@ -122,6 +122,14 @@ def test_calibrated_two_processes_write_the_same_bytes(tiny_models, single_calib
     assert _digests(out) == _digests(single_calibrated(scheme, arch))
     report = (out / "streamq_report.json").read_text()
     assert '"2 processes (torchrun)' in report
+    if scheme.startswith("int4_gptq"):  # each layer's solves per process, as assigned and as measured
+        import json
+
+        split = json.loads(report)["report"]["work_split"]
+        layers = json.loads((tiny_models[arch] / "config.json").read_text())["num_hidden_layers"]
+        assert [row["layer"] for row in split] == list(range(layers)), split
+        assert all(len(row["predicted_solve_s"]) == len(row["measured_solve_s"]) == 2 for row in split)
+        assert all(sum(row["measured_solve_s"]) > 0 for row in split), split
     # One read per machine: rank 0 reads every layer and broadcasts it; rank 1 reads none,
     # only the model stem it embeds its calibration tokens with.
     from streamq.checkpoint.reader import CheckpointReader
@@ -226,8 +234,9 @@ def test_work_units_go_largest_first_to_the_least_loaded_rank():
     assert assign([2.0, 2.0], 3) == [0, 1]
     # With a cap on what each rank holds, a unit goes to the least loaded rank with room.
     assert assign([5.0, 4.0, 3.0, 1.0], 2) == [0, 1, 1, 0]
-    assert assign([5.0, 4.0, 3.0, 1.0], 2, sizes=[1, 2, 2, 0], cap=3) == [0, 1, 0, 1]
-    assert assign([5.0, 4.0, 3.0], 2, sizes=[3, 3, 3], cap=3) is None  # the third fits nowhere
+    assert assign([5.0, 4.0, 3.0, 1.0], 2, sizes=[(1, 0), (2, 0), (2, 0), (0, 0)], cap=(3, 9)) == [0, 1, 0, 1]
+    assert assign([5.0, 4.0, 3.0, 1.0], 2, sizes=[(0, 1), (0, 2), (0, 2), (0, 0)], cap=(9, 3)) == [0, 1, 0, 1]
+    assert assign([5.0, 4.0, 3.0], 2, sizes=[(3,), (3,), (3,)], cap=(3,)) is None  # the third fits nowhere
 
 
 def test_measured_solves_rebalance_within_the_planned_statistics():
@@ -254,11 +263,15 @@ def test_measured_solves_rebalance_within_the_planned_statistics():
     times = UnitTimes()
     sigs = [UnitTimes.signature(u, "model.layers.0.") for u in first]
     assert len(set(sigs)) == 4 and sigs == [UnitTimes.signature(u, "model.layers.5.") for u in units(5)]
-    # Measured: o_proj takes three times the model's; the others as modelled.
+    # Measured: o_proj takes three times the model's; the others as modelled, after a first
+    # layer that carried one-time costs (left out of the mean once a second layer is measured).
+    times.record({sigs[1]: 10 * first[1].seconds(costs)})
+    assert times.solve_seconds(sigs[1]) == pytest.approx(10 * first[1].seconds(costs))
     times.record({sigs[0]: 3 * first[0].seconds(costs), sigs[3]: first[3].seconds(costs)})
     times.record({sigs[1]: first[1].seconds(costs), sigs[2]: first[2].seconds(costs)})
     times.record({sigs[0]: 3 * first[0].seconds(costs)})
     assert times.solve_seconds(sigs[0]) == pytest.approx(3 * first[0].seconds(costs))
+    assert times.solve_seconds(sigs[1]) == pytest.approx(first[1].seconds(costs))
     solves = [times.solve_seconds(UnitTimes.signature(u, "model.layers.5.")) for u in units(5)]
     balanced = assign_units(units(5), 2, "cpu", 0, solves)
     assert balanced == [0, 1, 1, 1]  # o_proj alone on one rank
@@ -279,9 +292,28 @@ def test_rebalance_shortens_the_slowest_rank_of_each_phase_within_the_cap():
 
     # Start: statistics 2 | 0, solves 1 | 3: the layer takes 2 + 3; the best is 2 + 2.
     assert span([0, 0, 1, 1]) == 5
-    assert span(rebalance([0, 0, 1, 1], [statistics, solves], 2, [0, 0, 0, 0], 0)) == 4
+    assert span(rebalance([0, 0, 1, 1], [statistics, solves], 2, [(0,)] * 4, (0,))) == 4
     # Each rank may hold 2: unit 2 cannot join unit 1 (2 + 1), and no swap shortens the layer.
-    assert rebalance([0, 0, 1, 1], [statistics, solves], 2, [0, 2, 1, 1], 2) == [0, 0, 1, 1]
+    assert rebalance([0, 0, 1, 1], [statistics, solves], 2, [(0,), (2,), (1,), (1,)], (2,)) == [0, 0, 1, 1]
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a GPU")
+def test_timed_units_on_cuda_time_the_device():
+    import torch
+
+    from streamq.engine.dist import timed_units
+
+    x = torch.randn(2048, 2048, device="cuda")
+
+    def solves():
+        for _ in range(20):
+            y = x @ x  # unit a: twenty matmuls, queued without a synchronization
+        yield "a1", y
+        yield "b1", x @ x  # unit b: one
+
+    pairs, seconds = timed_units(solves(), {"a1": ("a",), "b1": ("b",)}, torch.device("cuda"))
+    assert [m for m, _ in pairs] == ["a1", "b1"]
+    assert seconds[("a",)] > 5 * seconds[("b",)] > 0, seconds
 
 
 def test_timed_units_give_each_unit_the_time_up_to_its_modules():

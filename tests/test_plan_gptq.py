@@ -142,7 +142,10 @@ def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monk
                                  baseline_host_bytes=1 << 30)
     assert "exchanged quantized layer" not in plans[1].gpu_breakdown
     codes = sum(math.prod(job.reader.tensors[n].shape) for n in job.layouts[0].quantized.values())
-    assert plans[2].gpu_breakdown["exchanged quantized layer"] == codes + 2 * codes // 2
+    # Its own share: the most codes the modelled assignment gives one process, which the run's
+    # assignments balanced by measured solves never exceed (`assign_units`).
+    own = plans[2].gpu_breakdown["exchanged quantized layer"] - codes
+    assert own % 2 == 0 and codes // 2 <= own // 2 < codes, (own, codes)
     # Each process holds only its own units' Hessians: about half of them (attention's stay whole).
     hessians = [plans[r].gpu_breakdown["Hessians (float32)"] for r in (1, 2)]
     assert 0.45 < hessians[1] / hessians[0] < 0.6, hessians

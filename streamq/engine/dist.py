@@ -58,23 +58,43 @@ def calibration_split(scheme: Any) -> str:
                       "process (plain python -m streamq)")
 
 
-def assign(costs: list[float], world: int, sizes: list[int] | None = None, cap: int | None = None
-           ) -> list[int] | None:
+def assign(costs: list[float], world: int, sizes: list[tuple[int, ...]] | None = None,
+           cap: tuple[int, ...] | None = None) -> list[int] | None:
     """Rank of each work unit: largest cost first to the least loaded rank (ties: lowest
-    rank), so every rank computes the same assignment. With `sizes` and `cap`: only to a
-    rank whose units' sizes stay within `cap`; None when a unit fits on no rank."""
+    rank), so every rank computes the same assignment. With `sizes` and `cap` (what each
+    unit holds, and the most a rank may hold, per kind of memory): only to a rank with room;
+    None when a unit fits on no rank."""
     load = [0.0] * world
-    held = [0] * world
+    held = [[0] * len(cap) for _ in range(world)] if cap is not None else []
     owner = [0] * len(costs)
     for i in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
-        room = [r for r in range(world) if cap is None or held[r] + sizes[i] <= cap]
+        room = [r for r in range(world) if cap is None or _fits(held[r], sizes[i], cap)]
         if not room:
             return None
         r = min(room, key=lambda r: (load[r], r))
         owner[i] = r
         load[r] += costs[i]
-        held[r] += sizes[i] if sizes is not None else 0
+        if cap is not None:
+            held[r] = [h + n for h, n in zip(held[r], sizes[i], strict=True)]
     return owner
+
+
+def _fits(held: list[int], size: tuple[int, ...], cap: tuple[int, ...]) -> bool:
+    return all(h + n <= c for h, n, c in zip(held, size, cap, strict=True))
+
+
+def unit_holdings(unit: Any) -> tuple[int, int]:
+    """What a `WorkUnit`'s owner holds for it: its statistics (bytes) until the solve, and its
+    results (int8 codes, a byte a weight) until the exchange."""
+    return unit.statistics_bytes, unit.rows * unit.columns
+
+
+def largest_holdings(units: list, owners: list[int], world: int) -> tuple[int, int]:
+    """The most any rank holds of each kind (`unit_holdings`) under `owners`."""
+    held = [[0, 0] for _ in range(world)]
+    for u, r in zip(units, owners, strict=True):
+        held[r] = [h + n for h, n in zip(held[r], unit_holdings(u), strict=True)]
+    return max(h[0] for h in held), max(h[1] for h in held)
 
 
 def assign_units(units: list, world: int, device_type: str, tokens: int,
@@ -83,8 +103,8 @@ def assign_units(units: list, world: int, device_type: str, tokens: int,
     (`WorkUnit.seconds`, `assign`), or with `solves[i]`, unit i's solve as measured on
     earlier layers (`UnitTimes`, None where not measured), `rebalance`d for the measured
     solves and the modelled statistics. A measured assignment keeps every rank's statistics
-    (`WorkUnit.statistics_bytes`) within the largest share of the modelled one, which is
-    what the plan sizes."""
+    and results within the modelled assignment's largest shares (`largest_holdings`), which
+    the plan sizes; it stands only where it makes the layer shorter than the modelled one."""
     from streamq.schemes.base import device_costs
 
     costs = device_costs(device_type)
@@ -93,56 +113,74 @@ def assign_units(units: list, world: int, device_type: str, tokens: int,
         return modelled
     solve = [u.seconds(costs) if s is None else s for u, s in zip(units, solves, strict=True)]
     statistics = [u.seconds(costs, tokens) - u.seconds(costs) for u in units]
-    sizes = [u.statistics_bytes for u in units]
-    cap = max(sum(n for n, o in zip(sizes, modelled, strict=True) if o == r) for r in range(world))
+    sizes = [unit_holdings(u) for u in units]
+    cap = largest_holdings(units, modelled, world)
     start = assign([a + b for a, b in zip(solve, statistics, strict=True)], world, sizes, cap) or modelled
-    return rebalance(start, [statistics, solve], world, sizes, cap)
+    phases = [statistics, solve]
+    balanced = rebalance(start, phases, world, sizes, cap)
+    return balanced if span(balanced, phases, world) < span(modelled, phases, world) else modelled
 
 
-def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: list[int], cap: int) -> list[int]:
+def span(owner: list[int], phases: list[list[float]], world: int) -> float:
+    """A layer's time under `owner`: the sum over `phases` (seconds per unit in each) of the
+    slowest rank's time, since each phase ends in a collective that waits for the slowest
+    (the statistics in the replay's broadcasts, the solves at the exchange)."""
+    total = 0.0
+    for cost in phases:
+        load = [0.0] * world
+        for i, r in enumerate(owner):
+            load[r] += cost[i]
+        total += max(load)
+    return total
+
+
+def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: list[tuple[int, ...]],
+              cap: tuple[int, ...]) -> list[int]:
     """Improve an assignment by moving one unit to another rank or swapping two, the best
-    such step at a time, while it shortens the layer: the sum over `phases` (seconds per
-    unit in each) of the slowest rank's time, since each phase ends in a collective that
-    waits for the slowest (the statistics in the replay's broadcasts, the solves at the
-    exchange). No rank's `sizes` may exceed `cap`. Deterministic: ties keep the earlier
-    step, so every rank would compute the same."""
+    such step at a time, while it shortens the layer (`span`). Only a step that takes a unit
+    off a rank that is the slowest of some phase can shorten it, so only those are tried. No
+    rank may hold more than `cap` (`assign`). Deterministic: ties keep the earlier step."""
     owner = list(owner)
     n = len(owner)
     loads = [[0.0] * world for _ in phases]
-    held = [0] * world
+    held = [[0] * len(cap) for _ in range(world)]
     for i, r in enumerate(owner):
-        held[r] += sizes[i]
+        held[r] = [h + k for h, k in zip(held[r], sizes[i], strict=True)]
         for load, cost in zip(loads, phases, strict=True):
             load[r] += cost[i]
 
     def span_after(moves: list[tuple[int, int, int]]) -> float:
-        """The layer's time if each (unit, from, to) of `moves` were made."""
+        """The layer's time if each (unit, from, to) of `moves` (between two ranks) were made."""
         total = 0.0
-        for load, cost in zip(loads, phases, strict=True):
+        for load, cost, top in zip(loads, phases, tops, strict=True):
             changed = dict.fromkeys((r for _, a, b in moves for r in (a, b)), 0.0)
             for i, a, b in moves:
                 changed[a] -= cost[i]
                 changed[b] += cost[i]
-            total += max(load[r] + changed.get(r, 0.0) for r in range(world))
+            others = next((load[r] for r in top if r not in changed), 0.0)  # the slowest rank not changed
+            total += max([others] + [load[r] + d for r, d in changed.items()])
         return total
 
     def fits(moves: list[tuple[int, int, int]]) -> bool:
-        after = dict.fromkeys((r for _, a, b in moves for r in (a, b)), 0)
+        after = {r: list(held[r]) for _, a, b in moves for r in (a, b)}
         for i, a, b in moves:
-            after[a] -= sizes[i]
-            after[b] += sizes[i]
-        return all(held[r] + d <= cap for r, d in after.items())
+            after[a] = [h - k for h, k in zip(after[a], sizes[i], strict=True)]
+            after[b] = [h + k for h, k in zip(after[b], sizes[i], strict=True)]
+        return all(all(h <= c for h, c in zip(v, cap, strict=True)) for v in after.values())
 
     for _ in range(4 * n + 4):  # each step shortens the span; bounded all the same
-        best, step = span_after([]) - 1e-9, None
-        for i in range(n):
+        # Per phase, the three slowest ranks: a step changes two, so the slowest of the rest is among them.
+        tops = [sorted(range(world), key=lambda r, load=load: -load[r])[:3] for load in loads]
+        best, step = sum(max(load) for load in loads) - 1e-9, None
+        slow = {r for load in loads for r in range(world) if load[r] >= max(load) - 1e-12}
+        for i in (i for i in range(n) if owner[i] in slow):
             for r in range(world):
                 if r != owner[i]:
                     moves = [(i, owner[i], r)]
                     s = span_after(moves)
                     if s < best and fits(moves):
                         best, step = s, moves
-            for j in range(i + 1, n):
+            for j in range(n):
                 if owner[j] != owner[i]:
                     moves = [(i, owner[i], owner[j]), (j, owner[j], owner[i])]
                     s = span_after(moves)
@@ -152,8 +190,8 @@ def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: li
             break
         for i, a, b in step:
             owner[i] = b
-            held[a] -= sizes[i]
-            held[b] += sizes[i]
+            held[a] = [h - k for h, k in zip(held[a], sizes[i], strict=True)]
+            held[b] = [h + k for h, k in zip(held[b], sizes[i], strict=True)]
             for load, cost in zip(loads, phases, strict=True):
                 load[a] -= cost[i]
                 load[b] += cost[i]
@@ -162,7 +200,8 @@ def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: li
 
 class UnitTimes:
     """Measured seconds of work units' solves, by the unit's signature (its modules' names
-    within the layer and its size), averaged over the layers that ran it.
+    within the layer and its size), averaged over the layers that ran it, the first left
+    out once there is a second (it carries one-time costs: library set-up, lazy loading).
 
     A model's decoder layers repeat, so what a unit took on one layer predicts it on the
     next better than the cost model does: measured on two H200s, the model was off by up to
@@ -171,8 +210,7 @@ class UnitTimes:
     are gathered), so all agree; the assignment still comes from rank 0 (`Dist.agree`)."""
 
     def __init__(self) -> None:
-        self.total: dict[tuple, float] = {}
-        self.count: dict[tuple, int] = {}
+        self.samples: dict[tuple, list[float]] = {}
 
     @staticmethod
     def signature(unit: Any, prefix: str) -> tuple:
@@ -181,21 +219,21 @@ class UnitTimes:
         return tuple(m.removeprefix(prefix) for m in unit.modules), unit.columns, unit.rows
 
     def solve_seconds(self, signature: tuple) -> float | None:
-        n = self.count.get(signature, 0)
-        return self.total[signature] / n if n else None
+        samples = self.samples.get(signature, [])[1:] or self.samples.get(signature)
+        return sum(samples) / len(samples) if samples else None
 
     def record(self, seconds: dict[tuple, float]) -> None:
         for sig, s in seconds.items():
-            self.total[sig] = self.total.get(sig, 0.0) + s
-            self.count[sig] = self.count.get(sig, 0) + 1
+            self.samples.setdefault(sig, []).append(s)
 
 
 def timed_units(results: Any, unit_of: dict[str, tuple], device: Any) -> tuple[list, dict[tuple, float]]:
     """Run a scheme's (module, result) iterator to its end; returns the pairs and the seconds
     each work unit took (`unit_of`: module -> its unit's signature), the time between one
     yielded module and the next going to the later one's unit. On CUDA the times are the
-    device's (events on the current stream, no synchronization per module; one at the end,
-    which the caller's exchange of the results needs anyway)."""
+    device's: events on the current stream, which the device reaches after the work queued
+    before them (the replay's last kernels count as no unit's), and one host
+    synchronization, on the last event, to read them."""
     import time
 
     import torch
@@ -209,8 +247,6 @@ def timed_units(results: Any, unit_of: dict[str, tuple], device: Any) -> tuple[l
         event.record()
         return event
 
-    if cuda:  # the replay's last kernels must not count as the first unit's
-        torch.cuda.synchronize(device)
     start, pairs, marks = mark(), [], []
     for module, result in results:
         pairs.append((module, result))

@@ -160,6 +160,7 @@ class LayerSizes:
     solve: tuple[tuple[str, int], ...] = ()
     # Time of a scheme with work units (GPTQ): its solves and their statistics (`Scheme.work_units`).
     solve_units: tuple = ()
+    own_codes: int = 0  # several processes splitting the solves: the most int8 codes one holds
 
     def output_bytes(self) -> int:
         """The output dict handed to the writer: FP8 weights, scales, copied tensors."""
@@ -496,12 +497,13 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
             codes = sum(lay.quant_numels)
             # Several processes splitting the solves: each keeps its results (int8 codes, a byte
             # per weight) until all are exchanged, so its last solve runs beside most of its share.
-            held = {"own quantized Linears (until the exchange)": codes // inputs.ranks} if split else {}
+            own = lay.own_codes or codes // inputs.ranks
+            held = {"own quantized Linears (until the exchange)": own} if split else {}
             phases.append(fixed | stats | dict(lay.solve) | held)
             if split:
                 # After the solves each holds every process's quantized Linears (`Dist.exchange`),
                 # plus its own share twice (its results and its send buffer); the statistics live.
-                phases.append(fixed | stats | {"exchanged quantized layer": codes + 2 * codes // inputs.ranks})
+                phases.append(fixed | stats | {"exchanged quantized layer": codes + 2 * own})
         else:
             phases.append(fixed | stats | {"quantize temporaries": max(lay.quantize_transient(False),
                                                                          lay.absmax_transient)})
@@ -837,10 +839,12 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
     if getattr(config.scheme, "work_stage", None) == "quantize":
         units = config.scheme.work_units(shapes, layout.experts, all_experts, top_k=top_k)
         sizes = replace(sizes, solve_units=tuple(units))
-        if ranks > 1:  # each process holds only its own units' statistics: plan the largest share
-            from streamq.engine.dist import assign_units
+        if ranks > 1:  # each process holds only its own units' statistics and results: plan the largest shares
+            from streamq.engine.dist import assign_units, largest_holdings
 
             owners = assign_units(units, ranks, device_type, tokens)
+            # The run's assignments (balanced by measured solves) never hold more (`assign_units`).
+            sizes = replace(sizes, own_codes=largest_holdings(units, owners, ranks)[1])
             shares = [method(shapes, layout.experts, all_experts, layout=layout, owned={
                 m for u, o in zip(units, owners, strict=True) if o == r for m in u.modules})[0] for r in range(ranks)]
             sizes = replace(sizes, statistics=tuple(max(shares, key=lambda d: sum(d.values())).items()))

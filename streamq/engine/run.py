@@ -163,8 +163,10 @@ class _Calibrator:
         signatures = [UnitTimes.signature(u, layout.prefix) for u in units]
         self.unit_of = {m: sig for u, sig in zip(units, signatures, strict=True) for m in u.modules}
         solves = [self.unit_times.solve_seconds(sig) for sig in signatures]
-        # Rank 0's assignment for all: cost models and clocks differ between machines.
-        owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens, solves))
+        # Rank 0's assignment for all (cost models and clocks differ between machines), and
+        # computed there only: every process waits for it anyway.
+        owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens, solves)
+                                 if self.dist.leader else None)
         self.rank_of = dict(zip(signatures, owners, strict=True))
         modelled = [u.seconds(device_costs(self.job.device.type)) for u in units]
         self.predicted = [round(sum(m if s is None else s for m, s, r in zip(modelled, solves, owners, strict=True)

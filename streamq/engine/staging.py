@@ -84,6 +84,9 @@ class OutputArenas:
         the process's CUDA calls for about 0.1 s a GB, which mid-loop the other processes
         of a torchrun job would wait out at their next collective)."""
         for k in range(len(self.arenas)):
+            arena = self.arenas[k]
+            if arena is not None and arena.busy is not None:
+                arena.busy.result()  # a write may still read it
             self._sized(k, nbytes)
 
     def _sized(self, k: int, nbytes: int) -> Arena:
