@@ -262,3 +262,29 @@ def test_group_size_that_does_not_divide_a_weight_is_refused_before_output(tiny_
     assert rc == 2, lines
     assert "group_size" in lines[-1] and "input columns" in lines[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("arch", "ignore", "refused"), [
+    ("qwen3_moe", ["model.layers.0.mlp.experts.3.down_proj"], "expert projections of 'model.layers.0.mlp.experts'"),
+    ("qwen3_moe", ["re:model\\.layers\\.1\\.mlp\\.experts\\.\\d+\\.down_proj"], "model.layers.1.mlp.experts"),
+    ("qwen3", ["model.layers.0.self_attn.k_proj"], "'model.layers.0.self_attn.q_proj/k_proj/v_proj'"),
+    ("qwen3", ["model.layers.1.mlp.up_proj"], "'model.layers.1.mlp.gate_proj/up_proj'"),
+    ("qwen3_moe", ["re:model\\.layers\\.0\\.mlp\\.experts\\..*"], None),
+    ("qwen3", ["re:model\\.layers\\.0\\.self_attn\\.[qkv]_proj", "model.layers.1.mlp"], None),
+])
+def test_ignore_layers_must_treat_what_vllm_fuses_alike(tiny_models, tmp_path, arch, ignore, refused):
+    """vLLM loads q/k/v and gate/up as one Linear and a layer's experts as one module, each with
+    one scheme, and refuses a checkpoint that quantizes only some of their members: such an
+    ignore_layers is refused before anything is written (it crashed GPTQ's expert chunks with a
+    KeyError), naming the key and both kinds of member; ignoring all of them, or none, runs."""
+    from streamq.engine.job import prepare
+
+    cfg = make_config(tiny_models[arch], tmp_path / "out", ignore_layers=["lm_head", *ignore])
+    if refused is None:
+        job = prepare(parse_config(cfg, "job.yaml"))
+        assert job.layouts[0].ignored and not (tmp_path / "out").exists()
+        return
+    with pytest.raises(ConfigError, match="compression.quantization.ignore_layers leaves") as e:
+        prepare(parse_config(cfg, "job.yaml"))
+    assert refused in str(e.value) and "ignore all" in str(e.value)
+    assert not (tmp_path / "out").exists()

@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from streamq.errors import CheckpointError
+from streamq.errors import CheckpointError, ConfigError
+from streamq.model.fused import fused_group_key
 from streamq.model.ignore import IgnoreMatcher
 from streamq.model.names import NameMap
 
@@ -110,6 +111,27 @@ def routing_modules(layer: nn.Module) -> set[str]:
     return out
 
 
+def _check_ignored_alike(loaded_as_one: dict[str, tuple[list[str], list[str]]], experts: set[str]) -> None:
+    """Refuse an `ignore_layers` that leaves part of what vLLM loads as one module unquantized:
+    vLLM fuses q/k/v and gate/up into one Linear, and a layer's experts into one module (the
+    keys in `experts`), each with one quantization scheme. It refuses a fused Linear whose
+    shards differ ("Detected some but not all shards of ... are quantized") and takes an
+    experts module that any ignore entry names as unquantized whole, so the quantized experts
+    would not load. Raises ConfigError naming one member of each kind."""
+    for key, (quantized, ignored) in loaded_as_one.items():
+        if not quantized or not ignored:
+            continue
+        if key in experts:
+            what = (f"the expert projections of '{key}', which vLLM loads as one fused module; ignore all of "
+                    f"them (e.g. 're:{re.escape(key)}\\..*') or none")
+        else:
+            parent, _, group = key.rpartition(".")
+            what = f"'{parent}.{group.replace('+', '/')}', which vLLM loads as one fused Linear; ignore all or none"
+        raise ConfigError(f"compression.quantization.ignore_layers leaves '{ignored[0]}' unquantized but quantizes "
+                          f"'{quantized[0]}' ({len(ignored)} of {len(quantized) + len(ignored)} left): both are "
+                          f"part of {what}")
+
+
 def plan_layer(layer: nn.Module, index: int, layer_prefix: str, tensor_names: list[str],
                ignore: IgnoreMatcher, names: NameMap | None = None) -> LayerLayout:
     """Classify every disk tensor of one layer. `names` maps disk names to memory (transformers'
@@ -121,6 +143,9 @@ def plan_layer(layer: nn.Module, index: int, layer_prefix: str, tensor_names: li
     routers = routing_modules(layer)
     out = LayerLayout(index=index, prefix=prefix)
     seen_linears = set()
+    # What vLLM loads as one Linear (q/k/v, gate/up) or one fused experts module: key ->
+    # (quantized, ignored) members, which `ignore_layers` must treat alike.
+    loaded_as_one: dict[str, tuple[list[str], list[str]]] = {}
     for name in sorted(tensor_names, key=natural_key):
         mem = names.to_memory(name)
         if mem.problem:
@@ -149,15 +174,19 @@ def plan_layer(layer: nn.Module, index: int, layer_prefix: str, tensor_names: li
             out.copied.append(name)
             continue
         seen_linears.add(module)
+        key = prefix + module if mem.expert is not None else fused_group_key(disk_module)
         if ignore.matches(disk_module) or ignore.matches(prefix + module):
+            loaded_as_one.setdefault(key, ([], []))[1].append(disk_module)
             out.ignored.append(disk_module)
             out.copied.append(name)
             continue
+        loaded_as_one.setdefault(key, ([], []))[0].append(disk_module)
         out.quantized[disk_module] = name
         if mem.expert is not None:
             out.experts[disk_module] = ExpertRef(module, mem.expert, mem.role)
         elif module != disk_module[len(prefix):]:
             out.memory[disk_module] = module
+    _check_ignored_alike(loaded_as_one, {prefix + parent for parent in fused})
     missing = sorted(linears - seen_linears - routers)
     if missing:
         raise CheckpointError(f"layer {index}: Linear '{prefix}{missing[0]}' has no weight tensor in the "
