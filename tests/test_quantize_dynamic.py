@@ -230,14 +230,15 @@ def test_config_side_files_and_index(tiny_models, quantized, variant, fmt, weigh
 
 
 IGNORE_CASES = {
-    # arch: (ignore_layers, modules that must stay in high precision)
-    "llama": (["lm_head", "model.layers.0.self_attn.q_proj", r"re:.*\.mlp\.down_proj", "model.layers.1.self_attn"],
-              {"model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
+    # arch: (ignore_layers, modules that must stay in high precision). Each ignores whole what
+    # vLLM fuses (q/k/v, gate/up, a layer's experts); splitting one is refused (test_config).
+    "llama": (["lm_head", "model.layers.0.self_attn.o_proj", r"re:.*\.mlp\.down_proj", "model.layers.1.self_attn"],
+              {"model.layers.0.self_attn.o_proj", "model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj",
                *(f"model.layers.1.self_attn.{p}_proj" for p in "qkvo")}),
-    "qwen3_moe": (["lm_head", "model.layers.0.self_attn.k_proj", r"re:model\.layers\.1\.mlp\.experts\.1[01]\..*"],
-                  {"model.layers.0.self_attn.k_proj",
-                   *(f"model.layers.1.mlp.experts.{e}.{p}" for e in (10, 11) for p in ("gate_proj", "up_proj",
-                                                                                       "down_proj"))}),
+    "qwen3_moe": (["lm_head", "model.layers.0.self_attn.o_proj", r"re:model\.layers\.1\.mlp\.experts\..*"],
+                  {"model.layers.0.self_attn.o_proj",
+                   *(f"model.layers.1.mlp.experts.{e}.{p}" for e in range(12) for p in ("gate_proj", "up_proj",
+                                                                                         "down_proj"))}),
 }
 
 
@@ -260,10 +261,10 @@ def test_ignore_layers(tiny_models, tmp_path, arch, fmt):
 
 def test_lm_head_kept_even_if_not_listed(tiny_models, tmp_path):
     out_dir = tmp_path / "out"
-    run_job(make_config(tiny_models["llama"], out_dir, ignore_layers=["model.layers.0.mlp.up_proj"]))
+    run_job(make_config(tiny_models["llama"], out_dir, ignore_layers=["model.layers.0.mlp.down_proj"]))
     out = read_tensors(out_dir)
     assert out["lm_head.weight"].dtype == torch.bfloat16 and "lm_head.weight_scale" not in out
-    assert out["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert out["model.layers.0.mlp.down_proj.weight"].dtype == torch.bfloat16
     assert "lm_head" in json.loads((out_dir / "config.json").read_text())["quantization_config"]["ignored_layers"]
 
 
