@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -265,10 +266,11 @@ def test_group_size_that_does_not_divide_a_weight_is_refused_before_output(tiny_
 
 
 @pytest.mark.parametrize(("arch", "ignore", "refused"), [
-    ("qwen3_moe", ["model.layers.0.mlp.experts.3.down_proj"], "expert projections of 'model.layers.0.mlp.experts'"),
-    ("qwen3_moe", ["re:model\\.layers\\.1\\.mlp\\.experts\\.\\d+\\.down_proj"], "model.layers.1.mlp.experts"),
+    ("qwen3_moe", ["model.layers.0.mlp.experts.3.down_proj"], "the experts of 'model.layers.0.mlp.experts'"),
+    ("qwen3_moe", ["re:model\\.layers\\.1\\.mlp\\.experts\\.\\d+\\.down_proj"],
+     "the experts of 'model.layers.1.mlp.experts'"),
     ("qwen3", ["model.layers.0.self_attn.k_proj"], "'model.layers.0.self_attn.q_proj/k_proj/v_proj'"),
-    ("qwen3", ["model.layers.1.mlp.up_proj"], "'model.layers.1.mlp.gate_proj/up_proj'"),
+    ("qwen3", ["up_proj"], "entry 'up_proj' leaves 'model.layers.0.mlp.up_proj'"),  # a leaf: every layer
     ("qwen3_moe", ["re:model\\.layers\\.0\\.mlp\\.experts\\..*"], None),
     ("qwen3", ["re:model\\.layers\\.0\\.self_attn\\.[qkv]_proj", "model.layers.1.mlp"], None),
 ])
@@ -282,9 +284,15 @@ def test_ignore_layers_must_treat_what_vllm_fuses_alike(tiny_models, tmp_path, a
     cfg = make_config(tiny_models[arch], tmp_path / "out", ignore_layers=["lm_head", *ignore])
     if refused is None:
         job = prepare(parse_config(cfg, "job.yaml"))
-        assert job.layouts[0].ignored and not (tmp_path / "out").exists()
+        ignored = {m for lay in job.layouts for m in lay.ignored}
+        quantized = {m for lay in job.layouts for m in lay.quantized}
+        whole = [r"model\.layers\.0\.mlp\.experts\..*"] if arch == "qwen3_moe" else \
+            [r"model\.layers\.0\.self_attn\.[qkv]_proj", r"model\.layers\.1\.mlp\..*_proj"]
+        for pattern in whole:  # each group ignored whole, and nothing beside it
+            members = {m for m in ignored | quantized if re.fullmatch(pattern, m)}
+            assert len(members) >= 2 and members <= ignored, (pattern, members - ignored)
+        assert "model.layers.0.self_attn.o_proj" in quantized
         return
-    with pytest.raises(ConfigError, match="compression.quantization.ignore_layers leaves") as e:
+    with pytest.raises(ConfigError, match="compression.quantization.ignore_layers entry") as e:
         prepare(parse_config(cfg, "job.yaml"))
-    assert refused in str(e.value) and "ignore all" in str(e.value)
-    assert not (tmp_path / "out").exists()
+    assert refused in str(e.value) and "ignore all" in str(e.value), str(e.value)

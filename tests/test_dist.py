@@ -17,6 +17,7 @@ import pytest
 from conftest import make_config, write_yaml
 from test_gptq_streaming import gptq_config
 
+from streamq.errors import StreamqError
 from streamq.testing.tiny_models import CALIB_FILE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,6 +225,21 @@ def test_ranks_with_different_configs_are_refused():
     other = dict(facts, **{"source checkpoint": {"a.safetensors": 11}})
     with pytest.raises(ConfigError, match="rank 1 has a different source checkpoint than rank 0"):
         _FakeDist([facts, other]).check_same(facts)
+
+
+def test_a_plan_that_fails_on_one_process_stops_every_process():
+    """Each process plans its own share (rank 0 alone holds the read buffers and the non-layer
+    shard), so a budget can refuse one process's plan only: every process then stops with that
+    error, before rank 0 opens the output, instead of waiting for one that has left."""
+    from streamq.errors import BudgetError
+
+    _FakeDist([None, None]).share_failure(None)  # none failed: all go on
+    with pytest.raises(StreamqError, match=r"rank 1 stopped the job \(BudgetError\): too big") as e:
+        _FakeDist([None, ("BudgetError", "too big", 3)]).share_failure(None)
+    assert e.value.exit_code == 3  # the failing process's exit code, on every process
+    own = BudgetError("mine")
+    with pytest.raises(BudgetError, match="mine"):  # a failing process raises its own error
+        _FakeDist([None, ("BudgetError", "too big", 3)]).share_failure(own)
 
 
 def test_work_units_go_largest_first_to_the_least_loaded_rank():

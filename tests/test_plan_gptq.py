@@ -143,9 +143,16 @@ def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monk
     assert "exchanged quantized layer" not in plans[1].gpu_breakdown
     codes = sum(math.prod(job.reader.tensors[n].shape) for n in job.layouts[0].quantized.values())
     # Its own share: the most codes the modelled assignment gives one process, which the run's
-    # assignments balanced by measured solves never exceed (`assign_units`).
-    own = plans[2].gpu_breakdown["exchanged quantized layer"] - codes
-    assert own % 2 == 0 and codes // 2 <= own // 2 < codes, (own, codes)
+    # assignments balanced by measured solves never exceed (`assign_units`); each code with its
+    # share of the bf16 group scales (symmetric: no zero points).
+    from streamq.engine.dist import assign_units, largest_holdings
+
+    layout = job.layouts[0]
+    shapes = {m: tuple(job.reader.tensors[n].shape) for m, n in layout.quantized.items()}
+    units = job.config.scheme.work_units(shapes, layout.experts, False, top_k=8)
+    own = largest_holdings(units, assign_units(units, 2, "cuda", 8 * 256), 2)[1]
+    assert codes // 2 < own < codes
+    assert plans[2].gpu_breakdown["exchanged quantized layer"] == int((codes + 2 * own) * (1 + 2 / 128))
     # Each process holds only its own units' Hessians: about half of them (attention's stay whole).
     hessians = [plans[r].gpu_breakdown["Hessians (float32)"] for r in (1, 2)]
     assert 0.45 < hessians[1] / hessians[0] < 0.6, hessians

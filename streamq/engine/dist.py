@@ -386,7 +386,21 @@ class Dist:
         if box[0] is not None:
             if error is not None:
                 raise error
-            raise _Remote(*box[0])
+            raise _Remote(0, *box[0])
+
+    def share_failure(self, error: BaseException | None) -> None:
+        """Every rank tells every rank whether a step all of them did (planning, which
+        differs per process) failed; if any did, every rank raises the first failing rank's
+        error (its own where it failed), before anything is written and before any waits on a
+        collective the failed one never reaches."""
+        views = self.gather(None if error is None else (type(error).__name__, str(error),
+                                                        getattr(error, "exit_code", 1)))
+        failed = next((r for r, v in enumerate(views) if v is not None), None)
+        if failed is None:
+            return
+        if error is not None:
+            raise error
+        raise _Remote(failed, *views[failed])
 
     def agree(self, value: Any) -> Any:
         """Rank 0's `value` on every rank (a decision taken from rank 0's clock, say)."""
@@ -409,10 +423,10 @@ class Dist:
 
 
 class _Remote(StreamqError):
-    """The error rank 0 hit, as the other ranks report it."""
+    """The error another rank hit, as the other ranks report it."""
 
-    def __init__(self, kind: str, message: str, exit_code: int):
-        super().__init__(f"rank 0 stopped the job ({kind}): {message}")
+    def __init__(self, rank: int, kind: str, message: str, exit_code: int):
+        super().__init__(f"rank {rank} stopped the job ({kind}): {message}")
         self.exit_code = exit_code
 
 

@@ -161,6 +161,7 @@ class LayerSizes:
     # Time of a scheme with work units (GPTQ): its solves and their statistics (`Scheme.work_units`).
     solve_units: tuple = ()
     own_codes: int = 0  # several processes splitting the solves: the most int8 codes one holds
+    result_factor: float = 1.0  # bytes a quantized weight's result takes: its code, its share of scales and zeros
 
     def output_bytes(self) -> int:
         """The output dict handed to the writer: FP8 weights, scales, copied tensors."""
@@ -498,12 +499,12 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
             # Several processes splitting the solves: each keeps its results (int8 codes, a byte
             # per weight) until all are exchanged, so its last solve runs beside most of its share.
             own = lay.own_codes or codes // inputs.ranks
-            held = {"own quantized Linears (until the exchange)": own} if split else {}
+            held = {"own quantized Linears (until the exchange)": int(own * lay.result_factor)} if split else {}
             phases.append(fixed | stats | dict(lay.solve) | held)
             if split:
                 # After the solves each holds every process's quantized Linears (`Dist.exchange`),
                 # plus its own share twice (its results and its send buffer); the statistics live.
-                phases.append(fixed | stats | {"exchanged quantized layer": codes + 2 * own})
+                phases.append(fixed | stats | {"exchanged quantized layer": int((codes + 2 * own) * lay.result_factor)})
         else:
             phases.append(fixed | stats | {"quantize temporaries": max(lay.quantize_transient(False),
                                                                          lay.absmax_transient)})
@@ -844,7 +845,12 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
 
             owners = assign_units(units, ranks, device_type, tokens)
             # The run's assignments (balanced by measured solves) never hold more (`assign_units`).
-            sizes = replace(sizes, own_codes=largest_holdings(units, owners, ranks)[1])
+            # Each code comes with its group's scale (model dtype) and, asymmetric, zero point (int32).
+            spec = config.scheme.spec
+            group = getattr(spec.weight, "size", 0)
+            per_group = elem + (0 if spec.symmetric else 4)
+            sizes = replace(sizes, own_codes=largest_holdings(units, owners, ranks)[1],
+                            result_factor=1.0 + (per_group / group if group > 0 else 0.0))
             shares = [method(shapes, layout.experts, all_experts, layout=layout, owned={
                 m for u, o in zip(units, owners, strict=True) if o == r for m in u.modules})[0] for r in range(ranks)]
             sizes = replace(sizes, statistics=tuple(max(shares, key=lambda d: sum(d.values())).items()))

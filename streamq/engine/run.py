@@ -411,12 +411,20 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     # (collective, so before any process may stop alone).
     node = dist.node_group() if split is not None else None
     job.received_layers = node is not None and job.device.type == "cuda"
-    job.reads_layers = node is None or node.leader
+    job.reads_layers = node is None or node.leader or job.device.type != "cuda"  # gloo receives into host buffers
     job.writes_rest = dist is None or dist.leader
     job.write_turns = dist.world if split is not None else 1
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
-    plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
+    failed: StreamqError | None = None
+    try:
+        plan = make_plan(job, startup_seconds=prepared - start)  # BudgetError (exit 3): nothing written yet
+    except StreamqError as e:
+        if dist is None:
+            raise
+        failed = e
+    if dist is not None:  # each process plans its own share: all stop if any cannot run
+        dist.share_failure(failed)
     for note in plan.notes:
         if note.startswith("warning: "):
             log.warning("%s", note)

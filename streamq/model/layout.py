@@ -111,25 +111,29 @@ def routing_modules(layer: nn.Module) -> set[str]:
     return out
 
 
-def _check_ignored_alike(loaded_as_one: dict[str, tuple[list[str], list[str]]], experts: set[str]) -> None:
+def _check_ignored_alike(loaded_as_one: dict[str, tuple[list[str], list[str]]], experts: set[str],
+                         ignore: IgnoreMatcher) -> None:
     """Refuse an `ignore_layers` that leaves part of what vLLM loads as one module unquantized:
     vLLM fuses q/k/v and gate/up into one Linear, and a layer's experts into one module (the
     keys in `experts`), each with one quantization scheme. It refuses a fused Linear whose
     shards differ ("Detected some but not all shards of ... are quantized") and takes an
     experts module that any ignore entry names as unquantized whole, so the quantized experts
-    would not load. Raises ConfigError naming one member of each kind."""
+    would not load. Raises ConfigError naming the entry and one member of each kind."""
     for key, (quantized, ignored) in loaded_as_one.items():
         if not quantized or not ignored:
             continue
+        entry = next((p for p in ignore.patterns if IgnoreMatcher((p,)).matches(ignored[0])), "?")
         if key in experts:
-            what = (f"the expert projections of '{key}', which vLLM loads as one fused module; ignore all of "
-                    f"them (e.g. 're:{re.escape(key)}\\..*') or none")
+            # On disk "<parent>.<expert>.<proj>": a parent name covers its children.
+            parent = ignored[0].rsplit(".", 2)[0]
+            what = (f"the experts of '{parent}', which vLLM loads as one fused module; ignore all of them "
+                    f"('{parent}') or none")
         else:
             parent, _, group = key.rpartition(".")
             what = f"'{parent}.{group.replace('+', '/')}', which vLLM loads as one fused Linear; ignore all or none"
-        raise ConfigError(f"compression.quantization.ignore_layers leaves '{ignored[0]}' unquantized but quantizes "
-                          f"'{quantized[0]}' ({len(ignored)} of {len(quantized) + len(ignored)} left): both are "
-                          f"part of {what}")
+        raise ConfigError(f"compression.quantization.ignore_layers entry '{entry}' leaves '{ignored[0]}' unquantized "
+                          f"but not '{quantized[0]}' ({len(ignored)} of {len(quantized) + len(ignored)} members "
+                          f"ignored): both are part of {what}")
 
 
 def plan_layer(layer: nn.Module, index: int, layer_prefix: str, tensor_names: list[str],
@@ -186,7 +190,7 @@ def plan_layer(layer: nn.Module, index: int, layer_prefix: str, tensor_names: li
             out.experts[disk_module] = ExpertRef(module, mem.expert, mem.role)
         elif module != disk_module[len(prefix):]:
             out.memory[disk_module] = module
-    _check_ignored_alike(loaded_as_one, {prefix + parent for parent in fused})
+    _check_ignored_alike(loaded_as_one, {prefix + parent for parent in fused}, ignore)
     missing = sorted(linears - seen_linears - routers)
     if missing:
         raise CheckpointError(f"layer {index}: Linear '{prefix}{missing[0]}' has no weight tensor in the "
