@@ -79,8 +79,16 @@ def assign(costs: list[float], world: int, sizes: list[tuple[int, ...]] | None =
     return owner
 
 
-def _fits(held: list[int], size: tuple[int, ...], cap: tuple[int, ...]) -> bool:
+def _fits(held: list[int], size: tuple[int, ...] | list[int], cap: tuple[int, ...]) -> bool:
     return all(h + n <= c for h, n, c in zip(held, size, cap, strict=True))
+
+
+def _rank_totals(owner: list[int], per_unit: list[tuple], world: int) -> list[list]:
+    """Per rank, the element-wise sum of its units' `per_unit` tuples."""
+    totals = [[0] * len(per_unit[0]) if per_unit else [] for _ in range(world)]
+    for values, r in zip(per_unit, owner, strict=True):
+        totals[r] = [t + v for t, v in zip(totals[r], values, strict=True)]
+    return totals
 
 
 def unit_holdings(unit: Any) -> tuple[int, int]:
@@ -91,9 +99,7 @@ def unit_holdings(unit: Any) -> tuple[int, int]:
 
 def largest_holdings(units: list, owners: list[int], world: int) -> tuple[int, int]:
     """The most any rank holds of each kind (`unit_holdings`) under `owners`."""
-    held = [[0, 0] for _ in range(world)]
-    for u, r in zip(units, owners, strict=True):
-        held[r] = [h + n for h, n in zip(held[r], unit_holdings(u), strict=True)]
+    held = _rank_totals(owners, [unit_holdings(u) for u in units], world)
     return max(h[0] for h in held), max(h[1] for h in held)
 
 
@@ -111,7 +117,7 @@ def assign_units(units: list, world: int, device_type: str, tokens: int,
     modelled = assign([u.seconds(costs, tokens) for u in units], world)
     if not solves or all(s is None for s in solves):
         return modelled
-    solve = [u.seconds(costs) if s is None else s for u, s in zip(units, solves, strict=True)]
+    solve = expected_solves(units, device_type, solves)
     statistics = [u.seconds(costs, tokens) - u.seconds(costs) for u in units]
     sizes = [unit_holdings(u) for u in units]
     cap = largest_holdings(units, modelled, world)
@@ -121,17 +127,20 @@ def assign_units(units: list, world: int, device_type: str, tokens: int,
     return balanced if span(balanced, phases, world) < span(modelled, phases, world) else modelled
 
 
+def expected_solves(units: list, device_type: str, solves: list[float | None]) -> list[float]:
+    """Each unit's solve seconds: as measured on earlier layers (`solves[i]`), else modelled."""
+    from streamq.schemes.base import device_costs
+
+    costs = device_costs(device_type)
+    return [u.seconds(costs) if s is None else s for u, s in zip(units, solves, strict=True)]
+
+
 def span(owner: list[int], phases: list[list[float]], world: int) -> float:
     """A layer's time under `owner`: the sum over `phases` (seconds per unit in each) of the
     slowest rank's time, since each phase ends in a collective that waits for the slowest
     (the statistics in the replay's broadcasts, the solves at the exchange)."""
-    total = 0.0
-    for cost in phases:
-        load = [0.0] * world
-        for i, r in enumerate(owner):
-            load[r] += cost[i]
-        total += max(load)
-    return total
+    loads = _rank_totals(owner, list(zip(*phases, strict=True)), world)
+    return sum(max(rank[p] for rank in loads) for p in range(len(phases)))
 
 
 def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: list[tuple[int, ...]],
@@ -142,12 +151,9 @@ def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: li
     rank may hold more than `cap` (`assign`). Deterministic: ties keep the earlier step."""
     owner = list(owner)
     n = len(owner)
-    loads = [[0.0] * world for _ in phases]
-    held = [[0] * len(cap) for _ in range(world)]
-    for i, r in enumerate(owner):
-        held[r] = [h + k for h, k in zip(held[r], sizes[i], strict=True)]
-        for load, cost in zip(loads, phases, strict=True):
-            load[r] += cost[i]
+    per_rank = _rank_totals(owner, list(zip(*phases, strict=True)), world)
+    loads = [[rank[p] for rank in per_rank] for p in range(len(phases))]  # [phase][rank]
+    held = _rank_totals(owner, sizes, world)
 
     def span_after(moves: list[tuple[int, int, int]]) -> float:
         """The layer's time if each (unit, from, to) of `moves` (between two ranks) were made."""
@@ -162,11 +168,11 @@ def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: li
         return total
 
     def fits(moves: list[tuple[int, int, int]]) -> bool:
-        after = {r: list(held[r]) for _, a, b in moves for r in (a, b)}
+        change = {r: [0] * len(cap) for _, a, b in moves for r in (a, b)}
         for i, a, b in moves:
-            after[a] = [h - k for h, k in zip(after[a], sizes[i], strict=True)]
-            after[b] = [h + k for h, k in zip(after[b], sizes[i], strict=True)]
-        return all(all(h <= c for h, c in zip(v, cap, strict=True)) for v in after.values())
+            change[a] = [d - k for d, k in zip(change[a], sizes[i], strict=True)]
+            change[b] = [d + k for d, k in zip(change[b], sizes[i], strict=True)]
+        return all(_fits(held[r], d, cap) for r, d in change.items())
 
     for _ in range(4 * n + 4):  # each step shortens the span; bounded all the same
         # Per phase, the three slowest ranks: a step changes two, so the slowest of the rest is among them.
@@ -376,23 +382,11 @@ class Dist:
         td.all_gather_object(out, obj)
         return out
 
-    def share_outcome(self, error: BaseException | None) -> None:
-        """Rank 0 tells every rank whether a step it alone did (opening the output) failed;
-        every rank then raises the same error, so none waits on a collective that never comes."""
-        import torch.distributed as td
-
-        box = [None if error is None else (type(error).__name__, str(error), getattr(error, "exit_code", 1))]
-        td.broadcast_object_list(box, src=0)
-        if box[0] is not None:
-            if error is not None:
-                raise error
-            raise _Remote(0, *box[0])
-
     def share_failure(self, error: BaseException | None) -> None:
-        """Every rank tells every rank whether a step all of them did (planning, which
-        differs per process) failed; if any did, every rank raises the first failing rank's
-        error (its own where it failed), before anything is written and before any waits on a
-        collective the failed one never reaches."""
+        """Every rank tells every rank whether a step failed (`error`, None where it did not
+        or where the rank took no part: rank 0 alone opens the output; every rank plans its
+        own share); if any did, every rank raises the first failing rank's error (its own
+        where it failed), so none waits on a collective the failed one never reaches."""
         views = self.gather(None if error is None else (type(error).__name__, str(error),
                                                         getattr(error, "exit_code", 1)))
         failed = next((r for r, v in enumerate(views) if v is not None), None)

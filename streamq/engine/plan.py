@@ -498,7 +498,7 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
             codes = sum(lay.quant_numels)
             # Several processes splitting the solves: each keeps its results (int8 codes, a byte
             # per weight) until all are exchanged, so its last solve runs beside most of its share.
-            own = lay.own_codes or codes // inputs.ranks
+            own = lay.own_codes  # the largest share (`_with_scheme_memory`)
             held = {"own quantized Linears (until the exchange)": int(own * lay.result_factor)} if split else {}
             phases.append(fixed | stats | dict(lay.solve) | held)
             if split:

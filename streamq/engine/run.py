@@ -44,7 +44,16 @@ from streamq.checkpoint.writer import (
     write_index,
 )
 from streamq.config import JobConfig
-from streamq.engine.dist import MODULES, SAMPLES, Dist, UnitTimes, assign_units, calibration_split, timed_units
+from streamq.engine.dist import (
+    MODULES,
+    SAMPLES,
+    Dist,
+    UnitTimes,
+    assign_units,
+    calibration_split,
+    expected_solves,
+    timed_units,
+)
 from streamq.engine.job import Job, prepare
 from streamq.engine.plan import ModelShape, make_plan
 from streamq.engine.prefetch import Prefetcher, open_prefetcher
@@ -65,7 +74,7 @@ from streamq.model.skeleton import (
     release_outside_layers,
 )
 from streamq.paths import calibration_file, check_save_path
-from streamq.schemes.base import LayerStats, QuantizedLinear, device_costs
+from streamq.schemes.base import LayerStats, QuantizedLinear
 from streamq.verify import verify_checkpoint
 
 log = logging.getLogger("streamq")
@@ -168,9 +177,9 @@ class _Calibrator:
         owners = self.dist.agree(assign_units(units, self.dist.world, self.job.device.type, tokens, solves)
                                  if self.dist.leader else None)
         self.rank_of = dict(zip(signatures, owners, strict=True))
-        modelled = [u.seconds(device_costs(self.job.device.type)) for u in units]
-        self.predicted = [round(sum(m if s is None else s for m, s, r in zip(modelled, solves, owners, strict=True)
-                                    if r == rank), 3) for rank in range(self.dist.world)]
+        expected = expected_solves(units, self.job.device.type, solves)
+        self.predicted = [round(sum(s for s, r in zip(expected, owners, strict=True) if r == rank), 3)
+                          for rank in range(self.dist.world)]
         self.owned = {m for u, r in zip(units, owners, strict=True) if r == self.dist.rank for m in u.modules}
         return self.owned
 
@@ -443,7 +452,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             if dist is None:
                 raise
     if dist is not None:
-        dist.share_outcome(opened)
+        dist.share_failure(opened)  # rank 0 alone opened the output
         if not leader:
             state = attach_run(out_dir, dist.rank)
     report = Report()

@@ -72,9 +72,6 @@ class OutputArenas:
 
     def begin(self, nbytes: int) -> Arena:
         k, self.turn = self.turn, (self.turn + 1) % len(self.arenas)
-        arena = self.arenas[k]
-        if arena is not None and arena.busy is not None:
-            arena.busy.result()  # normally long done: the loop waits for each write before the next
         arena = self._sized(k, nbytes)
         arena.used, arena.busy = 0, None
         return arena
@@ -85,13 +82,13 @@ class OutputArenas:
         calls, which mid-loop the other processes of a torchrun job would wait out at their
         next collective."""
         for k in range(len(self.arenas)):
-            arena = self.arenas[k]
-            if arena is not None and arena.busy is not None:
-                arena.busy.result()  # a write may still read it
             self._sized(k, nbytes)
 
     def _sized(self, k: int, nbytes: int) -> Arena:
+        """Arena k, once the write reading it is done, grown to `nbytes` if smaller."""
         arena = self.arenas[k]
+        if arena is not None and arena.busy is not None:
+            arena.busy.result()  # normally long done: the loop waits for each write before the next
         if arena is None or arena.buffer.numel() < nbytes:
             if arena is not None and arena.registered:
                 unregister(arena.buffer)
