@@ -46,6 +46,9 @@ print("plan (rank 0): time", round(r["plan"]["estimated_seconds"], 1), "s", r["p
 stages = r["report"]["stages"]
 keys = sorted({k for s in stages for k in s if k != "layer"})
 print("stage seconds summed over layers (rank 0):", {k: round(sum(s.get(k, 0) for s in stages), 2) for k in keys})
+# Each layer's stages but the read, which runs ahead in its own thread: the layer loop's path.
+print("per-layer seconds, stages but the read (rank 0):",
+      [round(sum(v for k, v in s.items() if k not in ("layer", "read")), 2) for s in stages])
 for split in r["report"].get("work_split", []):  # several processes splitting the solves
     print(f"layer {split['layer']} solves per rank (s): predicted {split['predicted_solve_s']}, "
           f"measured {split['measured_solve_s']}")

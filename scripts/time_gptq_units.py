@@ -1,6 +1,7 @@
 """Time one GPTQ solve of each kind of work unit of a synthetic Qwen3-235B-A22B layer on this
-GPU, next to the cost `WorkUnit.seconds` gives it (the cost several processes split the work
-by, `streamq.engine.dist.assign`). Random weights, Hessians X^T X of random tokens.
+GPU, the column loop eager and replayed as CUDA graphs, next to the cost `WorkUnit.seconds`
+gives it (the cost several processes split the work by, `streamq.engine.dist.assign`).
+Random weights, Hessians X^T X of random tokens.
 
     python scripts/time_gptq_units.py            # needs a GPU
 """
@@ -11,6 +12,7 @@ import time
 
 import torch
 
+from streamq.calib.hessian import add_gram
 from streamq.quant.gptq import gptq_quantize
 from streamq.schemes.base import GPU_COSTS, WorkUnit
 from streamq.schemes.int4 import expert_chunk
@@ -37,17 +39,37 @@ def main() -> None:
         h = hessians(e if per_expert else 1, cols, device)
         h = h if per_expert else h[0]
         gptq_quantize(w[:1], h[:1] if per_expert else h, 128, True)  # warm-up
-        torch.cuda.synchronize()
-        t0 = time.monotonic()
-        gptq_quantize(w, h, 128, True)
-        torch.cuda.synchronize()
-        took = time.monotonic() - t0
         unit = WorkUnit((name,), cols, float(e * (rows * cols * cols + cols ** 3)), e * rows)
-        print(f"{name:24s} experts {e:3d} rows {rows:5d} cols {cols:5d}: measured {took:6.2f} s, "
-              f"WorkUnit.seconds {unit.seconds(GPU_COSTS):6.2f} s, "
-              f"per column {1e3 * took / cols:.3f} ms, per column per 1k rows {1e6 * took / cols / (e * rows):.2f} us")
+        codes = {}
+        for graphs in (False, True):
+            torch.cuda.synchronize()
+            t0 = time.monotonic()
+            codes[graphs] = gptq_quantize(w, h, 128, True, graphs=graphs).codes
+            torch.cuda.synchronize()
+            took = time.monotonic() - t0
+            print(f"{name:24s} {'graphed' if graphs else 'eager  '} experts {e:3d} rows {rows:5d} cols {cols:5d}: "
+                  f"measured {took:6.2f} s, WorkUnit.seconds {unit.seconds(GPU_COSTS):6.2f} s, "
+                  f"per column {1e3 * took / cols:.3f} ms, "
+                  f"per column per 1k rows {1e6 * took / cols / (e * rows):.2f} us")
+        print(f"{name:24s} graphed codes identical to eager: {torch.equal(codes[False], codes[True])}")
         del w, h
         torch.cuda.empty_cache()
+    # The statistics: one calibration batch's Hessian updates of every expert's gate/up
+    # (4 x 2048 tokens, top-8 of 128), as bfloat16 rows on the tensor cores and upcast.
+    rows = torch.randn(4 * 2048 * 8 // EXPERTS, HIDDEN, device=device).bfloat16()
+    acc = torch.zeros(HIDDEN, HIDDEN, device=device)
+    for name, run in (("bfloat16 rows, tensor cores", lambda: add_gram(acc, rows)),
+                      ("rows upcast to float32", lambda: acc.addmm_(rows.float().T, rows.float()))):
+        run()
+        torch.cuda.synchronize()
+        t0 = time.monotonic()
+        for _ in range(EXPERTS):
+            run()
+        torch.cuda.synchronize()
+        took = time.monotonic() - t0
+        macs = EXPERTS * rows.shape[0] * HIDDEN * HIDDEN
+        print(f"Hessian updates, {EXPERTS} experts x {rows.shape[0]} rows x {HIDDEN}: {name}: {took * 1e3:.1f} ms, "
+              f"{macs / took:.2e} multiply-adds/s")
 
 
 if __name__ == "__main__":

@@ -47,6 +47,25 @@ def test_gptq_cuda_matches_cpu(actorder: bool) -> None:
     assert differing < 0.05, differing  # rows touched by a near-tie, of all rows
 
 
+@pytest.mark.parametrize("e,out,n,block,shared,symmetric,actorder", [
+    (4, 96, 512, 128, False, True, False),  # four full blocks: block 0 eager, the rest replayed
+    (3, 64, 640, 128, True, False, True),  # shared Hessian, asymmetric, actorder
+    (2, 80, 512, 96, False, False, False),  # a partial last block, run eagerly after the replays
+    (1, 64, 256, 128, True, True, False),  # two blocks: below GRAPH_MIN_BLOCKS, no graph
+])
+def test_graphed_column_loop_is_byte_identical(e, out, n, block, shared, symmetric, actorder) -> None:
+    """The CUDA-graph replay of the column loop gives the eager loop's bytes, codes and all."""
+    w, h = problem(e, out, n)
+    w, h = w.cuda(), (h[0] if shared else h).cuda()
+    eager = gptq.gptq_quantize(w, h, G, symmetric, actorder=actorder, block_size=block, graphs=False)
+    graphed = gptq.gptq_quantize(w, h, G, symmetric, actorder=actorder, block_size=block, graphs=True)
+    for a, b in ((eager.codes, graphed.codes), (eager.scale, graphed.scale), (eager.damp, graphed.damp)):
+        assert torch.equal(a, b)
+    assert (eager.zero_point is None) == symmetric and (symmetric or torch.equal(eager.zero_point, graphed.zero_point))
+    # Not vacuous: the solve moved codes away from round-to-nearest.
+    assert not torch.equal(eager.codes, int4.quantize(w, eager.scale, eager.zero_point, G))
+
+
 def test_expert_hessians_on_cuda() -> None:
     gen = torch.Generator().manual_seed(2)
     x, ids = torch.randn(300, 64, generator=gen), torch.randint(0, 8, (300, 2), generator=gen)
@@ -54,6 +73,38 @@ def test_expert_hessians_on_cuda() -> None:
     cpu.update(x, ids)
     gpu.update(x.cuda(), ids.cuda())
     torch.testing.assert_close(cpu.result(), gpu.result().cpu(), rtol=1e-4, atol=1e-4)
+
+
+def test_bfloat16_hessian_on_tensor_cores_is_accurate_enough_for_gptq() -> None:
+    """bfloat16 activations go to the tensor cores with float32 output (`hessian.add_gram`).
+    Their sums are less exact than a float32 GEMM's (8.3e-6 of the largest entry against
+    5.5e-7 on an H200, 8192 rows), which GPTQ cannot tell: its loss on the exact Hessian is
+    the same within 0.1% whichever Hessian it solved with."""
+    assert hessian._has_mixed_gemm(), "this torch lacks addmm(out_dtype=float32) on CUDA"
+    gen = torch.Generator().manual_seed(3)
+    n, cols = 8192, 256
+    x = (torch.randn(n, cols, generator=gen) @ (torch.eye(cols) + 0.2 * torch.randn(cols, cols, generator=gen))
+         + 0.5).bfloat16()
+    exact = x.double().T @ x.double()
+    mixed = hessian.HessianAccumulator()
+    mixed.update(x.cuda())
+    upcast = torch.zeros(cols, cols, device="cuda").addmm_(x.cuda().float().T, x.cuda().float())
+    assert not torch.equal(mixed.sum, upcast)  # not vacuous: the mixed GEMM ran
+    scale = exact.abs().max()
+    err_mixed = ((mixed.sum.cpu().double() - exact).abs().max() / scale).item()
+    err_upcast = ((upcast.cpu().double() - exact).abs().max() / scale).item()
+    print(f"\nrelative error of the sum: mixed {err_mixed:.2e}, upcast float32 {err_upcast:.2e}")
+    assert err_mixed < 3e-5, (err_mixed, err_upcast)
+    w = torch.randn(1, 128, cols, generator=gen).cuda()
+    h_exact = (2.0 * exact / n).float()
+
+    def loss(h: torch.Tensor) -> float:
+        d = (w - gptq.gptq_quantize(w, h, G, True).dequantize(G)).double()[0].cpu()
+        return torch.einsum("oi,ij,oj->", d, h_exact.double(), d).item()
+
+    ref = loss(h_exact.cuda())
+    assert abs(loss(2.0 * mixed.sum / n) - ref) < 1e-3 * ref
+    assert abs(loss(2.0 * upcast / n) - ref) < 1e-3 * ref
 
 
 def test_report_solve_time() -> None:

@@ -236,3 +236,45 @@ def check_captured_expert_statistics(model_path: Path, implementation: str, monk
     # Same values up to bf16 rounding of differently ordered GEMMs; padding would be ~50x off.
     torch.testing.assert_close(obs.absmax["e.down"], recompute.absmax["e.down"], rtol=2e-2, atol=0)
     assert (obs.absmax["e.down"] > 0).all()
+
+
+@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
+@pytest.mark.parametrize("all_experts", [False, True])
+def test_statistics_only_experts_forward_gives_the_hessians_of_the_full_forward(models, implementation, all_experts):
+    """A replay whose outputs are dropped (GPTQ's statistics pass) skips the experts' down
+    projections and weighted sum: the Hessians and token counts are those of the full
+    forward (to float32 rounding: the intermediate may come from another grouping of rows),
+    and the experts return zeros."""
+    from transformers import AutoModelForCausalLM
+
+    from streamq.calib.observers import LayerObserver
+    from streamq.model import moe
+
+    model = AutoModelForCausalLM.from_pretrained(str(models["qwen3_moe"]), dtype=torch.bfloat16).eval()
+    experts = model.model.layers[0].mlp.experts
+    experts.config._experts_implementation = implementation
+    g = torch.Generator().manual_seed(2)
+    flat = torch.randn(46, experts.gate_up_proj.shape[-1], generator=g).to(torch.bfloat16)
+    mask = torch.ones(46, dtype=torch.bool)
+    mask[40:] = False
+    top_k = model.config.num_experts_per_tok
+    index = torch.stack([torch.randperm(12, generator=g)[:top_k] for _ in range(46)])
+    weights = torch.rand(46, top_k, generator=g).to(torch.bfloat16)
+    results = {}
+    for used in (True, False):
+        obs = LayerObserver()
+        obs.expert_kind = "hessian"
+        obs.token_mask = mask
+        moe.instrument_experts(experts, "e", obs, all_experts, outputs_used=used)
+        with torch.no_grad():
+            out = experts(flat, index, weights)
+        moe.restore_experts(experts)
+        results[used] = (out, {k: (a.result(), a.count) for k, a in obs.expert_hessians.items()})
+    assert not torch.equal(results[True][0], torch.zeros_like(flat))
+    assert torch.equal(results[False][0], torch.zeros_like(flat))
+    full, stats_only = results[True][1], results[False][1]
+    assert set(full) == set(stats_only) == {"e.gate_up", "e.down"}
+    for key, (h, count) in full.items():
+        assert torch.equal(count, stats_only[key][1]), key
+        assert h.abs().max() > 0
+        torch.testing.assert_close(stats_only[key][0], h, rtol=1e-5, atol=1e-5 * float(h.abs().max()))

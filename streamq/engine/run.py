@@ -248,7 +248,8 @@ class _Calibrator:
                         for key in (f"{parent}.gate_up", f"{parent}.down"):
                             obs.owned_experts.setdefault(key, set())
                 for parent, module in fused.items():
-                    instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts)
+                    instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts,
+                                       outputs_used=advance or bool(blocks))  # blocks record outputs
         try:
             for b, hidden in self._inputs(gather=observe and self.split == MODULES):
                 batch = self.job.batches[b]

@@ -49,6 +49,13 @@ def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     the statistics of the same routing recorded alongside."""
     obs: LayerObserver = self._streamq_observer
     hessian = obs.expert_kind == "hessian"
+    if hessian and not self._streamq_outputs_used:
+        # A replay for the statistics alone (GPTQ propagates through the quantized layer
+        # afterwards): the Hessians need the routed rows and their gated intermediates, not
+        # the experts' outputs, so the down projections and the weighted sum are skipped.
+        _observe_hessians(self, hidden_states, top_k_index, None, None, obs, self._streamq_name,
+                          self._streamq_all_experts)
+        return torch.zeros_like(hidden_states)
     order = _GATE_ROW_ORDER.get(_implementation(self)) if hasattr(type(self), "_apply_gate") else None
     captured: list[torch.Tensor] = []
     if order is not None:
@@ -211,14 +218,19 @@ def _observe_all_experts(self: nn.Module, hidden_states: torch.Tensor, obs: Laye
     obs.fold(f"{key}.down", down)
 
 
-def instrument_experts(module: nn.Module, name: str, observer: LayerObserver, all_experts: bool) -> None:
+def instrument_experts(module: nn.Module, name: str, observer: LayerObserver, all_experts: bool,
+                       outputs_used: bool = True) -> None:
+    """Record the experts' statistics into `observer` on every forward of `module`.
+    `outputs_used=False` (a replay whose layer outputs are dropped): with Hessian statistics
+    the forward computes only what they need and returns zeros of the input's shape."""
     check_supported(module, name)
     module._streamq_observer = observer
     module._streamq_name = name
     module._streamq_all_experts = all_experts
+    module._streamq_outputs_used = outputs_used
     module.forward = types.MethodType(observed_experts_forward, module)
 
 
 def restore_experts(module: nn.Module) -> None:
-    for attr in ("forward", "_streamq_observer", "_streamq_name", "_streamq_all_experts"):
+    for attr in ("forward", "_streamq_observer", "_streamq_name", "_streamq_all_experts", "_streamq_outputs_used"):
         module.__dict__.pop(attr, None)

@@ -97,6 +97,76 @@ def _inverse_hessian_factor(
     return u, ok, used
 
 
+# Full blocks from which a call captures its column loop as a CUDA graph: block 0 runs
+# eagerly, capture costs about one eager block, so the graph pays from the third block on.
+GRAPH_MIN_BLOCKS = 3
+
+
+def _column_block(w1: torch.Tensor, u1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor | None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """GPTQ's inner loop over one block of B columns (Algorithm 1, lines 4-9).
+
+    w1 float32 [E, out, B] (read, not written); u1 float32 [hb, B, B], the block's diagonal
+    block of the inverse Hessian's upper factor (hb = 1 or E); s1 float32 / z1 int32 or
+    None [E, out, B], each column's group scale and zero point. Returns (codes int8
+    [E, out, B], err float32 [E, out, B]), err the scaled errors that update the columns
+    after the block. About ten kernels a column, so this loop is launch-bound on a GPU.
+    """
+    e, out, width = w1.shape
+    assert u1.shape[-2:] == (width, width) and s1.shape == w1.shape, (tuple(u1.shape), tuple(s1.shape))
+    w1 = w1.clone()
+    err1 = torch.empty_like(w1)
+    q1 = torch.empty(e, out, width, dtype=int4.CODE_DTYPE, device=w1.device)
+    for i in range(width):
+        col = w1[:, :, i]  # [E, out]
+        s = s1[:, :, i]
+        z = None if z1 is None else z1[:, :, i]
+        q = int4.quantize_elementwise(col, s, z)
+        q1[:, :, i] = q
+        err = (col - int4.dequantize_elementwise(q, s, z)) / u1[:, i, i][:, None]  # [E, out]
+        w1[:, :, i:] -= err[:, :, None] * u1[:, None, i, i:]
+        err1[:, :, i] = err
+    return q1, err1
+
+
+class _GraphedBlock:
+    """`_column_block` for one shape, captured once as a CUDA graph and replayed per block.
+
+    The column loop launches about ten small kernels a column; on a GPU the host cannot
+    issue them as fast as they run, and processes sharing a host slow each other down. A
+    replay issues the whole block at once. The kernels and their inputs are those of the
+    eager loop, so the codes are byte-identical (tests/test_gptq_gpu.py).
+
+    Capture uses `capture_begin` on a side stream rather than `torch.cuda.graph`, which
+    would synchronize the whole device and empty the allocator's cache (stalling the
+    reader's copies on other streams); "thread_local" lets the engine's other threads use
+    CUDA meanwhile. Memory: the static inputs and outputs (five block slices) and the
+    captured temporaries (about two), freed with the object.
+    """
+
+    def __init__(self, w1: torch.Tensor, u1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor | None):
+        self._inputs = [t.clone() for t in (w1, u1, s1)] + ([] if z1 is None else [z1.clone()])
+        self._graph = torch.cuda.CUDAGraph()
+        side = torch.cuda.Stream(device=w1.device)
+        side.wait_stream(torch.cuda.current_stream(w1.device))
+        with torch.cuda.stream(side):
+            self._graph.capture_begin(capture_error_mode="thread_local")
+            try:
+                self._outputs = _column_block(*self._inputs, *([None] if z1 is None else []))
+            finally:
+                self._graph.capture_end()
+        torch.cuda.current_stream(w1.device).wait_stream(side)
+
+    def __call__(self, w1: torch.Tensor, u1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor | None
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Same contract as `_column_block`; the results are the graph's own buffers, valid
+        until the next call."""
+        for static, value in zip(self._inputs, (w1, u1, s1, z1), strict=False):
+            static.copy_(value)
+        self._graph.replay()
+        return self._outputs
+
+
 def gptq_quantize(
     w: torch.Tensor,
     hessian: torch.Tensor,
@@ -108,12 +178,15 @@ def gptq_quantize(
     damp_step: float = 0.01,
     max_tries: int = 10,
     scale_dtype: torch.dtype = torch.float32,
+    graphs: bool = True,
 ) -> GPTQResult:
     """GPTQ-quantize E weights [E, out, in] (float32) against their Hessians.
 
     hessian: float32 [E, in, in], or [in, in] shared by all E (one factorization then).
     `scale_dtype` is the dtype the scales will be stored in (see int4.group_params).
     Returns codes in the original column order (actorder leaves no trace on disk).
+    `graphs`: on CUDA, replay the column loop of each full block as one CUDA graph
+    (`_GraphedBlock`); the same kernels on the same values, so the same bytes as eager.
     """
     assert w.ndim == 3, f"expected [E, out, in], got {tuple(w.shape)}"
     assert w.dtype == torch.float32 and hessian.dtype == torch.float32, (w.dtype, hessian.dtype)
@@ -152,22 +225,25 @@ def gptq_quantize(
     col_zp = None if zp is None else torch.gather(zp, 2, cols[:, None, :].expand(e, out, n))
 
     codes = torch.empty(e, out, n, dtype=int4.CODE_DTYPE, device=w.device)
-    for i1 in range(0, n, block_size):
-        i2 = min(i1 + block_size, n)
-        w1 = work[:, :, i1:i2].clone()
-        err1 = torch.zeros_like(w1)
-        u1 = u[:, i1:i2, i1:i2]
-        for i in range(i2 - i1):
-            col = w1[:, :, i]  # [E, out]
-            s = col_scale[:, :, i1 + i]
-            z = None if col_zp is None else col_zp[:, :, i1 + i]
-            q = int4.quantize_elementwise(col, s, z)
-            codes[:, :, i1 + i] = q
-            err = (col - int4.dequantize_elementwise(q, s, z)) / u1[:, i, i][:, None]  # [E, out]
-            w1[:, :, i:] -= err[:, :, None] * u1[:, None, i, i:]
-            err1[:, :, i] = err
+    width = min(block_size, n)
+    graphed = None
+    full_blocks = n // width
+    for b, i1 in enumerate(range(0, n, width)):
+        i2 = min(i1 + width, n)
+        args = (work[:, :, i1:i2], u[:, i1:i2, i1:i2], col_scale[:, :, i1:i2],
+                None if col_zp is None else col_zp[:, :, i1:i2])
+        # Block 0 runs eagerly (and warms up what capture must not initialize); later full
+        # blocks replay one captured graph where there are enough of them to pay for it.
+        if b == 1 and graphs and w.is_cuda and full_blocks >= GRAPH_MIN_BLOCKS:
+            graphed = _GraphedBlock(*args)
+        if graphed is not None and i2 - i1 == width:
+            q1, err1 = graphed(*args)
+        else:
+            q1, err1 = _column_block(*args)
+        codes[:, :, i1:i2] = q1
         if i2 < n:
             work[:, :, i2:] -= torch.matmul(err1, u[:, i1:i2, i2:])
+    del graphed
 
     if perm is not None:
         codes = torch.empty_like(codes).scatter_(2, perm[:, None, :].expand(e, out, n), codes)

@@ -50,15 +50,22 @@ class DeviceCosts:
 
     column_step_s: float  # one step of a column loop, whatever its size (kernel launches)
     row_column_s: float  # per row the step updates (memory traffic beyond the launches)
-    flops_per_s: float  # float32 multiply-adds (a solve's arithmetic, Hessian updates)
+    flops_per_s: float  # float32 multiply-adds of a solve (Cholesky, lazy updates)
+    token_flops_per_s: float  # multiply-adds of the statistics (Hessian updates, AWQ's re-runs)
 
 
-# An H200, measured with scripts/time_gptq_units.py: one solve each of a Qwen3-235B-A22B layer's
-# q/k/v stack (0.54 s), o_proj (1.11 s), 24 experts' gate/up (0.87 s) and 93 experts' down (0.64 s);
-# 2e13 multiply-adds/s from its Hessian updates (3.6 s a layer for about 7e13 at 128 x 2048 tokens).
-GPU_COSTS = DeviceCosts(column_step_s=0.13e-3, row_column_s=0.62e-9, flops_per_s=2e13)
+# An H200, measured with scripts/time_gptq_units.py, the column loop replayed as CUDA graphs
+# (streamq.quant.gptq._GraphedBlock): one solve each of a Qwen3-235B-A22B layer's q/k/v stack
+# (0.15 s; this model 0.14), o_proj (0.30; 0.30), 24 experts' gate/up (0.69; 0.69) and 90 experts'
+# down (0.59; 0.59), fitted by least squares. Eager, the steps were launch-bound at 0.13-0.16 ms
+# (0.62, 1.33, 1.01, 0.62 s). The solve's arithmetic is mostly batched float32 GEMMs with a
+# 128-wide inner dimension (the lazy updates), far below the GPU's peak.
+# Hessian updates: 1.3e14 multiply-adds/s with bfloat16 activations on the tensor cores
+# (streamq.calib.hessian.add_gram; 2.1e13 as float32 GEMMs, which took 2.7 s of a layer's
+# 3.3 s replay for the statistics at 128 x 2048 tokens, about 7e13 multiply-adds).
+GPU_COSTS = DeviceCosts(column_step_s=21e-6, row_column_s=0.7e-9, flops_per_s=7.3e12, token_flops_per_s=1.3e14)
 # Per CPU core (the 2-core VM this project's CI runs on): a step costs little beyond its arithmetic.
-CPU_COSTS_PER_CORE = DeviceCosts(column_step_s=20e-6, row_column_s=0.0, flops_per_s=2e9)
+CPU_COSTS_PER_CORE = DeviceCosts(column_step_s=20e-6, row_column_s=0.0, flops_per_s=2e9, token_flops_per_s=2e9)
 
 
 def device_costs(device_type: str, cores: int | None = None) -> DeviceCosts:
@@ -68,7 +75,8 @@ def device_costs(device_type: str, cores: int | None = None) -> DeviceCosts:
     if device_type == "cuda":
         return GPU_COSTS
     n = cores or os.cpu_count() or 1
-    return DeviceCosts(CPU_COSTS_PER_CORE.column_step_s, 0.0, CPU_COSTS_PER_CORE.flops_per_s * n)
+    return DeviceCosts(CPU_COSTS_PER_CORE.column_step_s, 0.0, CPU_COSTS_PER_CORE.flops_per_s * n,
+                       CPU_COSTS_PER_CORE.token_flops_per_s * n)
 
 
 @dataclass(frozen=True)
@@ -90,7 +98,7 @@ class WorkUnit:
 
     def seconds(self, costs: DeviceCosts, tokens: int = 0) -> float:
         return self.columns * (costs.column_step_s + self.rows * costs.row_column_s) + \
-            (self.flops + self.token_flops * tokens) / costs.flops_per_s
+            self.flops / costs.flops_per_s + self.token_flops * tokens / costs.token_flops_per_s
 
 
 @dataclass(frozen=True)

@@ -50,6 +50,12 @@ SOLVE_LOOP_WEIGHT_COPIES = 4
 SOLVE_LOOP_HESSIAN_COPIES = 2
 SOLVE_FACTOR_WEIGHT_COPIES = 2
 SOLVE_FACTOR_HESSIAN_COPIES = 5
+# On CUDA the column loop's graph (streamq.quant.gptq._GraphedBlock) holds about six
+# block-wide slices [experts, rows, block] beside the loop (its static inputs and codes, the
+# captured loop's working copy, errors and update product) from the second block on, when the
+# lazy-update product the loop counts is two blocks narrower than a weight copy: net, two.
+# Measured peaks within 6% of the model (tests/test_gptq_memory_gpu.py).
+SOLVE_GRAPH_BLOCK_SLICES = 2
 
 
 
@@ -83,13 +89,14 @@ def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool) -> in
 
 
 def solve_bytes(experts: int, rows: int, cols: int, hessians: int, symmetric: bool = True,
-                actorder: bool = False) -> int:
+                actorder: bool = False, block_size: int = 128) -> int:
     """Peak bytes of one gptq_quantize call on [experts, rows, cols] weights with `hessians`
     (1 shared, or one per expert) [cols, cols] float32 Hessians: the weight stack included,
     the caller's Hessians not (they are the statistics)."""
     weight, hessian = experts * rows * cols, hessians * cols * cols
     loop = 4 * (SOLVE_LOOP_WEIGHT_COPIES + (0 if symmetric else 1)) * weight + 3 * weight \
-        + 4 * SOLVE_LOOP_HESSIAN_COPIES * hessian
+        + 4 * SOLVE_LOOP_HESSIAN_COPIES * hessian \
+        + 4 * SOLVE_GRAPH_BLOCK_SLICES * experts * rows * min(block_size, cols)
     factor_copies = SOLVE_FACTOR_HESSIAN_COPIES + (1 if actorder else 0)
     factor = 4 * SOLVE_FACTOR_WEIGHT_COPIES * weight + weight + 4 * factor_copies * hessian + 4 * cols * cols
     return max(loop, factor)
@@ -263,7 +270,8 @@ class Int4Gptq(_W4A16):
         for names in stacks:
             cols = linears[names[0]][1]
             hessians += 4 * cols * cols
-            solve = max(solve, solve_bytes(1, sum(linears[n][0] for n in names), cols, 1, self.sym, self.actorder))
+            solve = max(solve, solve_bytes(1, sum(linears[n][0] for n in names), cols, 1, self.sym, self.actorder,
+                                           self.block_size))
         for (_, kind), members in groups.items():
             num = 1 + max(members)
             rows, cols = _rows_cols(linears, members[max(members)])
@@ -271,7 +279,8 @@ class Int4Gptq(_W4A16):
             hessians += 4 * cols * cols * (1 if shared else num)
             chunk = expert_chunk(rows, cols, num, not shared)
             fallback_copy = 0 if shared else 4 * chunk * cols * cols
-            solve = max(solve, solve_bytes(chunk, rows, cols, 1 if shared else chunk, self.sym, self.actorder)
+            solve = max(solve, solve_bytes(chunk, rows, cols, 1 if shared else chunk, self.sym, self.actorder,
+                                           self.block_size)
                         + fallback_copy)
         if owned is not None:
             units = self.work_units(linears, experts, all_experts)
