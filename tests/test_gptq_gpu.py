@@ -53,17 +53,40 @@ def test_gptq_cuda_matches_cpu(actorder: bool) -> None:
     (2, 80, 512, 96, False, False, False),  # a partial last block, run eagerly after the replays
     (1, 64, 256, 128, True, True, False),  # two blocks: below GRAPH_MIN_BLOCKS, no graph
 ])
-def test_graphed_column_loop_is_byte_identical(e, out, n, block, shared, symmetric, actorder) -> None:
-    """The CUDA-graph replay of the column loop gives the eager loop's bytes, codes and all."""
+def test_graphed_column_loop_is_byte_identical(e, out, n, block, shared, symmetric, actorder, monkeypatch) -> None:
+    """The CUDA-graph replay of the column loop gives the eager loop's bytes, codes and all;
+    every full block after the first is replayed (none below GRAPH_MIN_BLOCKS)."""
     w, h = problem(e, out, n)
     w, h = w.cuda(), (h[0] if shared else h).cuda()
+    replays = []
+    replay = gptq._GraphedBlock.__call__
+    monkeypatch.setattr(gptq._GraphedBlock, "__call__", lambda self, *a: replays.append(1) or replay(self, *a))
     eager = gptq.gptq_quantize(w, h, G, symmetric, actorder=actorder, block_size=block, graphs=False)
+    assert not replays
     graphed = gptq.gptq_quantize(w, h, G, symmetric, actorder=actorder, block_size=block, graphs=True)
+    full = n // block
+    assert len(replays) == (full - 1 if full >= gptq.GRAPH_MIN_BLOCKS else 0)
     for a, b in ((eager.codes, graphed.codes), (eager.scale, graphed.scale), (eager.damp, graphed.damp)):
         assert torch.equal(a, b)
     assert (eager.zero_point is None) == symmetric and (symmetric or torch.equal(eager.zero_point, graphed.zero_point))
     # Not vacuous: the solve moved codes away from round-to-nearest.
     assert not torch.equal(eager.codes, int4.quantize(w, eager.scale, eager.zero_point, G))
+
+
+@pytest.mark.xfail(strict=True, reason="each call's graph pool stays reserved until the allocator empties its cache "
+                   "(26 MiB a call at this shape on an H200); see streamq.quant.gptq._GraphedBlock")
+def test_graph_memory_does_not_grow_across_calls() -> None:
+    """Each call captures a new graph; the allocator's reserved memory should stay flat."""
+    w = torch.randn(8, 1024, 2048, device="cuda") * 0.02
+    x = torch.randn(8, 4096, 2048, device="cuda")
+    h = 2.0 * x.transpose(1, 2) @ x / x.shape[1]
+    del x
+    reserved = []
+    for _ in range(4):
+        gptq.gptq_quantize(w, h, G, True)
+        torch.cuda.synchronize()
+        reserved.append(torch.cuda.memory_reserved())
+    assert reserved[1] == reserved[2] == reserved[3], [r >> 20 for r in reserved]
 
 
 def test_expert_hessians_on_cuda() -> None:

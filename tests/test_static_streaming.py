@@ -238,43 +238,82 @@ def check_captured_expert_statistics(model_path: Path, implementation: str, monk
     assert (obs.absmax["e.down"] > 0).all()
 
 
-@pytest.mark.parametrize("implementation", ["grouped_mm", "eager"])
-@pytest.mark.parametrize("all_experts", [False, True])
-def test_statistics_only_experts_forward_gives_the_hessians_of_the_full_forward(models, implementation, all_experts):
-    """A replay whose outputs are dropped (GPTQ's statistics pass) skips the experts' down
-    projections and weighted sum: the Hessians and token counts are those of the full
-    forward (to float32 rounding: the intermediate may come from another grouping of rows),
-    and the experts return zeros."""
-    from transformers import AutoModelForCausalLM
-
+def _expert_hessians(experts, flat, index, weights, mask, all_experts: bool, outputs_used: bool):
     from streamq.calib.observers import LayerObserver
     from streamq.model import moe
 
-    model = AutoModelForCausalLM.from_pretrained(str(models["qwen3_moe"]), dtype=torch.bfloat16).eval()
-    experts = model.model.layers[0].mlp.experts
-    experts.config._experts_implementation = implementation
-    g = torch.Generator().manual_seed(2)
-    flat = torch.randn(46, experts.gate_up_proj.shape[-1], generator=g).to(torch.bfloat16)
-    mask = torch.ones(46, dtype=torch.bool)
-    mask[40:] = False
-    top_k = model.config.num_experts_per_tok
-    index = torch.stack([torch.randperm(12, generator=g)[:top_k] for _ in range(46)])
-    weights = torch.rand(46, top_k, generator=g).to(torch.bfloat16)
-    results = {}
-    for used in (True, False):
-        obs = LayerObserver()
-        obs.expert_kind = "hessian"
-        obs.token_mask = mask
-        moe.instrument_experts(experts, "e", obs, all_experts, outputs_used=used)
+    obs = LayerObserver()
+    obs.expert_kind = "hessian"
+    obs.token_mask = mask
+    moe.instrument_experts(experts, "e", obs, all_experts, outputs_used=outputs_used)
+    try:
         with torch.no_grad():
             out = experts(flat, index, weights)
+    finally:
         moe.restore_experts(experts)
-        results[used] = (out, {k: (a.result(), a.count) for k, a in obs.expert_hessians.items()})
-    assert not torch.equal(results[True][0], torch.zeros_like(flat))
-    assert torch.equal(results[False][0], torch.zeros_like(flat))
-    full, stats_only = results[True][1], results[False][1]
+    return out, {k: (a.result(), a.count) for k, a in obs.expert_hessians.items()}
+
+
+def _routing(experts, rows: int, top_k: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    flat = torch.randn(rows, experts.gate_up_proj.shape[-1], generator=g).to(torch.bfloat16) * 3
+    mask = torch.ones(rows, dtype=torch.bool)
+    mask[rows - 6:] = False
+    num = experts.gate_up_proj.shape[0]
+    index = torch.stack([torch.randperm(num, generator=g)[:top_k] for _ in range(rows)])
+    return flat, index, torch.rand(rows, top_k, generator=g).to(torch.bfloat16), mask
+
+
+def _qwen3_moe_experts(models):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(models["qwen3_moe"]), dtype=torch.bfloat16).eval()
+    return model.model.layers[0].mlp.experts, model.config.num_experts_per_tok
+
+
+def _deepseek_v4_experts(_models):
+    """A family whose `_apply_gate` clamps gate and up (swiglu_limit): weights large enough
+    that the clamp bites."""
+    mod = pytest.importorskip("transformers.models.deepseek_v4.modeling_deepseek_v4")
+    cfg = mod.DeepseekV4Config()
+    for key, value in dict(num_local_experts=8, hidden_size=64, intermediate_size=32, moe_intermediate_size=32,
+                           swiglu_limit=1.0, hidden_act="silu").items():
+        setattr(cfg, key, value)
+    torch.manual_seed(0)
+    experts = mod.DeepseekV4Experts(cfg).to(torch.bfloat16)
+    with torch.no_grad():
+        experts.gate_up_proj.normal_(0, 2.0)
+        experts.down_proj.normal_(0, 0.1)
+    return experts, 2
+
+
+@pytest.mark.parametrize("family", [_qwen3_moe_experts, _deepseek_v4_experts], ids=["qwen3_moe", "deepseek_v4"])
+@pytest.mark.parametrize("implementation", ["grouped_mm", "batched_mm"])
+@pytest.mark.parametrize("all_experts", [False, True])
+def test_statistics_only_experts_forward_gives_the_hessians_of_the_full_forward(models, family, implementation,
+                                                                                 all_experts, monkeypatch):
+    """A replay whose outputs are dropped (GPTQ's statistics pass) skips the experts' down
+    projections and weighted sum: the Hessians and token counts are those of the full
+    forward, whose down inputs come from transformers' own `_apply_gate` (to float32
+    rounding: another grouping of rows), and the experts return zeros. DeepSeek-V4 clamps
+    in its `_apply_gate`, which the statistics-only path must apply too."""
+    experts, top_k = family(models)
+    experts.config._experts_implementation = implementation
+    flat, index, weights, mask = _routing(experts, 46, top_k, seed=2)
+    out_full, full = _expert_hessians(experts, flat, index, weights, mask, all_experts, True)
+    out_stats, stats_only = _expert_hessians(experts, flat, index, weights, mask, all_experts, False)
+    assert not torch.equal(out_full, torch.zeros_like(flat))
+    assert torch.equal(out_stats, torch.zeros_like(flat))
     assert set(full) == set(stats_only) == {"e.gate_up", "e.down"}
     for key, (h, count) in full.items():
         assert torch.equal(count, stats_only[key][1]), key
         assert h.abs().max() > 0
         torch.testing.assert_close(stats_only[key][0], h, rtol=1e-5, atol=1e-5 * float(h.abs().max()))
+    if family is _deepseek_v4_experts:  # not vacuous: an unclamped intermediate gives other Hessians
+        def unclamped_gate(self, gate_up):
+            gate, up = gate_up.chunk(2, dim=-1)
+            return torch.nn.functional.silu(gate) * up
+
+        monkeypatch.setattr(type(experts), "_apply_gate", unclamped_gate)
+        _, unclamped = _expert_hessians(experts, flat, index, weights, mask, all_experts, False)
+        assert not torch.allclose(unclamped["e.down"][0], full["e.down"][0], rtol=1e-2)

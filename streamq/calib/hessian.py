@@ -13,13 +13,11 @@ from streamq.calib.observers import masked_rows
 
 @functools.cache
 def _has_mixed_gemm() -> bool:
-    """Whether this torch has CUDA's addmm with bfloat16 inputs and float32 output."""
-    try:
-        one = torch.ones(1, 1, device="cuda")
-        torch.addmm(one, one.bfloat16(), one.bfloat16(), out_dtype=torch.float32, out=one)
-    except (TypeError, RuntimeError, NotImplementedError):
-        return False
-    return float(one) == 2.0
+    """Whether this torch has addmm with bfloat16 inputs and float32 output (CUDA's
+    `aten::addmm.dtype_out`). Decided by the torch build alone, so every process of a run
+    decides alike (their Hessians must be the same bytes); a build that has the operator
+    but cannot run it raises where it is used."""
+    return hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def add_gram(acc: torch.Tensor, rows: torch.Tensor) -> None:

@@ -211,9 +211,10 @@ class UnitTimes:
 
     A model's decoder layers repeat, so what a unit took on one layer predicts it on the
     next better than the cost model does: measured on two H200s, the model was off by up to
-    40% for some units (o_proj 1.3-1.8 s against 1.13 modelled), and the launch-bound solves
-    vary by 20% from run to run. Every process records every process's measurements (they
-    are gathered), so all agree; the assignment still comes from rank 0 (`Dist.agree`)."""
+    40% for some units before GPTQ's column loop ran as CUDA graphs (o_proj 1.3-1.8 s against
+    1.13 modelled), and solves vary from run to run (10-40% eager, far less graphed). Every
+    process records every process's measurements (they are gathered), so all agree; the
+    assignment still comes from rank 0 (`Dist.agree`)."""
 
     def __init__(self) -> None:
         self.samples: dict[tuple, list[float]] = {}

@@ -6,11 +6,12 @@ that instance only: the model's own forward computes the output (routing and res
 unchanged), and per expert the input absmax of its gate/up and of its down projection is
 recorded from the same routing.
 
-The down projection's input is the gated intermediate act(gate) * up. The grouped and
-batched implementations of transformers make it in one call, `_apply_gate`, over all
-routed rows in an order known from the routing alone; streamq takes its row absmax there,
-for free. Other implementations (the eager loop) get a statistics pass that recomputes
-the intermediate.
+The down projection's input is the gated intermediate, act(gate) * up or the family's own
+`_apply_gate` (some clamp). The grouped and batched implementations of transformers make
+it in one call, `_apply_gate`, over all routed rows in an order known from the routing
+alone; streamq takes its row absmax there, for free. Other implementations (the eager
+loop) get a statistics pass that recomputes the intermediate with the same `_apply_gate`.
+A replay whose outputs are dropped (GPTQ's statistics) computes only the intermediate.
 """
 
 from __future__ import annotations
@@ -86,6 +87,17 @@ def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     return out
 
 
+def _gated(self: nn.Module, gate_up_out: torch.Tensor) -> torch.Tensor:
+    """The down projection's input from gate/up outputs [rows, 2 I], as the model computes
+    it: the class's `_apply_gate` (transformers v5 gives every experts class one, and some
+    families clamp gate and up in theirs), else act(gate) * up."""
+    apply_gate = getattr(type(self), "_apply_gate", None)
+    if apply_gate is not None:
+        return apply_gate(self, gate_up_out)
+    gate, up = gate_up_out.chunk(2, dim=-1)
+    return self.act_fn(gate) * up
+
+
 def _grouped_linear(x: torch.Tensor, weight: torch.Tensor, counts: torch.Tensor) -> torch.Tensor | None:
     """x rows grouped by expert @ weight[e].T with one grouped GEMM, where torch has one (CUDA)."""
     fn = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
@@ -149,8 +161,7 @@ def _routed_intermediate(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
         chunks = torch.split(x[: sum(sizes)], sizes)
         inter = torch.cat([F.linear(c, self.gate_up_proj[e]) for e, c in enumerate(chunks) if c.shape[0]])
     used = inter.shape[0]
-    gate, up = inter.chunk(2, dim=-1)
-    return self.act_fn(gate) * up, ids_sorted[:used], rows[:used]
+    return _gated(self, inter), ids_sorted[:used], rows[:used]
 
 
 @torch.no_grad()
@@ -172,8 +183,7 @@ def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
             if not acc.owns(e):  # another process's expert: only its token count
                 acc.count_only(e, x.shape[0])
                 continue
-            gate, up = F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-            acc.update_expert(e, self.act_fn(gate) * up)
+            acc.update_expert(e, _gated(self, F.linear(x, self.gate_up_proj[e])))
         return
     obs.expert_hessian(f"{key}.gate_up", num_experts, hidden_states.shape[-1],
                        hidden_states.device).update(hidden_states, top_k_index, mask)
@@ -211,10 +221,8 @@ def _observe_all_experts(self: nn.Module, hidden_states: torch.Tensor, obs: Laye
     obs.fold(f"{key}.gate_up", token_absmax.amax().expand(num_experts))
     mask = obs.flat_mask(hidden_states.shape[0])
     x = hidden_states if mask is None else hidden_states[mask]
-    down = torch.stack([(self.act_fn(g) * u).abs().amax().to(torch.float32) if x.numel() else
-                        torch.zeros((), device=x.device)
-                        for g, u in (F.linear(x, self.gate_up_proj[e]).chunk(2, dim=-1)
-                                     for e in range(num_experts))])
+    down = torch.stack([_gated(self, F.linear(x, self.gate_up_proj[e])).abs().amax().to(torch.float32)
+                        if x.numel() else torch.zeros((), device=x.device) for e in range(num_experts)])
     obs.fold(f"{key}.down", down)
 
 

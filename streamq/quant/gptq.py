@@ -21,16 +21,20 @@ cholesky_ex over the leading dimension), with no Python loop over experts. Host 
 one per damping attempt and one at the end (the reasons list), none per column. Peak
 memory is about four copies of the float32 weight (input, working copy, per-column
 scales, per-column zero points when asymmetric) plus two int8 code tensors and the
-[E or 1, in, in] factor.
+[E or 1, in, in] factor; on CUDA the column loop's graph adds a few block-wide slices
+(`_GraphedBlock`).
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
 import torch
 
 from streamq.quant import int4
+
+log = logging.getLogger(__name__)
 
 # Reasons an expert was not GPTQ-solved (RTN_* go with rtn=True).
 SOLVED = "gptq"
@@ -139,9 +143,16 @@ class _GraphedBlock:
 
     Capture uses `capture_begin` on a side stream rather than `torch.cuda.graph`, which
     would synchronize the whole device and empty the allocator's cache (stalling the
-    reader's copies on other streams); "thread_local" lets the engine's other threads use
-    CUDA meanwhile. Memory: the static inputs and outputs (five block slices) and the
-    captured temporaries (about two), freed with the object.
+    reader's copies on other streams). "thread_local" lets the engine's other threads
+    launch work and copy meanwhile, but no thread may synchronize the whole device during
+    a capture (`torch.cuda.synchronize()` invalidates it): the engine's device-wide
+    synchronizations all run on the thread that solves. Memory: the static inputs and
+    outputs (five block slices) and the captured temporaries (about three), the latter
+    in the graph's private pool. Freed with the object, that pool's blocks stay reserved
+    (not allocated: the budget counts allocated bytes) until the caching allocator empties
+    its cache, which it does before failing an allocation, so they grow the process's
+    reserved memory call by call. A pool shared by all captures would not; on torch 2.11 a
+    second capture into one MemPool was refused ("already recording to mempool_id").
     """
 
     def __init__(self, w1: torch.Tensor, u1: torch.Tensor, s1: torch.Tensor, z1: torch.Tensor | None):
@@ -161,10 +172,23 @@ class _GraphedBlock:
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Same contract as `_column_block`; the results are the graph's own buffers, valid
         until the next call."""
-        for static, value in zip(self._inputs, (w1, u1, s1, z1), strict=False):
+        values = (w1, u1, s1) if z1 is None else (w1, u1, s1, z1)
+        assert len(values) == len(self._inputs), "zero points given to a graph captured without (or vice versa)"
+        for static, value in zip(self._inputs, values, strict=True):
+            assert static.shape == value.shape, (tuple(static.shape), tuple(value.shape))
             static.copy_(value)
         self._graph.replay()
         return self._outputs
+
+
+def _capture(args: tuple) -> _GraphedBlock | None:
+    """The column loop of blocks shaped like `args` as a graph; None (eager) where the
+    capture fails, which changes no byte, only the speed."""
+    try:
+        return _GraphedBlock(*args)
+    except RuntimeError as e:
+        log.warning("GPTQ column loop runs eagerly: its CUDA graph capture failed (%s)", e)
+        return None
 
 
 def gptq_quantize(
@@ -225,7 +249,7 @@ def gptq_quantize(
     col_zp = None if zp is None else torch.gather(zp, 2, cols[:, None, :].expand(e, out, n))
 
     codes = torch.empty(e, out, n, dtype=int4.CODE_DTYPE, device=w.device)
-    width = min(block_size, n)
+    width = max(1, min(block_size, n))
     graphed = None
     full_blocks = n // width
     for b, i1 in enumerate(range(0, n, width)):
@@ -235,7 +259,7 @@ def gptq_quantize(
         # Block 0 runs eagerly (and warms up what capture must not initialize); later full
         # blocks replay one captured graph where there are enough of them to pay for it.
         if b == 1 and graphs and w.is_cuda and full_blocks >= GRAPH_MIN_BLOCKS:
-            graphed = _GraphedBlock(*args)
+            graphed = _capture(args)
         if graphed is not None and i2 - i1 == width:
             q1, err1 = graphed(*args)
         else:

@@ -48,7 +48,7 @@ class QuantizedLinear:
 class DeviceCosts:
     """What a solve's pieces cost on one kind of device (`WorkUnit.seconds`)."""
 
-    column_step_s: float  # one step of a column loop, whatever its size (kernel launches)
+    column_step_s: float  # one step of a column loop, whatever its size (launches, or a graph's share)
     row_column_s: float  # per row the step updates (memory traffic beyond the launches)
     flops_per_s: float  # float32 multiply-adds of a solve (Cholesky, lazy updates)
     token_flops_per_s: float  # multiply-adds of the statistics (Hessian updates, AWQ's re-runs)

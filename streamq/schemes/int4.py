@@ -31,13 +31,14 @@ from streamq.schemes.base import (
     setting,
 )
 
-# Bytes the batched expert solve may hold at once (`solve_bytes`): on Qwen3-235B-A22B, 28
-# experts' gate/up at a time, five launch-bound column loops per layer instead of eleven.
+# Bytes the batched expert solve may hold at once (`solve_bytes`): on Qwen3-235B-A22B, 24
+# experts' gate/up (6 chunks) and 90 experts' down (2 chunks) at a time; fewer, larger
+# column loops keep the GPU busier per column.
 EXPERT_SOLVE_BYTES = 12 << 30
 
 # What one `streamq.quant.gptq.gptq_quantize` call allocates, in copies of its float32 weight
 # stack [E, out, in] and of its Hessians [E or 1, in, in] (the planner's model; measured on an
-# H200 within 3% for Qwen3-235B-A22B shapes, tests/test_gptq_memory_gpu.py):
+# H200 within 6% for Qwen3-235B-A22B shapes, tests/test_gptq_memory_gpu.py):
 # - column loop: the stack, the working copy, the per-column scales and the lazy-update
 #   product (float32), the per-column zero points (int32, asymmetric), the codes, the RTN
 #   codes and their final selection (int8); the Hessian's clone and its inverse factor;
@@ -82,9 +83,9 @@ def _rows_cols(linears: dict[str, tuple[int, int]], names: list[str]) -> tuple[i
     return sum(linears[n][0] for n in names), linears[names[0]][1]
 
 
-def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool) -> int:
+def expert_chunk(rows: int, cols: int, num: int, per_expert_hessian: bool, block_size: int = 128) -> int:
     """Experts solved at once: the most whose solve (`solve_bytes`) fits EXPERT_SOLVE_BYTES."""
-    per_expert = solve_bytes(1, rows, cols, 1 if per_expert_hessian else 0)
+    per_expert = solve_bytes(1, rows, cols, 1 if per_expert_hessian else 0, block_size=block_size)
     return max(1, min(num, EXPERT_SOLVE_BYTES // max(per_expert, 1)))
 
 
@@ -277,7 +278,7 @@ class Int4Gptq(_W4A16):
             rows, cols = _rows_cols(linears, members[max(members)])
             shared = all_experts and kind == "gate_up"
             hessians += 4 * cols * cols * (1 if shared else num)
-            chunk = expert_chunk(rows, cols, num, not shared)
+            chunk = expert_chunk(rows, cols, num, not shared, self.block_size)
             fallback_copy = 0 if shared else 4 * chunk * cols * cols
             solve = max(solve, solve_bytes(chunk, rows, cols, 1 if shared else chunk, self.sym, self.actorder,
                                            self.block_size)
@@ -312,7 +313,7 @@ class Int4Gptq(_W4A16):
             num = nums[parent]
             rows, cols = _rows_cols(linears, members[max(members)])
             shared = all_experts and kind == "gate_up"
-            chunk = expert_chunk(rows, cols, num, not shared)
+            chunk = expert_chunk(rows, cols, num, not shared, self.block_size)
             for e0 in range(0, num, chunk):
                 names = [m for e in range(e0, min(num, e0 + chunk)) for m in members.get(e, [])]
                 if names:
@@ -393,7 +394,7 @@ class Int4Gptq(_W4A16):
             sample = weights[members[(present[0], projs[0])]]
             rows, cols = sample.shape[0] * len(projs), sample.shape[1]
             self._check_shape(members[(present[0], projs[0])], sample)
-            chunk = expert_chunk(rows, cols, num, h_all.ndim == 3)
+            chunk = expert_chunk(rows, cols, num, h_all.ndim == 3, self.block_size)
             few: list[int] = []
             if count is not None and h_all.ndim == 3:
                 few = (count < self.min_expert_tokens).nonzero().flatten().tolist()
