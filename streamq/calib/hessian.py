@@ -13,11 +13,13 @@ from streamq.calib.observers import masked_rows
 
 @functools.cache
 def _has_mixed_gemm() -> bool:
-    """Whether this torch has addmm with bfloat16 inputs and float32 output (CUDA's
-    `aten::addmm.dtype_out`). Decided by the torch build alone, so every process of a run
-    decides alike (their Hessians must be the same bytes); a build that has the operator
-    but cannot run it raises where it is used."""
-    return hasattr(torch.ops.aten.addmm, "dtype_out")
+    """Whether this torch adds a bfloat16 GEMM into a float32 tensor on CUDA
+    (`aten::addmm.dtype_out` with a float32 `self`: torch 2.10 and later; 2.8 and 2.9 have
+    the operator but require `self` in the inputs' dtype). Decided by the torch build alone,
+    so every process of a run decides alike (their Hessians must be the same bytes)."""
+    from torch.torch_version import TorchVersion
+
+    return TorchVersion(torch.__version__) >= (2, 10) and hasattr(torch.ops.aten.addmm, "dtype_out")
 
 
 def add_gram(acc: torch.Tensor, rows: torch.Tensor) -> None:
@@ -30,7 +32,7 @@ def add_gram(acc: torch.Tensor, rows: torch.Tensor) -> None:
     the largest entry against 5.5e-7 over 8192 rows on an H200), which moves GPTQ's loss by
     less than 0.1% (tests/test_gptq_gpu.py). It is 6x faster (1.3e14 against 2.1e13
     multiply-adds/s, scripts/time_gptq_units.py): the float32 GEMM, which has no tensor-core
-    path without TF32, was 83% of a Qwen3-235B-A22B layer's replay for the statistics.
+    path without TF32, was 80% of a Qwen3-235B-A22B layer's replay for the statistics.
     Elsewhere, or where torch lacks the mixed GEMM, the rows are upcast to float32.
     """
     assert acc.dtype == torch.float32 and acc.shape == (rows.shape[-1], rows.shape[-1]), (acc.dtype, acc.shape)

@@ -182,12 +182,14 @@ class _GraphedBlock:
 
 
 def _capture(args: tuple) -> _GraphedBlock | None:
-    """The column loop of blocks shaped like `args` as a graph; None (eager) where the
-    capture fails, which changes no byte, only the speed."""
+    """The column loop of blocks shaped like `args` as a graph; None (eager: the same bytes,
+    only slower) where the graph's memory cannot be had. Any other capture failure is a bug
+    or a broken rule (`_GraphedBlock`) and is raised: an invalidated capture can leave the
+    allocator unable to reclaim memory for the rest of the process."""
     try:
         return _GraphedBlock(*args)
-    except RuntimeError as e:
-        log.warning("GPTQ column loop runs eagerly: its CUDA graph capture failed (%s)", e)
+    except torch.cuda.OutOfMemoryError as e:
+        log.warning("GPTQ column loop runs eagerly: no memory for its CUDA graph (%s)", e)
         return None
 
 

@@ -56,7 +56,7 @@ class DeviceCosts:
 
 # An H200, measured with scripts/time_gptq_units.py, the column loop replayed as CUDA graphs
 # (streamq.quant.gptq._GraphedBlock): one solve each of a Qwen3-235B-A22B layer's q/k/v stack
-# (0.15 s; this model 0.14), o_proj (0.30; 0.30), 24 experts' gate/up (0.69; 0.69) and 90 experts'
+# (0.15 s; this model 0.14), o_proj (0.30; 0.31), 24 experts' gate/up (0.69; 0.69) and 90 experts'
 # down (0.59; 0.59), fitted by least squares. Eager, the steps were launch-bound at 0.13-0.16 ms
 # (0.62, 1.33, 1.01, 0.62 s). The solve's arithmetic is mostly batched float32 GEMMs with a
 # 128-wide inner dimension (the lazy updates), far below the GPU's peak.

@@ -51,11 +51,12 @@ SOLVE_LOOP_WEIGHT_COPIES = 4
 SOLVE_LOOP_HESSIAN_COPIES = 2
 SOLVE_FACTOR_WEIGHT_COPIES = 2
 SOLVE_FACTOR_HESSIAN_COPIES = 5
-# On CUDA the column loop's graph (streamq.quant.gptq._GraphedBlock) holds about six
-# block-wide slices [experts, rows, block] beside the loop (its static inputs and codes, the
-# captured loop's working copy, errors and update product) from the second block on, when the
-# lazy-update product the loop counts is two blocks narrower than a weight copy: net, two.
-# Measured peaks within 6% of the model (tests/test_gptq_memory_gpu.py).
+# On CUDA the column loop's graph (streamq.quant.gptq._GraphedBlock) holds about eight
+# block-wide slices [experts, rows, block] beside the loop (five static inputs and outputs,
+# about three captured temporaries) from the second block on, when the lazy-update product
+# the loop counts is two blocks narrower than a weight copy and the eager loop's own block
+# temporaries are gone: net, about two. Measured peaks within 6% of the model
+# (tests/test_gptq_memory_gpu.py).
 SOLVE_GRAPH_BLOCK_SLICES = 2
 
 
