@@ -317,3 +317,29 @@ def test_statistics_only_experts_forward_gives_the_hessians_of_the_full_forward(
         monkeypatch.setattr(type(experts), "_apply_gate", unclamped_gate)
         _, unclamped = _expert_hessians(experts, flat, index, weights, mask, all_experts, False)
         assert not torch.allclose(unclamped["e.down"][0], full["e.down"][0], rtol=1e-2)
+
+
+def test_recomputed_expert_ranges_apply_the_familys_gate(models):
+    """Under the eager implementation streamq recomputes the down projection's input for
+    its range (`_observe_routed`); for DeepSeek-V4, which clamps gate and up in its
+    `_apply_gate`, that range must be the one grouped_mm's own `_apply_gate` call gives
+    (unclamped, it would be several times larger with these weights)."""
+    from streamq.calib.observers import LayerObserver
+    from streamq.model import moe
+
+    experts, top_k = _deepseek_v4_experts(models)
+    flat, index, weights, mask = _routing(experts, 46, top_k, seed=4)
+    absmax = {}
+    for implementation in ("grouped_mm", "eager"):
+        experts.config._experts_implementation = implementation
+        obs = LayerObserver()
+        obs.token_mask = mask
+        moe.instrument_experts(experts, "e", obs, all_experts=False)
+        try:
+            with torch.no_grad():
+                experts(flat, index, weights)
+        finally:
+            moe.restore_experts(experts)
+        absmax[implementation] = obs.absmax["e.down"]
+    assert absmax["grouped_mm"].max() > 0
+    torch.testing.assert_close(absmax["eager"], absmax["grouped_mm"], rtol=1e-2, atol=0.0)
