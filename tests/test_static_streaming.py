@@ -238,12 +238,14 @@ def check_captured_expert_statistics(model_path: Path, implementation: str, monk
     assert (obs.absmax["e.down"] > 0).all()
 
 
-def _expert_hessians(experts, flat, index, weights, mask, all_experts: bool, outputs_used: bool):
+def _observe_experts(experts, flat, index, weights, mask, kind: str, all_experts: bool = False,
+                     outputs_used: bool = True):
+    """One instrumented forward of `experts` ("e") with `kind` statistics: (output, observer)."""
     from streamq.calib.observers import LayerObserver
     from streamq.model import moe
 
     obs = LayerObserver()
-    obs.expert_kind = "hessian"
+    obs.expert_kind = kind
     obs.token_mask = mask
     moe.instrument_experts(experts, "e", obs, all_experts, outputs_used=outputs_used)
     try:
@@ -251,6 +253,11 @@ def _expert_hessians(experts, flat, index, weights, mask, all_experts: bool, out
             out = experts(flat, index, weights)
     finally:
         moe.restore_experts(experts)
+    return out, obs
+
+
+def _expert_hessians(experts, flat, index, weights, mask, all_experts: bool, outputs_used: bool):
+    out, obs = _observe_experts(experts, flat, index, weights, mask, "hessian", all_experts, outputs_used)
     return out, {k: (a.result(), a.count) for k, a in obs.expert_hessians.items()}
 
 
@@ -324,22 +331,11 @@ def test_recomputed_expert_ranges_apply_the_familys_gate(models):
     its range (`_observe_routed`); for DeepSeek-V4, which clamps gate and up in its
     `_apply_gate`, that range must be the one grouped_mm's own `_apply_gate` call gives
     (unclamped, it would be several times larger with these weights)."""
-    from streamq.calib.observers import LayerObserver
-    from streamq.model import moe
-
     experts, top_k = _deepseek_v4_experts(models)
     flat, index, weights, mask = _routing(experts, 46, top_k, seed=4)
     absmax = {}
     for implementation in ("grouped_mm", "eager"):
         experts.config._experts_implementation = implementation
-        obs = LayerObserver()
-        obs.token_mask = mask
-        moe.instrument_experts(experts, "e", obs, all_experts=False)
-        try:
-            with torch.no_grad():
-                experts(flat, index, weights)
-        finally:
-            moe.restore_experts(experts)
-        absmax[implementation] = obs.absmax["e.down"]
+        absmax[implementation] = _observe_experts(experts, flat, index, weights, mask, "absmax")[1].absmax["e.down"]
     assert absmax["grouped_mm"].max() > 0
     torch.testing.assert_close(absmax["eager"], absmax["grouped_mm"], rtol=1e-2, atol=0.0)
