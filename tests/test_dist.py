@@ -131,6 +131,8 @@ def test_calibrated_two_processes_write_the_same_bytes(tiny_models, single_calib
         assert [row["layer"] for row in split] == list(range(layers)), split
         assert all(len(row["predicted_solve_s"]) == len(row["measured_solve_s"]) == 2 for row in split)
         assert all(sum(row["measured_solve_s"]) > 0 for row in split), split
+        # GPTQ's replay for the statistics is split: each batch's forward ran on its holder only.
+        assert all(row["statistics_forward"] == "own batches" for row in split), split
     # One read per machine: rank 0 reads every layer and broadcasts it; rank 1 reads none,
     # only the model stem it embeds its calibration tokens with.
     from streamq.checkpoint.reader import CheckpointReader

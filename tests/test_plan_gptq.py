@@ -166,6 +166,33 @@ def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monk
     assert share.gpu_breakdown["Hessians (float32)"] == hessians[1]  # kept from every batch, not halved again
 
 
+def test_a_split_replay_plans_the_module_inputs_of_one_step(tmp_path_factory):
+    """Processes splitting GPTQ's replay (`dist.replay_split`) send each batch's observed
+    module inputs to every process; one step (a batch from each process) is alive at once,
+    each process's own batch twice (as captured and in its send buffer). AWQ records blocks,
+    so every process replays every batch and receives one batch's hidden states at a time."""
+    from streamq.engine.plan import _gathered_bytes, inputs_from_job
+
+    src = write_header_only(tmp_path_factory.mktemp("plan-split") / "q235", "qwen3-235b-a22b", layers=2)
+    for algo, split in (("int4_gptq", True), ("int4_awq", False)):
+        cfg = {"global": {"save_path": str(src.parent / "out"), "device": "cpu"}, "model": {"model_path": str(src)},
+               "compression": {"name": "PTQ", "quantization": {"name": algo, "bits": 4}},
+               "dataset": {"name": "RandomTokens", "num_samples": 8, "max_seq_length": 256, "batch_size": 4}}
+        job = prepare(parse_config(cfg))
+        job.work_ranks, job.batch_ids = 2, [0]
+        inputs = inputs_from_job(job, "cuda")
+        lay = inputs.layers[0]
+        assert inputs.split_replay is split
+        tokens = 4 * 256
+        if split:
+            # q/k/v's shared input (4096), o_proj's (64 heads x 128), the experts' hidden states
+            # (4096, bfloat16) and their top-8 expert ids (int64)
+            assert lay.captured_per_token == (4096 + 64 * 128) * 2 + 4096 * 2 + 8 * 8
+            assert sum(_gathered_bytes(inputs, lay).values()) == 3 * tokens * lay.captured_per_token
+        else:
+            assert _gathered_bytes(inputs, lay) == {"hidden states from another process (a batch)": tokens * 4096 * 2}
+
+
 def test_processes_taking_turns_writing_plan_one_output_arena():
     """One process alternates two page-locked output arenas, each grown to the largest layer
     it held; processes that take turns writing layers keep one each (`OutputArenas(count=1)`),

@@ -150,14 +150,17 @@ class LayerObserver:
         mask = self.flat_mask(rows.numel())
         return rows if mask is None else torch.where(mask, rows, torch.zeros_like(rows))
 
-    def watch_linears(self, layer: nn.Module, kinds: dict[str, str] | list[str]) -> None:
+    def watch_linears(self, layer: nn.Module, kinds: dict[str, str] | list[str], hooked: bool = True) -> None:
         """Hook the inputs of these Linear modules (names relative to `layer`) with an
-        observer of the given kind each ("absmax" for a plain list)."""
+        observer of the given kind each ("absmax" for a plain list). `hooked=False`: the
+        observers only, fed by the caller (`observers[name].update(x, token_mask)`)."""
         if isinstance(kinds, list):
             kinds = dict.fromkeys(kinds, "absmax")
         for name, kind in kinds.items():
             module = layer.get_submodule(name)
             self.observers[name] = OBSERVERS[kind]()
+            if not hooked:
+                continue
 
             def hook(_mod: nn.Module, args: tuple, _name: str = name) -> None:
                 self.observers[_name].update(args[0], self.token_mask)

@@ -14,9 +14,11 @@ number of processes:
   ranges are max-reduced before quantizing;
 - whose statistics are floating-point sums (Hessians, AWQ's means and recorded blocks;
   MODULES) also split the layer's work units (`Scheme.work_units`): each sum is kept whole
-  by its unit's owner, and for the statistics every rank replays every batch in batch order,
-  each batch's hidden states broadcast by the rank holding it, because a sum of per-rank
-  partial sums would differ from one process's in its last bits. GPTQ ("quantize"
+  by its unit's owner, who adds every batch in batch order, because a sum of per-rank
+  partial sums would differ from one process's in its last bits. GPTQ (`replay_split`): each
+  rank runs the layer on its own batches only, and the observed modules' inputs of each
+  batch travel to every rank; otherwise (AWQ) every rank replays every batch, each batch's
+  hidden states broadcast by the rank holding it. GPTQ ("quantize"
   `work_stage`): each rank solves its units, and the quantized weights are exchanged so
   every rank can replay the quantized layer on its own batches. AWQ ("transform"): each
   rank searches its smoothing groups, and the scales are exchanged before any is applied;
@@ -56,6 +58,15 @@ def calibration_split(scheme: Any) -> str:
     raise ConfigError(f"{scheme.name} under several processes is not implemented yet (its statistics are sums, "
                       "which only a split of its search by module would keep byte-identical); run it with one "
                       "process (plain python -m streamq)")
+
+
+def replay_split(scheme: Any) -> bool:
+    """Whether processes splitting a layer's work units (MODULES) also split the replay for
+    the statistics: each runs the layer on its own batches and the observed modules' inputs
+    travel to every process (`run._Calibrator._replay_split`). Needs statistics that are
+    Hessians of module inputs alone (no smoothing, no recorded blocks): GPTQ. Other schemes
+    (AWQ) replay every batch on every process."""
+    return scheme.observer_kind() == "hessian" and scheme.smoothing_kind() is None
 
 
 def assign(costs: list[float], world: int, sizes: list[tuple[int, ...]] | None = None,
@@ -294,8 +305,8 @@ class Dist:
     def batches(self, count: int, allow_none: bool = False) -> list[int]:
         """This rank's calibration batches, round robin: rank r replays batches r, r + world,
         ..., so the batches of one step (one per rank) in rank order are in batch order
-        (`_Calibrator._inputs`). `allow_none`: a process may get none (it still replays every
-        batch for the statistics)."""
+        (`_Calibrator._inputs`). `allow_none`: a process may get none (it still adds every
+        batch to its work units' statistics)."""
         if count < self.world and not allow_none:
             raise ConfigError(f"{count} calibration batch(es) cannot be split across {self.world} processes; "
                               "use more samples (dataset.num_samples) or a smaller dataset.batch_size, "

@@ -50,6 +50,7 @@ from streamq.calib.cache import pinned_cache_bytes
 from streamq.checkpoint.reader import DTYPE_BYTES
 from streamq.checkpoint.writer import SAFETENSORS_METADATA, safetensors_header
 from streamq.engine import tp_check
+from streamq.engine.dist import replay_split
 from streamq.engine.staging import output_arena_bytes
 from streamq.errors import BudgetError
 from streamq.schemes.base import GPU_COSTS, DeviceCosts, device_costs
@@ -161,6 +162,9 @@ class LayerSizes:
     # Time of a scheme with work units (GPTQ): its solves and their statistics (`Scheme.work_units`).
     solve_units: tuple = ()
     own_codes: int = 0  # several processes splitting the solves: the most int8 codes one holds
+    # Several processes splitting the replay (`dist.replay_split`): bytes per token of the
+    # observed modules' inputs that travel from the process that ran the batch.
+    captured_per_token: int = 0
     result_factor: float = 1.0  # bytes a quantized weight's result takes: its code, its share of scales and zeros
 
     def output_bytes(self) -> int:
@@ -343,6 +347,7 @@ class Inputs:
     reads_layers: bool = True  # False: another process of the machine reads (and broadcasts) the layers
     writes_rest: bool = True  # False: another process writes the non-layer shard (torchrun: rank 0)
     every_batch: list[BatchShape] = field(default_factory=list)  # every process's batches (torchrun)
+    split_replay: bool = False  # several processes run the statistics forward on their own batches only
 
 
 @dataclass
@@ -445,7 +450,9 @@ def _micro(batch: BatchShape, rows: int) -> BatchShape:
 
 def _replayed(inputs: Inputs) -> list[BatchShape]:
     """The batches the statistics pass runs: every process's when the work units are split
-    (each replays every batch), else this process's."""
+    (each replays every batch, or with `split_replay` adds every batch's module inputs to its
+    statistics: the activations of that pass are sized for every batch alike), else this
+    process's."""
     return inputs.every_batch if inputs.ranks > 1 and inputs.every_batch else inputs.batches
 
 
@@ -459,12 +466,17 @@ def _largest_activation(inputs: Inputs, micro_batch: int) -> dict[str, int]:
     return best
 
 
-def _gathered_bytes(inputs: Inputs) -> dict[str, int]:
+def _gathered_bytes(inputs: Inputs, lay: LayerSizes) -> dict[str, int]:
     """Several processes each replaying every batch on its own share of the hidden states
-    (`_Calibrator._inputs`): a batch received from another process."""
+    (`_Calibrator._inputs`): a batch received from another process. Splitting the replay
+    (`_Calibrator._replay_split`): the observed modules' inputs of one step, one batch from
+    each process, plus this process's own twice (as captured, and in its send buffer)."""
     if inputs.ranks <= 1 or not _replayed(inputs):
         return {}
     n = max(b.tokens for b in _replayed(inputs))
+    if inputs.split_replay:
+        return {"module inputs of one step (a batch from each process)":
+                (inputs.ranks + 1) * n * lay.captured_per_token}
     return {"hidden states from another process (a batch)": n * inputs.shape.hidden * inputs.compute_elem}
 
 
@@ -492,7 +504,7 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
             act = {"hidden states in": (max(b.tokens for b in _replayed(inputs)) * inputs.shape.hidden
                                         * inputs.compute_elem)} | act
         stats = dict(lay.statistics)
-        phases.append(fixed | stats | act | _gathered_bytes(inputs))
+        phases.append(fixed | stats | act | _gathered_bytes(inputs, lay))
         if lay.solve:  # the scheme's solve replaces the per-weight quantize temporaries
             split = inputs.ranks > 1 and bool(lay.solve_units)  # solves split (GPTQ), not searches (AWQ)
             codes = sum(lay.quant_numels)
@@ -613,7 +625,9 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
     flops = a.gpu_flops if cuda else a.cpu_flops
     elementwise = a.gpu_elementwise_bps if cuda else a.cpu_elementwise_bps
     tokens = sum(b.tokens for b in inputs.batches) if inputs.static else 0
-    replayed = sum(b.tokens for b in _replayed(inputs)) if inputs.static else 0  # the statistics pass
+    # The statistics pass's forward: every batch on every process, or split (`split_replay`).
+    forwarded = inputs.batches if inputs.split_replay else _replayed(inputs)
+    replayed = sum(b.tokens for b in forwarded) if inputs.static else 0
     every = sum(b.tokens for b in inputs.every_batch) or tokens  # what each work unit's statistics see
     cache = _cache_bytes(inputs, False) if inputs.static else 0
     cache_traffic = {"host": 2 * cache / a.pcie_bps if cuda else 0.0,
@@ -624,8 +638,9 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
         calibrate = 0.0
         if inputs.static:
             # Several processes splitting the work units replay every batch for the statistics
-            # (their own share of the hidden states, and the others'), but only their own batches
-            # to propagate; each accumulates and solves its share of the units.
+            # (their own share of the hidden states, and the others'), unless the replay is split
+            # (GPTQ: own batches, the module inputs travel), and only their own batches to
+            # propagate; each accumulates and solves its share of the units.
             replay = 2 * _active_params(inputs, lay) / flops
             calibrate = replay * replayed + cache_traffic * choice.expert_groups
             if inputs.propagate_quantized:  # the quantized layer is replayed once more
@@ -815,6 +830,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         propagate_quantized=static and config.scheme.propagates_quantized,
         ranks=getattr(job, "work_ranks", 1),
         every_batch=every_batch,
+        split_replay=static and getattr(job, "work_ranks", 1) > 1 and replay_split(config.scheme),
         received_layers=bool(getattr(job, "received_layers", False)),
         write_turns=getattr(job, "write_turns", 1),
         reads_layers=getattr(job, "reads_layers", True),
@@ -854,7 +870,23 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
             shares = [method(shapes, layout.experts, all_experts, layout=layout, owned={
                 m for u, o in zip(units, owners, strict=True) if o == r for m in u.modules})[0] for r in range(ranks)]
             sizes = replace(sizes, statistics=tuple(max(shares, key=lambda d: sum(d.values())).items()))
+            if replay_split(config.scheme):
+                sizes = replace(sizes, captured_per_token=_captured_per_token(shapes, layout, elem, top_k))
     return sizes
+
+
+def _captured_per_token(shapes: dict[str, tuple[int, ...]], layout: Any, elem: int, top_k: int) -> int:
+    """Bytes per token of what `_Calibrator._replay_split` sends from a batch's forward: the
+    input of each fused group's Linear (one per group: q/k/v share theirs) and, per experts
+    module, its hidden states and routing (int64 expert ids)."""
+    from streamq.model.fused import fused_group_key
+
+    groups = {fused_group_key(m): shape[1] for m, shape in shapes.items() if m not in layout.experts}
+    per_parent = {}
+    for m, ref in layout.experts.items():
+        if m in shapes and ref.kind == "gate_up":
+            per_parent[ref.parent] = shapes[m][1] * elem + top_k * 8
+    return sum(groups.values()) * elem + sum(per_parent.values())
 
 
 def _elem(dtype: Any) -> int:

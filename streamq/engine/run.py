@@ -10,6 +10,7 @@ read -> quantize -> write.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import shutil
@@ -52,6 +53,7 @@ from streamq.engine.dist import (
     assign_units,
     calibration_split,
     expected_solves,
+    replay_split,
     timed_units,
 )
 from streamq.engine.job import Job, prepare
@@ -67,7 +69,7 @@ from streamq.model import capture as capture_mod
 from streamq.model.fused import fused_group_key
 from streamq.model.layer import layer_weight_views, materialize_layer, release_layer
 from streamq.model.layout import LayerLayout, fused_expert_modules
-from streamq.model.moe import instrument_experts, restore_experts
+from streamq.model.moe import capture_experts, instrument_experts, observe_expert_hessians, restore_experts
 from streamq.model.skeleton import (
     decoder_layers,
     materialize_outside_layers,
@@ -141,6 +143,7 @@ class _Calibrator:
         self.rank_of: dict[tuple, int] = {}  # the current layer's unit -> its rank
         self.predicted: list[float] = []  # the current layer's solve seconds per rank, as assigned
         self.work_split: list[dict] = []  # per layer: solve seconds per rank, predicted and measured
+        self.split_replay = False  # the last statistics replay ran each batch on its holder only
         self.cache = HiddenStateCache(location, job.device, disk_dir)
         tensors = job.reader.read([n for n in job.reader.other if n.startswith("model.")
                                    and not n.startswith("model.layers.")])
@@ -148,7 +151,7 @@ class _Calibrator:
         self.kwargs = capture_mod.LayerKwargs(job.skeleton, job.hf_config.hidden_size, job.dtype, job.device)
         # On the device once, not per batch and layer: a pageable copy would synchronize.
         # Every batch's, not only this process's: with the work units split, every process
-        # replays every batch for the statistics (AWQ's recorded blocks index them by batch).
+        # adds every batch to its statistics (AWQ's recorded blocks index them by batch).
         self.masks = [b.attention_mask.to(job.device).bool() for b in job.batches]
         self.uncovered = 0
         self.fallbacks: list[str] = []  # "layer i: <module>: <why>", from the scheme
@@ -191,7 +194,9 @@ class _Calibrator:
         for unit, s in seconds.items():
             measured[self.rank_of[unit]] += s
         self.work_split.append({"layer": index, "predicted_solve_s": self.predicted,
-                                "measured_solve_s": [round(s, 3) for s in measured]})
+                                "measured_solve_s": [round(s, 3) for s in measured],
+                                # where the statistics' forward ran: split, or every batch on every process
+                                "statistics_forward": "own batches" if self.split_replay else "every batch"})
 
     def writes(self, index: int) -> bool:
         """Whether this process writes layer `index` (every process calibrates every layer)."""
@@ -218,20 +223,27 @@ class _Calibrator:
         kind = scheme.observer_kind()
         shared: dict[str, str] = {}  # module -> the module whose observer it shares
         blocks: dict[str, list[tuple]] = {}
+        split_replay = False  # several processes: each replays its own batches, inputs travel
         if observe:
             watch = {}
+            reps: list[str] = []  # every group's observed Linear (relative), whoever owns it
             if kind is not None:
                 for m in layout.quantized:
-                    if m not in layout.experts and (self.owned is None or m in self.owned):
-                        shared[m] = rep = next(x for x in layout.quantized
-                                               if fused_group_key(x) == fused_group_key(m))
-                        watch[layout.rel(rep)] = kind
+                    if m not in layout.experts:
+                        rep = next(x for x in layout.quantized if fused_group_key(x) == fused_group_key(m))
+                        if layout.rel(rep) not in reps:
+                            reps.append(layout.rel(rep))
+                        if self.owned is None or m in self.owned:
+                            shared[m] = rep
+                            watch[layout.rel(rep)] = kind
             smoothing = scheme.smoothing_kind()
             if smoothing is not None:
                 for name in scheme.smoothing_inputs(layer, layout):
                     watch[name] = smoothing
-            obs.watch_linears(layer, watch)
             blocks = {name: [] for name in scheme.recorded_blocks(layer, layout, self.owned)}
+            split_replay = self.split == MODULES and replay_split(scheme) and not blocks
+            self.split_replay = split_replay
+            obs.watch_linears(layer, watch, hooked=not split_replay)
             for name, records in blocks.items():
                 def record(_mod, args, kwargs, output, _records=records):
                     _records.append((tuple(a.detach() if torch.is_tensor(a) else a for a in args), dict(kwargs),
@@ -248,10 +260,13 @@ class _Calibrator:
                         for key in (f"{parent}.gate_up", f"{parent}.down"):
                             obs.owned_experts.setdefault(key, set())
                 for parent, module in fused.items():
-                    instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts,
-                                       outputs_used=advance or bool(blocks))  # blocks record outputs
+                    if not split_replay:
+                        instrument_experts(module, parent, obs, self.job.config.quant.moe_calibrate_all_experts,
+                                           outputs_used=advance or bool(blocks))  # blocks record outputs
         try:
-            for b, hidden in self._inputs(gather=observe and self.split == MODULES):
+            if split_replay:
+                self._replay_split(layer, layout, obs, fused, reps, advance)
+            for b, hidden in () if split_replay else self._inputs(gather=observe and self.split == MODULES):
                 batch = self.job.batches[b]
                 obs.token_mask = self.masks[b]
                 kwargs = self.kwargs.for_batch(b, batch.attention_mask)[layout.index]
@@ -280,6 +295,64 @@ class _Calibrator:
             if values.get(module) is None:
                 raise CheckpointError(f"Linear '{module}' received no input during calibration")
         return LayerStats(values, blocks, self.masks)
+
+    def _replay_split(self, layer: nn.Module, layout: LayerLayout, obs: LayerObserver, fused: dict[str, nn.Module],
+                      reps: list[str], advance: bool) -> None:
+        """MODULES, statistics that are Hessians of module inputs (`dist.replay_split`):
+        each process runs the layer on its own batches only (with `advance`, keeping their
+        outputs as the next layer's inputs, as every replay does); the
+        inputs of every observed module (each fused group's Linear, each experts module's
+        hidden states and routing) travel to every process (`Dist.exchange`, one step of one
+        batch per process at a time), and each adds those of its own work units, batch after
+        batch in batch order: the same sums, byte for byte, as one process's replay, for
+        about 1 / world of the forward (each process computed every batch's forward before).
+        Observers are fed as the hooks of a local replay would (`watch_linears`,
+        `moe.observe_expert_hessians`)."""
+        captured: dict[str, list[torch.Tensor]] = {name: [] for name in reps}
+
+        def capture(_mod: nn.Module, args: tuple, _name: str) -> None:
+            captured[_name].append(args[0].detach())
+
+        for name in reps:
+            obs._handles.append(layer.get_submodule(name).register_forward_pre_hook(
+                functools.partial(capture, _name=name)))
+        sinks: dict[str, list] = {parent: [] for parent in fused}
+        for parent, module in fused.items():
+            capture_experts(module, parent, sinks[parent], outputs_used=advance)
+        all_experts = self.job.config.quant.moe_calibrate_all_experts
+        count, world = len(self.job.batches), self.dist.world
+        for first in range(0, count, world):
+            step = range(first, min(first + world, count))
+            mine: dict[str, torch.Tensor] = {}
+            for b in (b for b in step if b in self.mine):  # one at most: rank r holds b = r mod world
+                kwargs = self.kwargs.for_batch(b, self.job.batches[b].attention_mask)[layout.index]
+                out = layer(self.cache.get(b), **kwargs)
+                if advance:
+                    self.cache.put(b, out[0] if isinstance(out, tuple) else out)
+                del out
+                for name, calls in captured.items():
+                    mine.update({f"{b}|linear|{name}|{j}": x for j, x in enumerate(calls)})
+                    calls.clear()
+                for parent, calls in sinks.items():
+                    for j, (hidden, top_k) in enumerate(calls):
+                        mine[f"{b}|experts|{parent}|{j}|hidden"] = hidden
+                        mine[f"{b}|experts|{parent}|{j}|top_k"] = top_k
+                    calls.clear()
+            everything = self.dist.exchange(mine, self.job.device)
+            del mine
+            for b in step:  # in batch order; a batch's keys in the order its forward captured them
+                obs.token_mask = self.masks[b]
+                for key, x in everything.items():
+                    at, what, name, *call = key.split("|")
+                    if int(at) != b:
+                        continue
+                    if what == "linear" and name in obs.observers:  # this process's unit
+                        obs.observers[name].update(x, obs.token_mask)
+                    elif what == "experts" and call[-1] == "top_k":
+                        observe_expert_hessians(fused[name], everything[key.removesuffix("top_k") + "hidden"], x,
+                                                obs, name, all_experts)
+                faults.checkpoint("calibrate-batch")
+            del everything
 
     def _inputs(self, gather: bool):
         """(batch, hidden states entering the layer) to replay, in batch order: this process's
@@ -413,7 +486,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
         dist.check_same({"config": config.job_hash(), "source checkpoint": job.reader.fingerprint(),
                          "calibration data": _batches_digest(job.batches)})
     if split is not None:  # the plan sizes this process's share of the cache
-        # Ranges need a batch on every process; sums replay every batch on every process.
+        # Ranges need a batch on every process; sums see every batch on every process.
         job.batch_ids = dist.batches(len(job.batches), allow_none=split == MODULES)
     if split == MODULES:
         job.work_ranks = dist.world  # the plan times this process's share of the solves

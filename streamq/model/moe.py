@@ -49,14 +49,17 @@ def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
     """The model's own experts forward (whatever implementation its config selects), with
     the statistics of the same routing recorded alongside."""
     obs: LayerObserver = self._streamq_observer
-    hessian = obs.expert_kind == "hessian"
-    if hessian and not self._streamq_outputs_used:
-        # A replay for the statistics alone (GPTQ propagates through the quantized layer
-        # afterwards): the Hessians need the routed rows and their gated intermediates, not
-        # the experts' outputs, so the down projections and the weighted sum are skipped.
-        _observe_hessians(self, hidden_states, top_k_index, None, None, obs, self._streamq_name,
-                          self._streamq_all_experts)
-        return torch.zeros_like(hidden_states)
+    if obs.expert_kind == "hessian":
+        # The Hessians always come from the routed rows and their recomputed intermediates
+        # (`_observe_hessians`), whether the outputs are used or not, so that every replay
+        # (one process's, or split across processes from captured inputs:
+        # `observe_expert_hessians`) adds the same rows in the same order. A replay for the
+        # statistics alone (GPTQ propagates through the quantized layer afterwards) skips
+        # the down projections and the weighted sum.
+        out = (type(self).forward(self, hidden_states, top_k_index, top_k_weights) if self._streamq_outputs_used
+               else torch.zeros_like(hidden_states))
+        _observe_hessians(self, hidden_states, top_k_index, obs, self._streamq_name, self._streamq_all_experts)
+        return out
     order = _GATE_ROW_ORDER.get(_implementation(self)) if hasattr(type(self), "_apply_gate") else None
     captured: list[torch.Tensor] = []
     if order is not None:
@@ -64,8 +67,7 @@ def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
 
         def capturing_apply_gate(gate_up_out: torch.Tensor) -> torch.Tensor:
             inter = apply_gate(self, gate_up_out)
-            # A Hessian needs the rows themselves; a range only their absmax.
-            captured.append(inter.detach() if hessian else inter.abs().amax(dim=-1).to(torch.float32))
+            captured.append(inter.abs().amax(dim=-1).to(torch.float32))  # a range needs only the absmax
             return inter
 
         self._apply_gate = capturing_apply_gate
@@ -73,11 +75,6 @@ def observed_experts_forward(self: nn.Module, hidden_states: torch.Tensor, top_k
         out = type(self).forward(self, hidden_states, top_k_index, top_k_weights)
     finally:
         self.__dict__.pop("_apply_gate", None)
-    if hessian:
-        rows = captured[0] if len(captured) == 1 and captured[0].shape[0] == top_k_index.numel() else None
-        _observe_hessians(self, hidden_states, top_k_index, rows, order, obs, self._streamq_name,
-                          self._streamq_all_experts)
-        return out
     if len(captured) == 1 and captured[0].shape[0] == top_k_index.numel():
         _observe_captured(self, hidden_states, top_k_index, captured[0], order, obs, self._streamq_name)
     else:  # an implementation that computes the intermediate elsewhere: recompute it
@@ -166,14 +163,12 @@ def _routed_intermediate(self: nn.Module, hidden_states: torch.Tensor, top_k_ind
 
 @torch.no_grad()
 def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                      inter: torch.Tensor | None, order: str | None, obs: LayerObserver, key: str,
-                      all_experts: bool) -> None:
+                      obs: LayerObserver, key: str, all_experts: bool) -> None:
     """Per expert: the Hessian of its gate/up input (the tokens routed to it) and of its
     down input (its gated intermediate rows), real tokens only. With all-experts
     calibration every expert sees every token: one gate/up Hessian serves them all, and
     each expert's down Hessian comes from its intermediate on every token."""
     num_experts = self.gate_up_proj.shape[0]
-    top_k = top_k_index.shape[1]
     mask = obs.flat_mask(hidden_states.shape[0])
     if all_experts:
         obs.shared_hessian(f"{key}.gate_up").update(hidden_states, mask)
@@ -187,14 +182,7 @@ def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
         return
     obs.expert_hessian(f"{key}.gate_up", num_experts, hidden_states.shape[-1],
                        hidden_states.device).update(hidden_states, top_k_index, mask)
-    if inter is not None and order == "sorted":
-        ids, perm = torch.sort(top_k_index.reshape(-1))
-        rows = perm // top_k
-    elif inter is not None:
-        ids = top_k_index.reshape(-1)
-        rows = torch.arange(ids.numel(), device=ids.device) // top_k
-    else:
-        inter, ids, rows = _routed_intermediate(self, hidden_states, top_k_index)
+    inter, ids, rows = _routed_intermediate(self, hidden_states, top_k_index)
     acc = obs.expert_hessian(f"{key}.down", num_experts, inter.shape[-1], inter.device)
     keep = ids < num_experts
     acc.update(inter[keep], ids[keep], None if mask is None else mask[rows[keep]])
@@ -237,6 +225,32 @@ def instrument_experts(module: nn.Module, name: str, observer: LayerObserver, al
     module._streamq_all_experts = all_experts
     module._streamq_outputs_used = outputs_used
     module.forward = types.MethodType(observed_experts_forward, module)
+
+
+def capture_experts(module: nn.Module, name: str, sink: list, outputs_used: bool = True) -> None:
+    """Every forward of `module` appends its inputs (hidden_states [N, H], top_k_index
+    [N, k]) to `sink`, for expert statistics taken elsewhere from them
+    (`observe_expert_hessians`, on the process that owns them). `outputs_used=False` (the
+    layer's outputs are dropped): the experts compute nothing and return zeros of the
+    input's shape. Undone by `restore_experts`."""
+    check_supported(module, name)
+
+    def forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        sink.append((hidden_states.detach(), top_k_index.detach()))
+        if outputs_used:
+            return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
+        return torch.zeros_like(hidden_states)
+
+    module.forward = types.MethodType(forward, module)
+
+
+def observe_expert_hessians(module: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
+                            observer: LayerObserver, name: str, all_experts: bool) -> None:
+    """The experts' Hessians from one forward's inputs (as `capture_experts` records them),
+    into `observer`: the same computation, in the same order, as a statistics-only replay
+    of `instrument_experts(..., outputs_used=False)`, so the sums are the same bytes."""
+    _observe_hessians(module, hidden_states, top_k_index, observer, name, all_experts)
 
 
 def restore_experts(module: nn.Module) -> None:
