@@ -275,6 +275,18 @@ def test_expert_hessian_accumulator_matches_per_expert_loop() -> None:
     assert torch.equal(h[e - 1], torch.zeros(n, n))
 
 
+def test_route_groups_real_routed_rows_by_expert_in_token_order() -> None:
+    """`route`: each expert's rows are the real tokens routed to it, in token order, experts
+    in order; padding tokens and ids past the last expert go nowhere; the counts on the
+    device equal the sizes on the host."""
+    ids = torch.tensor([[2, 0], [1, 2], [0, 5], [2, 1]])  # 5: past the last of 3 experts
+    mask = torch.tensor([True, True, True, False])
+    r = hessian.route(ids, mask, 3)
+    assert r.sizes == [2, 1, 2] and r.counts.tolist() == r.sizes
+    assert r.tokens.tolist() == [0, 2, 1, 0, 1]
+    assert hessian.route(ids, None, 3).tokens.tolist() == [0, 2, 1, 3, 0, 1, 3]
+
+
 def test_expert_hessian_accumulator_of_some_experts_holds_only_theirs() -> None:
     """A process owning experts {1, 4} of 6 allocates two Hessians, equal bit for bit to one
     process's for those experts, and keeps every expert's token count."""

@@ -40,6 +40,19 @@ def test_nibble_round_trip_and_bits_match_compressed_tensors(cols: int) -> None:
     assert (packed < 0).any()  # top nibble >= 8 sets the sign bit, as in compressed-tensors
 
 
+@pytest.mark.parametrize("shape", [(13, 8), (3, 5, 29), (7, 1), (2, 64)])
+@pytest.mark.parametrize("transposed", [False, True])
+def test_bytewise_pack_equals_the_shift_and_sum(shape: tuple[int, ...], transposed: bool) -> None:
+    """The byte-wise packing (pairs of nibbles, four bytes read as one int32) gives the bits
+    of the int64 arithmetic it replaced, for every value in every position, a partial last
+    word, leading dimensions and a non-contiguous input (zero points are packed transposed)."""
+    values = torch.randint(0, 16, shape, generator=torch.Generator().manual_seed(0), dtype=torch.int32)
+    values.view(-1)[: 16] = torch.arange(16)[: values.numel()]
+    if transposed:
+        values = values.transpose(-1, -2).contiguous().transpose(-1, -2)
+    assert torch.equal(P.pack_nibbles(values), P._pack_nibbles_int64(values))
+
+
 def test_batched_pack_is_per_expert() -> None:
     codes = torch.stack([all_codes(16, 64), all_codes(16, 64).flip(1)])
     packed = P.pack_weight_ct(codes)

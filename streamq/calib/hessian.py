@@ -5,6 +5,7 @@ batches, processes or GPUs is an addition."""
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -94,14 +95,45 @@ class HessianAccumulator:
         return self.sum * (2.0 / n)
 
 
+@dataclass(frozen=True)
+class Routing:
+    """Routed rows grouped by expert (`route`): `tokens` int64 [R], the token of each real
+    routed row, experts in order and tokens in order within an expert; `counts` int64 [E]
+    on the device and `sizes` (the same on the host) the rows of each expert."""
+
+    tokens: torch.Tensor
+    counts: torch.Tensor
+    sizes: list[int]
+
+
+def route(expert_ids: torch.Tensor, mask: torch.Tensor | None, num_experts: int) -> Routing:
+    """Group the routed rows of one batch by expert.
+
+    expert_ids: int [tokens, k] (top-k routing: a token's row goes to k experts; an id of
+    num_experts or more is "no expert"); mask: bool [tokens] (real tokens) or None. One host
+    synchronization (the sizes, which slice the rows), none before it: the counts are a
+    scatter-add, not `bincount` (which synchronizes on CUDA to size its output).
+    """
+    tokens, k = expert_ids.shape[0], expert_ids.reshape(expert_ids.shape[0], -1).shape[1]
+    ids = expert_ids.reshape(tokens, k).to(torch.int64).clamp(max=num_experts)
+    if mask is not None:
+        assert mask.numel() == tokens, (mask.numel(), tokens)
+        ids = torch.where(mask.reshape(-1, 1), ids, torch.full_like(ids, num_experts))  # bucket E = dropped
+    ids = ids.reshape(-1)
+    counts = torch.zeros(num_experts + 1, dtype=torch.int64, device=ids.device).index_add_(0, ids, torch.ones_like(ids))
+    order = torch.argsort(ids, stable=True)
+    sizes = counts.tolist()[:num_experts]
+    return Routing(order[: sum(sizes)] // k, counts[:num_experts], sizes)
+
+
 class ExpertHessianAccumulator:
     """One HessianAccumulator per expert, fed by routed rows.
 
-    `update(x [rows, in], expert_ids [rows] or [rows, k], mask)`: row r goes to every
-    expert in expert_ids[r] (top-k routing repeats the row). Rows are sorted by expert
-    (one gather) and each expert adds X_e^T X_e with one addmm over exactly its rows: the
+    `add_grouped(rows, routing)`: rows [R, in] grouped by expert as `route` orders them;
+    each expert adds X_e^T X_e with one addmm over exactly its rows (a slice, no copy): the
     work is the routed rows', however unbalanced the routing (a zero-padded [E, longest,
-    in] block would cost E times the busiest expert's rows).
+    in] block would cost E times the busiest expert's rows). `update(x, expert_ids, mask)`
+    routes and gathers the rows itself.
 
     `owned` (several processes splitting a layer's experts): only these experts accumulate,
     and only their sums are allocated ([len(owned), in, in], in expert order: `held`); the
@@ -121,24 +153,19 @@ class ExpertHessianAccumulator:
     def update(self, x: torch.Tensor, expert_ids: torch.Tensor, mask: torch.Tensor | None = None) -> None:
         """x: [..., in]; expert_ids: int [rows] or [rows, k] (rows = x's token count);
         mask: bool [rows] (real tokens), or None. One host sync (the per-expert counts)."""
-        e, n = self.num_experts, self.in_features
-        rows = x.reshape(-1, n)
-        ids = expert_ids.reshape(rows.shape[0], -1).to(torch.int64)  # [R, k]
-        k = ids.shape[1]
-        if mask is not None:
-            mask = mask.reshape(-1)
-            assert mask.numel() == rows.shape[0], (mask.numel(), rows.shape[0])
-            ids = torch.where(mask[:, None], ids, torch.full_like(ids, e))  # bucket e = dropped
-        ids = ids.reshape(-1)
-        counts = torch.bincount(ids, minlength=e + 1)
-        self.count += counts[:e]
-        order = torch.argsort(ids, stable=True)
-        src = order // k  # the token of each routed row, rows grouped by expert
-        sizes = counts.tolist()
+        rows = x.reshape(-1, self.in_features)
+        routing = route(expert_ids.reshape(rows.shape[0], -1), mask, self.num_experts)
+        self.add_grouped(rows[routing.tokens], routing)
+
+    def add_grouped(self, rows: torch.Tensor, routing: Routing) -> None:
+        """rows: [R, in], the routed rows grouped by expert as `routing` (`route`) orders
+        them. Every expert's count grows; only this accumulator's experts add their rows."""
+        assert rows.shape == (sum(routing.sizes), self.in_features), (tuple(rows.shape), self.in_features)
+        self.count += routing.counts
         start = 0
-        for expert, size in enumerate(sizes[:e]):
+        for expert, size in enumerate(routing.sizes):
             if size and expert in self.slot:
-                add_gram(self.sum[self.slot[expert]], rows[src[start:start + size]])
+                add_gram(self.sum[self.slot[expert]], rows[start:start + size])
             start += size
 
     def owns(self, expert: int) -> bool:

@@ -516,7 +516,10 @@ def _gpu_phases(inputs: Inputs, choice: _Choice) -> dict[str, int]:
             if split:
                 # After the solves each holds every process's quantized Linears (`Dist.exchange`),
                 # plus its own share twice (its results and its send buffer); the statistics live.
-                phases.append(fixed | stats | {"exchanged quantized layer": int((codes + 2 * own) * lay.result_factor)})
+                # The writer packs them beside the propagation (`_Writer.pack_beside`), whose
+                # activations are then alive too.
+                exchanged = {"exchanged quantized layer": int((codes + 2 * own) * lay.result_factor)}
+                phases.append(fixed | stats | exchanged | (act if inputs.propagate_quantized else {}))
         else:
             phases.append(fixed | stats | {"quantize temporaries": max(lay.quantize_transient(False),
                                                                          lay.absmax_transient)})

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -433,6 +434,35 @@ class _Writer:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-write")
         self.pending: list[Future] = []
         self.bytes_written = 0
+        self._packer: ThreadPoolExecutor | None = None  # `pack_beside`, created on first use
+        self._pack_stream: torch.cuda.Stream | None = None
+
+    def pack_beside(self, fn: Callable[[], Any], device: torch.device) -> Future:
+        """Run `fn` (a layer's packing into its output arena: kernels and asynchronous copies)
+        in a thread of its own on a CUDA stream of its own, after what the caller's stream has
+        queued so far, so the layer's propagation overlaps it on the host and the device. The
+        caller waits for the future and synchronizes the device before reading what it made.
+        The thread never synchronizes the device: a graph capture on the caller's thread
+        would fail (`streamq.quant.gptq._GraphedBlock`); the caller joins (`join_packing`)
+        before the next layer's solves start, and keeps what `fn` reads referenced until then
+        (freed earlier, the caller's stream could reuse its memory under the packing)."""
+        if self._packer is None:
+            self._packer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-pack")
+            self._pack_stream = torch.cuda.Stream(device)
+        stream = self._pack_stream
+        stream.wait_stream(torch.cuda.current_stream(device))
+
+        def run() -> Any:
+            with torch.cuda.stream(stream), torch.no_grad():
+                return fn()
+
+        return self._packer.submit(run)
+
+    def join_packing(self, packing: Future, device: torch.device) -> None:
+        """Wait for `pack_beside`'s thread (raising what it raised), then order the caller's
+        stream after the packing's kernels and copies."""
+        packing.result()
+        torch.cuda.current_stream(device).wait_stream(self._pack_stream)
 
     def submit(self, key: str, file: str, tensors: dict[str, torch.Tensor], arena: Arena | None = None) -> Future:
         future = self.pool.submit(self._write, key, file, tensors)
@@ -462,6 +492,8 @@ class _Writer:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        if self._packer is not None:
+            self._packer.shutdown(wait=True, cancel_futures=True)
 
 
 def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = True, dist: Dist | None = None
@@ -804,17 +836,30 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         stages["exchange"] = time.monotonic() - exchanged
     elif split_transform:
         fallbacks = earlier
-    for module, q in results:
-        if module in targets:  # the layer computes with its quantized weights from now on
-            targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
-        if not emit:
-            continue
-        # Off the device one at a time: the layer's quantized copy never sits on the GPU whole.
+
+    def pack(module: str, q: QuantizedLinear) -> None:
         tensors_out = fmt.pack(module, q, scheme.spec)
         for name, value in tensors_out.items():
             if roles.get(name.rpartition(".")[2]) in (SCALE, INPUT_SCALE):
                 checks.append((name, (torch.isfinite(value) & (value > 0)).all()))
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
+
+    packing: Future | None = None
+    if split_quantize and emit and arena is not None and scheme.propagates_quantized:
+        # Every process holds the whole quantized layer already (the exchange): the writer
+        # packs it beside the propagation, which needs only the dequantized weights, so
+        # packing costs the writer no time the other processes wait for.
+        beside = list(results)  # referenced until the packing is joined
+        for module, q in beside:
+            if module in targets:
+                targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
+        packing = writer.pack_beside(lambda: [pack(m, q) for m, q in beside], job.device)
+        results = []
+    for module, q in results:
+        if module in targets:  # the layer computes with its quantized weights from now on
+            targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
+        if emit:  # off the device one at a time: the layer's quantized copy never sits on the GPU whole
+            pack(module, q)
     del results
     _note_fallbacks(calib, i, fallbacks)
     if scheme.propagates_quantized:
@@ -822,9 +867,13 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         t = time.monotonic()
         progress.step("propagate")
         calib.run_layer(layer, layout, observe=False, advance=True)
-        _settle(job)  # the stage's time is the device's, not only the launches'
+        if packing is None:
+            _settle(job)  # the stage's time is the device's, not only the launches'
         stages["propagate"] = time.monotonic() - t
         t = time.monotonic()
+    if packing is not None:
+        writer.join_packing(packing, job.device)
+        del beside
     if not emit:
         ctx.weights.clear()
         _let_go(job, prefetch, buffer, layer)

@@ -19,6 +19,8 @@ bits compressed-tensors' `pack_to_int32` writes).
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 from streamq.quant import int4
@@ -38,8 +40,27 @@ def pack_nibbles(values: torch.Tensor) -> torch.Tensor:
 
     Returns int32 [..., ceil(n / 8)]; value i in word i // 8 at bits 4 * (i % 8); a last
     partial word is padded with zeros.
+
+    Byte-wise: values 2j and 2j + 1 make byte j (low nibble first), and four bytes read as
+    one little-endian int32 are word j // 4 with value i at bits 4 * (i % 8), so the work is
+    a few passes over one-byte data (the int64 shift-and-sum, `_pack_nibbles_int64`, moved
+    eight bytes a value through as many passes: 90 ms a Qwen3-235B-A22B layer on an H200).
+    Big-endian hosts take the int64 path.
     """
     assert not values.is_floating_point(), values.dtype
+    if sys.byteorder != "little":
+        return _pack_nibbles_int64(values)
+    v = values.to(torch.uint8)
+    n = v.shape[-1]
+    words = -(-n // NIBBLES)
+    if words * NIBBLES != n:
+        v = torch.nn.functional.pad(v, (0, words * NIBBLES - n))
+    pairs = v.reshape(*v.shape[:-1], words * NIBBLES // 2, 2)
+    return (pairs[..., 0] | (pairs[..., 1] << 4)).contiguous().view(torch.int32)
+
+
+def _pack_nibbles_int64(values: torch.Tensor) -> torch.Tensor:
+    """`pack_nibbles` by arithmetic: each word as the sum of its values shifted into place."""
     v = values.to(torch.int64)
     n = v.shape[-1]
     words = -(-n // NIBBLES)
@@ -71,7 +92,7 @@ def _check_codes(codes: torch.Tensor) -> None:
 def pack_weight_ct(codes: torch.Tensor) -> torch.Tensor:
     """codes int8 [..., out, in] in [-8, 7] -> `weight_packed` int32 [..., out, ceil(in / 8)]."""
     _check_codes(codes)
-    return pack_nibbles(codes.to(torch.int64) + OFFSET)
+    return pack_nibbles(codes + OFFSET)  # int8: [-8, 7] + 8 stays in range
 
 
 def unpack_weight_ct(packed: torch.Tensor, in_features: int) -> torch.Tensor:
@@ -144,7 +165,7 @@ def to_gptq(
     groups = int4.num_groups(in_f, group_size)
     assert in_f % NIBBLES == 0 and out_f % NIBBLES == 0, f"GPTQ needs in and out multiples of 8, got {(out_f, in_f)}"
     assert tuple(scale.shape) == (out_f, groups), (tuple(scale.shape), (out_f, groups))
-    qweight = pack_nibbles(codes.to(torch.int64) + OFFSET).T.contiguous()  # [out, in/8] -> [in/8, out]
+    qweight = pack_nibbles(codes + OFFSET).T.contiguous()  # [out, in/8] -> [in/8, out]
     zeros = torch.full((groups, out_f), GPTQ_SYMMETRIC_ZERO - 1, dtype=torch.int64, device=codes.device)
     return {
         "qweight": qweight,

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from streamq.calib.hessian import Routing, route
 from streamq.calib.observers import LayerObserver
 from streamq.errors import CheckpointError
 
@@ -180,12 +181,25 @@ def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
                 continue
             acc.update_expert(e, _gated(self, F.linear(x, self.gate_up_proj[e])))
         return
-    obs.expert_hessian(f"{key}.gate_up", num_experts, hidden_states.shape[-1],
-                       hidden_states.device).update(hidden_states, top_k_index, mask)
-    inter, ids, rows = _routed_intermediate(self, hidden_states, top_k_index)
-    acc = obs.expert_hessian(f"{key}.down", num_experts, inter.shape[-1], inter.device)
-    keep = ids < num_experts
-    acc.update(inter[keep], ids[keep], None if mask is None else mask[rows[keep]])
+    # One routing for both Hessians, and its one host synchronization before any of their
+    # GEMMs is queued: the rows of each expert are slices of one gather, and the gated
+    # intermediates come from one grouped GEMM over the same rows (real tokens only).
+    routing = route(top_k_index, mask, num_experts)
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])[routing.tokens]
+    obs.expert_hessian(f"{key}.gate_up", num_experts, rows.shape[-1], rows.device).add_grouped(rows, routing)
+    inter = _gated(self, _expert_gate_up(self, rows, routing))
+    obs.expert_hessian(f"{key}.down", num_experts, inter.shape[-1], inter.device).add_grouped(inter, routing)
+
+
+def _expert_gate_up(self: nn.Module, rows: torch.Tensor, routing: Routing) -> torch.Tensor:
+    """rows [R, H] grouped by expert (`route`) @ each expert's gate_up weight: [R, 2 I]."""
+    if rows.shape[0] == 0:
+        return rows.new_zeros((0, self.gate_up_proj.shape[-2]))
+    out = _grouped_linear(rows, self.gate_up_proj, routing.counts)
+    if out is None:
+        out = torch.cat([F.linear(c, self.gate_up_proj[e])
+                         for e, c in enumerate(torch.split(rows, routing.sizes)) if c.shape[0]])
+    return out
 
 
 @torch.no_grad()
