@@ -453,6 +453,7 @@ class _Writer:
         stream.wait_stream(torch.cuda.current_stream(device))
 
         def run() -> Any:
+            torch.cuda.set_device(device)  # a thread starts on GPU 0; this process's GPU is its own
             with torch.cuda.stream(stream), torch.no_grad():
                 return fn()
 
