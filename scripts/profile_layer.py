@@ -1,12 +1,13 @@
 """Profile one layer of a `streamq quantize` run (torch.profiler, CPU and CUDA), with each
 stage of the layer marked: where a layer's seconds go, on one process or on each of several.
 
-    python scripts/profile_layer.py --layer 2 --out prof -- quantize -c CONFIG -q
+    python scripts/profile_layer.py --layer 2 --out prof [--trace] -- quantize -c CONFIG -q
     python -m torch.distributed.run --nproc-per-node 2 scripts/profile_layer.py --layer 2 --out prof \
         -- quantize -c CONFIG -q
 
-Prints, per process, the marked stages' wall seconds and the busiest operators; writes a
-Chrome trace per process to OUT/trace-rank<R>.json (open in https://ui.perfetto.dev).
+Prints, per process, the marked stages' wall seconds and the busiest operators (also in
+OUT/profile-rank<R>.txt); with --trace, a Chrome trace per process to OUT/trace-rank<R>.json
+(open in https://ui.perfetto.dev; hundreds of MB for a large layer).
 A development tool: it wraps the engine's functions from outside, the run is unchanged.
 """
 
@@ -46,6 +47,7 @@ def main() -> int:
     ap.add_argument("--layer", type=int, default=2, help="the layer to profile (not the first: it carries set-up)")
     ap.add_argument("--out", type=Path, default=Path("prof"))
     ap.add_argument("--rows", type=int, default=30, help="operators to list")
+    ap.add_argument("--trace", action="store_true", help="also write a Chrome trace per process")
     ap.add_argument("cli", nargs=argparse.REMAINDER, help="-- then the streamq command line")
     args = ap.parse_args()
     cli = args.cli[1:] if args.cli[:1] == ["--"] else args.cli
@@ -63,6 +65,11 @@ def main() -> int:
     _marked(run, "materialize_layer", "stage: layer to the device", wall)
     _marked(run, "release_layer", "stage: release the layer", wall)
     _marked(run._Writer, "wait", "stage: wait for the writer", wall)
+    _marked(run._Writer, "submit", "stage: hand the shard to the writer", wall)
+    _marked(run._Writer, "join_packing", "stage: join the packing thread", wall)
+    _marked(run.OutputArenas, "begin", "stage: output arena", wall)
+    _marked(run._Calibrator, "share", "stage: assign work units", wall)
+    _marked(run, "_recycle", "stage: recycle the read buffer", wall)
     _marked(run, "_exchange_quantized", "stage: exchange", wall)
     _marked(run, "timed_units", "stage: solves", wall)
     _marked(run, "_check_scales", "stage: scale check", wall)
@@ -84,7 +91,8 @@ def main() -> int:
             stages = inner(job, i, *rest, **kw)
         took = time.monotonic() - t0
         args.out.mkdir(parents=True, exist_ok=True)
-        prof.export_chrome_trace(str(args.out / f"trace-rank{rank}.json"))
+        if args.trace:
+            prof.export_chrome_trace(str(args.out / f"trace-rank{rank}.json"))
         lines = [f"== rank {rank}, layer {i}: {took:.3f} s under the profiler; stages {stages}"]
         lines += [f"   {k:45s} {v:7.3f} s" for k, v in sorted(wall.items(), key=lambda kv: -kv[1])]
         avg = prof.key_averages()
