@@ -5,6 +5,7 @@ the job, and one process resumes it to the same bytes."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import socket
@@ -124,8 +125,6 @@ def test_calibrated_two_processes_write_the_same_bytes(tiny_models, single_calib
     report = (out / "streamq_report.json").read_text()
     assert '"2 processes (torchrun)' in report
     if scheme.startswith("int4_gptq"):  # each layer's solves per process, as assigned and as measured
-        import json
-
         split = json.loads(report)["report"]["work_split"]
         layers = json.loads((tiny_models[arch] / "config.json").read_text())["num_hidden_layers"]
         assert [row["layer"] for row in split] == list(range(layers)), split
@@ -143,6 +142,24 @@ def test_calibrated_two_processes_write_the_same_bytes(tiny_models, single_calib
                and not n.startswith("model.layers."))
     rank1 = re.search(r"rank 1: done[^\n]*", r.stdout)  # the processes' lines may interleave
     assert rank1 and f", read {fmt_bytes(stem)}," in rank1.group(), r.stdout
+
+
+def test_the_writer_packing_beside_the_propagation_writes_the_same_bytes(tiny_models, single_calibrated, tmp_path):
+    """The GPU path of a split GPTQ layer, run on the CPU (tests/arenas_on_cpu.py forces the
+    output arenas): the writing process packs the exchanged layer in a thread beside the
+    propagation and takes its output arena there; the bytes are one process's."""
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "job.yaml", _calibrated("int4_gptq", tiny_models["qwen3_moe"], out))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), str(REPO / "tests" / "arenas_on_cpu.py"), "quantize", "-c", str(cfg), "-q"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    layers = json.loads((tiny_models["qwen3_moe"] / "config.json").read_text())["num_hidden_layers"]
+    packed = [int(n) for n in re.findall(r"packed beside: (\d+)", r.stdout)]
+    assert sorted(packed) == sorted([len(range(rank, layers, 2)) for rank in (0, 1)]), r.stdout
+    assert _digests(out) == _digests(single_calibrated("int4_gptq", "qwen3_moe"))
 
 
 @pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,

@@ -439,8 +439,8 @@ class _Writer:
 
     def pack_beside(self, fn: Callable[[], Any], device: torch.device) -> Future:
         """Run `fn` (a layer's packing into its output arena: kernels and asynchronous copies)
-        in a thread of its own on a CUDA stream of its own, after what the caller's stream has
-        queued so far, so the layer's propagation overlaps it on the host and the device. The
+        in a thread of its own, on CUDA on a stream of its own after what the caller's stream
+        has queued so far, so the layer's propagation overlaps it on the host and the device. The
         caller waits for the future and synchronizes the device before reading what it made.
         The thread never synchronizes the device: a graph capture on the caller's thread
         would fail (`streamq.quant.gptq._GraphedBlock`); the caller joins (`join_packing`)
@@ -448,8 +448,10 @@ class _Writer:
         (freed earlier, the caller's stream could reuse its memory under the packing)."""
         if self._packer is None:
             self._packer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="streamq-pack")
-            self._pack_stream = torch.cuda.Stream(device)
+            self._pack_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         stream = self._pack_stream
+        if stream is None:
+            return self._packer.submit(torch.no_grad()(fn))
         stream.wait_stream(torch.cuda.current_stream(device))
 
         def run() -> Any:
@@ -463,7 +465,8 @@ class _Writer:
         """Wait for `pack_beside`'s thread (raising what it raised), then order the caller's
         stream after the packing's kernels and copies."""
         packing.result()
-        torch.cuda.current_stream(device).wait_stream(self._pack_stream)
+        if self._pack_stream is not None:
+            torch.cuda.current_stream(device).wait_stream(self._pack_stream)
 
     def submit(self, key: str, file: str, tensors: dict[str, torch.Tensor], arena: Arena | None = None) -> Future:
         future = self.pool.submit(self._write, key, file, tensors)
@@ -596,7 +599,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     prefetch = open_prefetcher(job.reader, job.device.type == "cuda", job.device, node if todo else None)
     writer = _Writer(state, out_dir)
     turns = job.write_turns > 1  # processes take turns writing layers
-    arenas = OutputArenas(count=1 if turns else 2) if job.device.type == "cuda" else None
+    arenas = _output_arenas(job, turns)
     try:
         if leader and not state.shard_ok(REST_KEY):
             # The non-layer tensors (embeddings, final norm, lm_head) go first: their write
@@ -723,6 +726,12 @@ def _let_go(job: Job, prefetch: Prefetcher, buffer: torch.Tensor, layer: nn.Modu
     _recycle(job, prefetch, buffer)
 
 
+def _output_arenas(job: Job, turns: bool) -> OutputArenas | None:
+    """Page-locked output arenas on CUDA (one per process when processes take turns writing
+    layers, else two); None on the CPU, where results already are host tensors."""
+    return OutputArenas(count=1 if turns else 2) if job.device.type == "cuda" else None
+
+
 def _output_arena_bytes(job: Job, i: int) -> int:
     layout, infos, config = job.layouts[i], job.reader.tensors, job.config
     quantized = set(layout.quantized.values())
@@ -816,14 +825,18 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
             ctx.weights.clear()
             _let_go(job, prefetch, buffer, layer)
             return stages
-    # CUDA: results are copied (asynchronously) into a page-locked arena that the writer
-    # serializes from; on the CPU they already are host tensors.
-    arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None and emit else None
     produced: dict[str, dict[str, torch.Tensor]] = {}
     checks: list[tuple[str, torch.Tensor]] = []
     roles = {ts.suffix: ts.role for ts in fmt.specs(scheme.spec, 1, 1)}
     targets = layer_weight_views(layer, layout) if scheme.propagates_quantized else {}
     split_quantize = owned is not None and scheme.work_stage == "quantize"
+    beside = split_quantize and emit and arenas is not None and scheme.propagates_quantized  # `pack_beside`
+    # CUDA: results are copied (asynchronously) into a page-locked arena that the writer
+    # serializes from; on the CPU they already are host tensors. An arena is free once the
+    # write that read it is done: packing beside the propagation, it is taken there, so
+    # that wait too is off the path every process waits on (processes taking turns writing
+    # hold one arena each, and a 235B layer's shard took longer than the two layers between).
+    arena = arenas.begin(_output_arena_bytes(job, i)) if arenas is not None and emit and not beside else None
     weights = ctx.weights if not split_quantize else {m: w for m, w in ctx.weights.items() if m in owned}
     results = scheme.quantize(weights, stats, layout) if weights or not split_quantize else iter(())
     fallbacks = scheme.fallbacks if weights or not split_quantize else []
@@ -846,15 +859,22 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
 
     packing: Future | None = None
-    if split_quantize and emit and arena is not None and scheme.propagates_quantized:
+    if beside:
         # Every process holds the whole quantized layer already (the exchange): the writer
         # packs it beside the propagation, which needs only the dequantized weights, so
         # packing costs the writer no time the other processes wait for.
-        beside = list(results)  # referenced until the packing is joined
-        for module, q in beside:
+        done = list(results)  # referenced until the packing is joined
+
+        def pack_all() -> None:
+            nonlocal arena
+            arena = arenas.begin(_output_arena_bytes(job, i))
+            for m, q in done:
+                pack(m, q)
+
+        for module, q in done:
             if module in targets:
                 targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
-        packing = writer.pack_beside(lambda: [pack(m, q) for m, q in beside], job.device)
+        packing = writer.pack_beside(pack_all, job.device)
         results = []
     for module, q in results:
         if module in targets:  # the layer computes with its quantized weights from now on
@@ -873,8 +893,8 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         stages["propagate"] = time.monotonic() - t
         t = time.monotonic()
     if packing is not None:
-        writer.join_packing(packing, job.device)
-        del beside
+        writer.join_packing(packing, job.device)  # `arena` is set from here on
+        del done
     if not emit:
         ctx.weights.clear()
         _let_go(job, prefetch, buffer, layer)
