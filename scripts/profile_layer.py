@@ -75,6 +75,7 @@ def main() -> int:
     _marked(run, "_check_scales", "stage: scale check", wall)
     _marked(run, "_settle", "stage: settle (device synchronize)", wall)
     _marked(dist_mod.Dist, "broadcast", "stage: broadcast", wall)
+    _marked(dist_mod.Dist, "exchange", "stage: Dist.exchange (solves' results, or a replay step's inputs)", wall)
     inner = run._process_layer
 
     def process_layer(job, i, *rest, **kw):

@@ -339,3 +339,47 @@ def test_recomputed_expert_ranges_apply_the_familys_gate(models):
         absmax[implementation] = _observe_experts(experts, flat, index, weights, mask, "absmax")[1].absmax["e.down"]
     assert absmax["grouped_mm"].max() > 0
     torch.testing.assert_close(absmax["eager"], absmax["grouped_mm"], rtol=1e-2, atol=0.0)
+
+
+def test_captured_expert_inputs_give_the_replays_bytes_and_skip_what_a_process_does_not_own(models, monkeypatch):
+    """The split replay (several processes): the experts' inputs captured on the process
+    that ran the batch (`capture_experts`) and observed on another (`observe_expert_hessians`)
+    give the Hessians of a local replay bit for bit; a process owning some experts' down
+    projections holds exactly theirs; one owning none skips the gate/up GEMM and the gather
+    but keeps every expert's token count."""
+    from streamq.calib.observers import LayerObserver
+    from streamq.model import moe
+
+    experts, top_k = _qwen3_moe_experts(models)
+    flat, index, weights, mask = _routing(experts, 46, top_k, seed=5)
+    _, local = _expert_hessians(experts, flat, index, weights, mask, False, False)
+    sink: list = []
+    moe.capture_experts(experts, "e", sink, outputs_used=False)
+    try:
+        with torch.no_grad():
+            assert torch.equal(experts(flat, index, weights), torch.zeros_like(flat))
+    finally:
+        moe.restore_experts(experts)
+    (hidden, version, top), = sink
+    assert version == hidden._version and torch.equal(top, index)
+
+    def observed(owned: dict[str, set[int]]) -> dict:
+        obs = LayerObserver()
+        obs.expert_kind, obs.token_mask, obs.owned_experts = "hessian", mask, owned
+        moe.observe_expert_hessians(experts, hidden, top, obs, "e", False)
+        return {k: (a.result(), a.count) for k, a in obs.expert_hessians.items()}
+
+    for key, (h, count) in observed({}).items():
+        assert torch.equal(h, local[key][0]) and torch.equal(count, local[key][1]), key
+    some = observed({"e.gate_up": {1, 3}, "e.down": {0, 3}})
+    assert torch.equal(some["e.gate_up"][0], local["e.gate_up"][0][[1, 3]])
+    assert torch.equal(some["e.down"][0], local["e.down"][0][[0, 3]])
+
+    def no_gemm(*_args, **_kwargs):
+        raise AssertionError("a process owning no down projection ran their gate/up GEMM")
+
+    monkeypatch.setattr(moe, "_expert_gate_up", no_gemm)
+    none = observed({"e.gate_up": set(), "e.down": set()})
+    assert none["e.down"][0].shape[0] == 0 == none["e.gate_up"][0].shape[0]
+    for key in ("e.gate_up", "e.down"):
+        assert torch.equal(none[key][1], local[key][1]), key

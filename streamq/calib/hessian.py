@@ -168,6 +168,10 @@ class ExpertHessianAccumulator:
                 add_gram(self.sum[self.slot[expert]], rows[start:start + size])
             start += size
 
+    def count_routed(self, routing: Routing) -> None:
+        """Only the token counts of `routing` (a process that holds none of these Hessians)."""
+        self.count += routing.counts
+
     def owns(self, expert: int) -> bool:
         return expert in self.slot
 

@@ -646,6 +646,10 @@ def _layer_times(inputs: Inputs, a: Assumptions, choice: _Choice) -> _LayerTimes
             # propagate; each accumulates and solves its share of the units.
             replay = 2 * _active_params(inputs, lay) / flops
             calibrate = replay * replayed + cache_traffic * choice.expert_groups
+            m = inputs.shape
+            if inputs.split_replay and m.num_experts and lay.expert_param_bytes and not inputs.all_experts:
+                # ... and, for the experts' down Hessians, the gate/up GEMM of every batch's routed rows
+                calibrate += 2 * every * m.top_k * m.hidden * 2 * m.moe_intermediate / flops
             if inputs.propagate_quantized:  # the quantized layer is replayed once more
                 calibrate += replay * tokens + cache_traffic * choice.expert_groups
             units = a.gpu_units if cuda else a.cpu_units
@@ -806,7 +810,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
                             elem, config.format, config.scheme.spec) for lay in job.layouts]
     top_k = ModelShape.from_config(job.hf_config).top_k
     # Every batch's tokens, not this process's share: a statistic kept by one process (a
-    # Hessian, AWQ's recorded blocks) sees every batch (`run._Calibrator._inputs`).
+    # Hessian, AWQ's recorded blocks) sees every batch (`run._Calibrator._inputs`, `_replay_split`).
     every_batch = _batch_shapes(job, every=True) if static else []
     tokens = sum(b.tokens for b in every_batch)
     layer_modules = decoder_layers(job.skeleton)

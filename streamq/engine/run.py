@@ -17,6 +17,7 @@ import shutil
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -215,8 +216,10 @@ class _Calibrator:
     @torch.no_grad()
     def run_layer(self, layer: nn.Module, layout: LayerLayout, observe: bool, advance: bool = True
                   ) -> LayerStats | None:
-        """Replay every batch through the layer with the scheme's observers; with `advance`
-        the outputs become the next layer's inputs. Returns the statistics by full module
+        """Replay the calibration batches through the layer with the scheme's observers
+        (this process's; every process's for statistics kept whole by their work unit's owner:
+        gathered, `_inputs`, or split, `_replay_split`); with `advance` the outputs of this
+        process's batches become the next layer's inputs. Returns the statistics by full module
         name (modules sharing an input, a fused group, share one observer)."""
         scheme = self.job.config.scheme
         obs = LayerObserver()
@@ -242,7 +245,11 @@ class _Calibrator:
                 for name in scheme.smoothing_inputs(layer, layout):
                     watch[name] = smoothing
             blocks = {name: [] for name in scheme.recorded_blocks(layer, layout, self.owned)}
-            split_replay = self.split == MODULES and replay_split(scheme) and not blocks
+            # Decided from the scheme alone, alike on every process (they meet in its collectives).
+            split_replay = self.split == MODULES and replay_split(scheme)
+            if split_replay and blocks:
+                raise CheckpointError(f"{scheme.name} records blocks, which a split replay does not feed; "
+                                      "streamq.engine.dist.replay_split must not hold for it")
             self.split_replay = split_replay
             obs.watch_linears(layer, watch, hooked=not split_replay)
             for name, records in blocks.items():
@@ -305,18 +312,34 @@ class _Calibrator:
         inputs of every observed module (each fused group's Linear, each experts module's
         hidden states and routing) travel to every process (`Dist.exchange`, one step of one
         batch per process at a time), and each adds those of its own work units, batch after
-        batch in batch order: the same sums, byte for byte, as one process's replay, for
-        about 1 / world of the forward (each process computed every batch's forward before).
-        Observers are fed as the hooks of a local replay would (`watch_linears`,
-        `moe.observe_expert_hessians`)."""
-        captured: dict[str, list[torch.Tensor]] = {name: [] for name in reps}
+        batch in batch order: the same sums, byte for byte, as one process's replay. Each
+        process runs 1 / world of the layer's forward (before, every process ran every
+        batch's); what it still does for every batch is its experts' share of the statistics:
+        the routing, and the gated intermediates of every routed row where it owns any
+        expert's down projection (`moe._observe_hessians`). Observers are fed as the hooks of
+        a local replay would (`watch_linears`, `moe.observe_expert_hessians`).
 
-        def capture(_mod: nn.Module, args: tuple, _name: str) -> None:
-            captured[_name].append(args[0].detach())
+        A captured input is read after the rest of the forward ran: one changed in place
+        later in the forward (its `_version` moved) is refused rather than sent changed."""
+        captured: dict[str, list[tuple[torch.Tensor, int]]] = {name: [] for name in reps}
+
+        def capture(_mod: nn.Module, args: tuple, kwargs: dict, _name: str) -> None:
+            x = args[0] if args else kwargs.get("input")
+            if not torch.is_tensor(x):
+                raise CheckpointError(f"layer {layout.index}: '{_name}' was called without its input tensor; "
+                                      "the split replay cannot capture it")
+            captured[_name].append((x.detach(), x._version))
+
+        def unchanged(name: str, x: torch.Tensor, version: int) -> torch.Tensor:
+            if x._version != version:
+                raise CheckpointError(f"layer {layout.index}: the input of '{name}' was changed in place later in "
+                                      "the layer's forward, so it cannot be sent to the processes that own its "
+                                      "statistics; run this model with one process")
+            return x
 
         for name in reps:
             obs._handles.append(layer.get_submodule(name).register_forward_pre_hook(
-                functools.partial(capture, _name=name)))
+                functools.partial(capture, _name=name), with_kwargs=True))
         sinks: dict[str, list] = {parent: [] for parent in fused}
         for parent, module in fused.items():
             capture_experts(module, parent, sinks[parent], outputs_used=advance)
@@ -332,11 +355,11 @@ class _Calibrator:
                     self.cache.put(b, out[0] if isinstance(out, tuple) else out)
                 del out
                 for name, calls in captured.items():
-                    mine.update({f"{b}|linear|{name}|{j}": x for j, x in enumerate(calls)})
+                    mine.update({f"{b}|linear|{name}|{j}": unchanged(name, x, v) for j, (x, v) in enumerate(calls)})
                     calls.clear()
                 for parent, calls in sinks.items():
-                    for j, (hidden, top_k) in enumerate(calls):
-                        mine[f"{b}|experts|{parent}|{j}|hidden"] = hidden
+                    for j, (hidden, hidden_version, top_k) in enumerate(calls):
+                        mine[f"{b}|experts|{parent}|{j}|hidden"] = unchanged(parent, hidden, hidden_version)
                         mine[f"{b}|experts|{parent}|{j}|top_k"] = top_k
                     calls.clear()
             everything = self.dist.exchange(mine, self.job.device)
@@ -359,8 +382,8 @@ class _Calibrator:
         """(batch, hidden states entering the layer) to replay, in batch order: this process's
         batches, or with `gather` every batch. Gathered, each step brings every process's next
         batch (rank r holds batches r, r + world, ...; `Dist.batches`) by one broadcast from
-        the process holding it, so a statistic that is a sum (a Hessian, AWQ's means and
-        recorded blocks), kept whole by its work unit's owner, adds every batch in the order
+        the process holding it, so a statistic that is a sum (AWQ's means and recorded blocks;
+        GPTQ's Hessians take `_replay_split`), kept whole by its work unit's owner, adds every batch in the order
         one process does: the same bytes. Only the hidden states travel (one [rows, seq,
         hidden] tensor per batch, its shape known to all), and each process keeps only its
         own share of the cache."""
@@ -464,9 +487,18 @@ class _Writer:
     def join_packing(self, packing: Future, device: torch.device) -> None:
         """Wait for `pack_beside`'s thread (raising what it raised), then order the caller's
         stream after the packing's kernels and copies."""
-        packing.result()
+        try:
+            packing.result()
+        finally:
+            if self._pack_stream is not None:
+                torch.cuda.current_stream(device).wait_stream(self._pack_stream)
+
+    def abandon_packing(self, packing: Future) -> None:
+        """A layer that failed after `pack_beside`: wait for the thread and its stream (they
+        read the layer's tensors and write its arena), whatever the packing's outcome."""
+        futures_wait([packing])
         if self._pack_stream is not None:
-            torch.cuda.current_stream(device).wait_stream(self._pack_stream)
+            self._pack_stream.synchronize()
 
     def submit(self, key: str, file: str, tensors: dict[str, torch.Tensor], arena: Arena | None = None) -> Future:
         future = self.pool.submit(self._write, key, file, tensors)
@@ -498,6 +530,8 @@ class _Writer:
         self.pool.shutdown(wait=True, cancel_futures=True)
         if self._packer is not None:
             self._packer.shutdown(wait=True, cancel_futures=True)
+            if self._pack_stream is not None:  # its copies land before the arenas are let go
+                self._pack_stream.synchronize()
 
 
 def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = True, dist: Dist | None = None
@@ -719,6 +753,12 @@ def _settle(job: Job) -> None:
         torch.cuda.synchronize(job.device)
 
 
+def _settle_stream(job: Job) -> None:
+    """Wait for this thread's CUDA stream only (not another thread's, as `_settle` would)."""
+    if job.device.type == "cuda":
+        torch.cuda.current_stream(job.device).synchronize()
+
+
 def _let_go(job: Job, prefetch: Prefetcher, buffer: torch.Tensor, layer: nn.Module | None) -> None:
     """A layer this process does not write: its materialized weights and read buffer go back."""
     if layer is not None:
@@ -887,9 +927,18 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
         stages["quantize"] = time.monotonic() - t
         t = time.monotonic()
         progress.step("propagate")
-        calib.run_layer(layer, layout, observe=False, advance=True)
+        try:
+            calib.run_layer(layer, layout, observe=False, advance=True)
+        except BaseException:
+            if packing is not None:
+                writer.abandon_packing(packing)
+            raise
+        # The stage's time is the device's, not only the launches'; the packing's stream
+        # is left to run on.
         if packing is None:
-            _settle(job)  # the stage's time is the device's, not only the launches'
+            _settle(job)
+        else:
+            _settle_stream(job)
         stages["propagate"] = time.monotonic() - t
         t = time.monotonic()
     if packing is not None:

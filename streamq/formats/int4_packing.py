@@ -2,9 +2,8 @@
 
 Codes are streamq's signed int8 in [-8, 7] (see `streamq.quant.int4`); on disk each
 code is stored as the unsigned nibble code + 8, eight nibbles to an int32 word, element
-i of the packed dimension in word i // 8 at bits 4 * (i % 8). The words are computed in
-int64 and wrapped to int32, so a word whose top nibble is >= 8 is negative (the same
-bits compressed-tensors' `pack_to_int32` writes).
+i of the packed dimension in word i // 8 at bits 4 * (i % 8); a word whose top nibble is
+>= 8 is negative as an int32 (the same bits compressed-tensors' `pack_to_int32` writes).
 
 - compressed-tensors `pack-quantized` (checked against compressed-tensors 0.20
   `compressors/pack_quantized`): `weight_packed` int32 [out, ceil(in / 8)] (packed along

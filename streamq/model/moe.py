@@ -184,11 +184,23 @@ def _observe_hessians(self: nn.Module, hidden_states: torch.Tensor, top_k_index:
     # One routing for both Hessians, and its one host synchronization before any of their
     # GEMMs is queued: the rows of each expert are slices of one gather, and the gated
     # intermediates come from one grouped GEMM over the same rows (real tokens only).
+    # A process that owns none of the experts' down projections (several processes splitting
+    # the work units) skips their GEMM, one that owns no Hessian here the gather too; every
+    # expert's token count is kept all the same.
     routing = route(top_k_index, mask, num_experts)
-    rows = hidden_states.reshape(-1, hidden_states.shape[-1])[routing.tokens]
-    obs.expert_hessian(f"{key}.gate_up", num_experts, rows.shape[-1], rows.device).add_grouped(rows, routing)
-    inter = _gated(self, _expert_gate_up(self, rows, routing))
-    obs.expert_hessian(f"{key}.down", num_experts, inter.shape[-1], inter.device).add_grouped(inter, routing)
+    device = hidden_states.device
+    gate_up = obs.expert_hessian(f"{key}.gate_up", num_experts, hidden_states.shape[-1], device)
+    owns_down = obs.owned_experts.get(f"{key}.down") != set()  # absent: every expert's
+    rows = hidden_states.reshape(-1, hidden_states.shape[-1])[routing.tokens] if gate_up.slot or owns_down else None
+    if rows is None:
+        gate_up.count_routed(routing)
+    else:
+        gate_up.add_grouped(rows, routing)
+    if owns_down:
+        inter = _gated(self, _expert_gate_up(self, rows, routing))
+        obs.expert_hessian(f"{key}.down", num_experts, inter.shape[-1], device).add_grouped(inter, routing)
+    else:  # the width only names the (empty) sums' shape
+        obs.expert_hessian(f"{key}.down", num_experts, self.gate_up_proj.shape[-2] // 2, device).count_routed(routing)
 
 
 def _expert_gate_up(self: nn.Module, rows: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -242,8 +254,9 @@ def instrument_experts(module: nn.Module, name: str, observer: LayerObserver, al
 
 
 def capture_experts(module: nn.Module, name: str, sink: list, outputs_used: bool = True) -> None:
-    """Every forward of `module` appends its inputs (hidden_states [N, H], top_k_index
-    [N, k]) to `sink`, for expert statistics taken elsewhere from them
+    """Every forward of `module` appends its inputs (hidden_states [N, H], the version of
+    hidden_states at the call, top_k_index [N, k]) to `sink`, for expert statistics taken
+    elsewhere from them
     (`observe_expert_hessians`, on the process that owns them). `outputs_used=False` (the
     layer's outputs are dropped): the experts compute nothing and return zeros of the
     input's shape. Undone by `restore_experts`."""
@@ -251,7 +264,7 @@ def capture_experts(module: nn.Module, name: str, sink: list, outputs_used: bool
 
     def forward(self: nn.Module, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
-        sink.append((hidden_states.detach(), top_k_index.detach()))
+        sink.append((hidden_states.detach(), hidden_states._version, top_k_index.detach()))
         if outputs_used:
             return type(self).forward(self, hidden_states, top_k_index, top_k_weights)
         return torch.zeros_like(hidden_states)
