@@ -162,6 +162,22 @@ def test_the_writer_packing_beside_the_propagation_writes_the_same_bytes(tiny_mo
     assert _digests(out) == _digests(single_calibrated("int4_gptq", "qwen3_moe"))
 
 
+def test_a_module_input_changed_in_place_after_its_call_is_refused_by_the_split_replay(tiny_models, tmp_path):
+    """The split replay sends a Linear's input after the rest of the layer ran: one the
+    forward changed in place since (tests/inplace_inputs.py) is refused with a clear error
+    and the run is not marked complete, instead of sending other values than the Linear saw."""
+    out = tmp_path / "out"
+    cfg = write_yaml(tmp_path / "job.yaml", _calibrated("int4_gptq", tiny_models["qwen3"], out))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env.pop("WORLD_SIZE", None)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+                        str(_free_port()), str(REPO / "tests" / "inplace_inputs.py"), "quantize", "-c", str(cfg), "-q"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode != 0
+    assert "was changed in place later in the layer's forward" in r.stderr + r.stdout, r.stderr[-3000:]
+    assert not (out / "config.json").exists()  # the run is not marked complete
+
+
 @pytest.mark.skipif(not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
                     reason="needs 2 GPUs")
 @pytest.mark.parametrize("scheme", ["fp8_dynamic", "fp8_static", "int4_gptq", "int4_awq"])
