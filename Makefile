@@ -9,7 +9,7 @@ CONFIG  ?= configs/examples/tiny_qwen3_moe_fp8_static.yaml
 ARGS    ?=
 DEMO    := build/demo
 
-.PHONY: help install demo quantize plan test test-fast lint bench bench-dist bench-host-depth bench-gptq-units bench-link eval-table clean
+.PHONY: help install demo quantize plan test test-fast lint bench bench-dist bench-host-depth bench-gptq-units bench-link profile-layer eval-table clean
 
 help:
 	@echo "make install                   create $(VENV) and install streamq (+ test tools)"
@@ -25,6 +25,8 @@ help:
 	@echo "                               cost, which splits the work across processes (scripts/time_gptq_units.py)"
 	@echo "make bench-link                NCCL broadcast bandwidth between 2 GPUs for the sizes a torchrun job sends"
 	@echo "                               (a batch's hidden states, a layer), context for bench-dist (scripts/bench_link.py)"
+	@echo "make profile-layer CONFIG=...  torch.profiler around one layer of a run, its stages marked (scripts/profile_layer.py;"
+	@echo "                               LAYER=3 NPROC=2 ARGS=--trace QARGS=--overwrite; prints per process, writes build/profile/)"
 	@echo "make eval-table                quality table: bf16 vs each scheme on the trained fixtures (ARGS='--schemes ...')"
 	@echo "                               llm-compressor side by side: scripts/peer_llmcompressor.py (its own venv), then --peer"
 	@echo "                               (build/eval_table/; ARGS='--device cuda --models DIR ...')"
@@ -73,6 +75,11 @@ bench-gptq-units: install
 
 bench-link: install
 	$(PY) -m torch.distributed.run --nproc-per-node 2 scripts/bench_link.py
+
+LAYER ?= 3
+profile-layer: install
+	$(if $(filter-out 1,$(or $(NPROC),1)),$(PY) -m torch.distributed.run --nproc-per-node $(NPROC),$(PY)) \
+	  scripts/profile_layer.py --layer $(LAYER) --out build/profile $(ARGS) -- quantize -c $(CONFIG) -q $(QARGS)
 
 eval-table: install
 	$(PY) scripts/eval_table.py $(ARGS)
