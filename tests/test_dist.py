@@ -30,13 +30,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run(cfg_path: Path, nproc: int, env_extra: dict | None = None) -> subprocess.CompletedProcess:
+def _run(cfg_path: Path, nproc: int, env_extra: dict | None = None, entry: Path | None = None
+         ) -> subprocess.CompletedProcess:
+    """`streamq quantize -c cfg_path` in `nproc` processes; `entry`: a script that wraps the
+    CLI (tests/arenas_on_cpu.py, tests/inplace_inputs.py) instead of `-m streamq`."""
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     env.pop("WORLD_SIZE", None)
-    cmd = [sys.executable, "-m", "streamq", "quantize", "-c", str(cfg_path), "-q"]
+    program = [str(entry)] if entry is not None else ["-m", "streamq"]
+    launcher = [sys.executable]
     if nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
-               "--master-port", str(_free_port()), "-m", "streamq", "quantize", "-c", str(cfg_path), "-q"]
+        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-port", str(_free_port())]
+    cmd = launcher + program + ["quantize", "-c", str(cfg_path), "-q"]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -150,11 +154,7 @@ def test_the_writer_packing_beside_the_propagation_writes_the_same_bytes(tiny_mo
     propagation and takes its output arena there; the bytes are one process's."""
     out = tmp_path / "out"
     cfg = write_yaml(tmp_path / "job.yaml", _calibrated("int4_gptq", tiny_models["qwen3_moe"], out))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), str(REPO / "tests" / "arenas_on_cpu.py"), "quantize", "-c", str(cfg), "-q"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = _run(cfg, 2, entry=REPO / "tests" / "arenas_on_cpu.py")
     assert r.returncode == 0, r.stderr[-3000:]
     layers = json.loads((tiny_models["qwen3_moe"] / "config.json").read_text())["num_hidden_layers"]
     packed = [int(n) for n in re.findall(r"packed beside: (\d+)", r.stdout)]
@@ -168,11 +168,7 @@ def test_a_module_input_changed_in_place_after_its_call_is_refused_by_the_split_
     and the run is not marked complete, instead of sending other values than the Linear saw."""
     out = tmp_path / "out"
     cfg = write_yaml(tmp_path / "job.yaml", _calibrated("int4_gptq", tiny_models["qwen3"], out))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    env.pop("WORLD_SIZE", None)
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-                        str(_free_port()), str(REPO / "tests" / "inplace_inputs.py"), "quantize", "-c", str(cfg), "-q"],
-                       cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    r = _run(cfg, 2, entry=REPO / "tests" / "inplace_inputs.py")
     assert r.returncode != 0
     assert "was changed in place later in the layer's forward" in r.stderr + r.stdout, r.stderr[-3000:]
     assert not (out / "config.json").exists()  # the run is not marked complete

@@ -114,8 +114,8 @@ def route(expert_ids: torch.Tensor, mask: torch.Tensor | None, num_experts: int)
     synchronization (the sizes, which slice the rows), none before it: the counts are a
     scatter-add, not `bincount` (which synchronizes on CUDA to size its output).
     """
-    tokens, k = expert_ids.shape[0], expert_ids.reshape(expert_ids.shape[0], -1).shape[1]
-    ids = expert_ids.reshape(tokens, k).to(torch.int64).clamp(max=num_experts)
+    ids = expert_ids.reshape(expert_ids.shape[0], -1).to(torch.int64).clamp(max=num_experts)
+    tokens, k = ids.shape
     if mask is not None:
         assert mask.numel() == tokens, (mask.numel(), tokens)
         ids = torch.where(mask.reshape(-1, 1), ids, torch.full_like(ids, num_experts))  # bucket E = dropped

@@ -898,30 +898,28 @@ def _process_layer(job: Job, i: int, already_written: bool, calib: _Calibrator |
                 checks.append((name, (torch.isfinite(value) & (value > 0)).all()))
         produced[module] = tensors_out if arena is None else {k: arena.to_host(v) for k, v in tensors_out.items()}
 
+    # Packed beside the propagation (`beside`), by a thread; referenced until it is joined.
+    done: list[tuple[str, QuantizedLinear]] = []
+    for module, q in results:
+        if module in targets:  # the layer computes with its quantized weights from now on
+            targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
+        if beside:
+            done.append((module, q))
+        elif emit:  # off the device one at a time: the layer's quantized copy never sits on the GPU whole
+            pack(module, q)
+    del results
     packing: Future | None = None
     if beside:
         # Every process holds the whole quantized layer already (the exchange): the writer
         # packs it beside the propagation, which needs only the dequantized weights, so
         # packing costs the writer no time the other processes wait for.
-        done = list(results)  # referenced until the packing is joined
-
         def pack_all() -> None:
             nonlocal arena
             arena = arenas.begin(_output_arena_bytes(job, i))
             for m, q in done:
                 pack(m, q)
 
-        for module, q in done:
-            if module in targets:
-                targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
         packing = writer.pack_beside(pack_all, job.device)
-        results = []
-    for module, q in results:
-        if module in targets:  # the layer computes with its quantized weights from now on
-            targets[module].copy_(scheme.dequantize(q, targets[module].dtype))
-        if emit:  # off the device one at a time: the layer's quantized copy never sits on the GPU whole
-            pack(module, q)
-    del results
     _note_fallbacks(calib, i, fallbacks)
     if scheme.propagates_quantized:
         stages["quantize"] = time.monotonic() - t
