@@ -143,20 +143,26 @@ def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monk
                                  baseline_host_bytes=1 << 30)
     assert "exchanged quantized layer" not in plans[1].gpu_breakdown
     codes = sum(math.prod(job.reader.tensors[n].shape) for n in job.layouts[0].quantized.values())
-    # Its own share: the most codes the modelled assignment gives one process, which the run's
-    # assignments balanced by measured solves never exceed (`assign_units`); each code with its
-    # share of the bf16 group scales (symmetric: no zero points).
-    from streamq.engine.dist import assign_units, largest_holdings
+    # Its own share: the most codes the modelled assignment gives one process and room for
+    # the largest unit more, which the run's assignments balanced by measured solves never
+    # exceed (`assign_units`); each code with its share of the bf16 group scales (symmetric:
+    # no zero points).
+    from streamq.engine.dist import holdings_cap, largest_holdings, modelled_assignment, unit_holdings
 
     layout = job.layouts[0]
     shapes = {m: tuple(job.reader.tensors[n].shape) for m, n in layout.quantized.items()}
     units = job.config.scheme.work_units(shapes, layout.experts, False, top_k=8)
-    own = largest_holdings(units, assign_units(units, 2, "cuda", 8 * 256), 2)[1]
-    assert codes // 2 < own < codes
+    modelled = largest_holdings(units, modelled_assignment(units, 2, "cuda", 8 * 256), 2)
+    largest = max(unit_holdings(u)[1] for u in units)
+    own = holdings_cap(units, 2, "cuda", 8 * 256)[1]
+    assert codes // 2 < modelled[1] < own == modelled[1] + largest < codes
     assert plans[2].gpu_breakdown["exchanged quantized layer"] == int((codes + 2 * own) * (1 + 2 / 128))
-    # Each process holds only its own units' Hessians: about half of them (attention's stay whole).
+    # Each process holds only its own units' Hessians: about half of them (attention's stay
+    # whole), and room for the largest unit's more.
     hessians = [plans[r].gpu_breakdown["Hessians (float32)"] for r in (1, 2)]
     assert 0.45 < hessians[1] / hessians[0] < 0.6, hessians
+    room = plans[2].gpu_breakdown["statistics of a unit moved by balancing"]
+    assert room == holdings_cap(units, 2, "cuda", 8 * 256)[0] - modelled[0] == max(u.statistics_bytes for u in units)
     # ... and only its own batches' hidden states (rank 1 of 2: batch 1 of the 2).
     job = prepare(parse_config(cfg))
     job.work_ranks, job.batch_ids = 2, [1]

@@ -114,28 +114,58 @@ def largest_holdings(units: list, owners: list[int], world: int) -> tuple[int, i
     return max(h[0] for h in held), max(h[1] for h in held)
 
 
-def assign_units(units: list, world: int, device_type: str, tokens: int,
-                 solves: list[float | None] | None = None) -> list[int]:
-    """Rank of each `WorkUnit`, by its seconds on this kind of device: the model's
-    (`WorkUnit.seconds`, `assign`), or with `solves[i]`, unit i's solve as measured on
-    earlier layers (`UnitTimes`, None where not measured), `rebalance`d for the measured
-    solves and the modelled statistics. A measured assignment keeps every rank's statistics
-    and results within the modelled assignment's largest shares (`largest_holdings`), which
-    the plan sizes; it stands only where it makes the layer shorter than the modelled one."""
+def modelled_assignment(units: list, world: int, device_type: str, tokens: int) -> list[int]:
+    """The cost model's assignment of `WorkUnit`s (`assign` on `WorkUnit.seconds`)."""
     from streamq.schemes.base import device_costs
 
     costs = device_costs(device_type)
-    modelled = assign([u.seconds(costs, tokens) for u in units], world)
-    if not solves or all(s is None for s in solves):
+    return assign([u.seconds(costs, tokens) for u in units], world)
+
+
+def holdings_cap(units: list, world: int, device_type: str, tokens: int) -> tuple[int, int]:
+    """The most any rank may hold of each kind (`unit_holdings`): the model's largest share
+    (`modelled_assignment`) and room for the largest unit more, so the run's balancing
+    (`assign_units`) can move a unit onto the rank the model loaded most. The plan sizes
+    each process's statistics and results from it; the run's assignments never exceed it.
+    One process: everything."""
+    owners = modelled_assignment(units, world, device_type, tokens)
+    if world == 1:
+        return largest_holdings(units, owners, world)
+    largest = [max(kind, default=0) for kind in zip(*(unit_holdings(u) for u in units), strict=True)] or [0, 0]
+    held = largest_holdings(units, owners, world)
+    everything = largest_holdings(units, [0] * len(units), 1)
+    return min(held[0] + largest[0], everything[0]), min(held[1] + largest[1], everything[1])
+
+
+def assign_units(units: list, world: int, device_type: str, tokens: int,
+                 solves: list[float | None] | None = None) -> list[int]:
+    """Rank of each `WorkUnit`: the assignment with the shortest layer (`span`) that holds
+    no more on any rank than `holdings_cap` (which the plan sizes).
+    A layer's time is its statistics phase plus its solve phase: each unit's statistics are
+    modelled (Hessian updates, `WorkUnit.seconds` per token), plus the work shared by a
+    group (`WorkUnit.shared`: every owner of a unit of the group does it once); its solve is
+    `solves[i]`, as measured on earlier layers (`UnitTimes`), or modelled where None.
+    Candidates: the model's, that `rebalance`d, and, where the layer has few enough units,
+    the best of every assignment (`search`); the shortest wins, the earlier on a tie."""
+    from streamq.schemes.base import device_costs
+
+    costs = device_costs(device_type)
+    modelled = modelled_assignment(units, world, device_type, tokens)
+    if world == 1 or not units:
         return modelled
-    solve = expected_solves(units, device_type, solves)
+    solve = expected_solves(units, device_type, solves or [None] * len(units))
     statistics = [u.seconds(costs, tokens) - u.seconds(costs) for u in units]
+    shared = [(u.shared, u.shared_token_flops * tokens / costs.token_flops_per_s) if u.shared else None
+              for u in units]
     sizes = [unit_holdings(u) for u in units]
-    cap = largest_holdings(units, modelled, world)
-    start = assign([a + b for a, b in zip(solve, statistics, strict=True)], world, sizes, cap) or modelled
+    cap = holdings_cap(units, world, device_type, tokens)
     phases = [statistics, solve]
-    balanced = rebalance(start, phases, world, sizes, cap)
-    return balanced if span(balanced, phases, world) < span(modelled, phases, world) else modelled
+    start = assign([a + b for a, b in zip(solve, statistics, strict=True)], world, sizes, cap) or modelled
+    candidates = [modelled, rebalance(start, phases, world, sizes, cap)]
+    found = search(phases, world, sizes, cap, shared)
+    if found is not None:
+        candidates.append(found)
+    return min(candidates, key=lambda owner: span(owner, phases, world, shared))
 
 
 def expected_solves(units: list, device_type: str, solves: list[float | None]) -> list[float]:
@@ -146,12 +176,86 @@ def expected_solves(units: list, device_type: str, solves: list[float | None]) -
     return [u.seconds(costs) if s is None else s for u, s in zip(units, solves, strict=True)]
 
 
-def span(owner: list[int], phases: list[list[float]], world: int) -> float:
+Shared = list[tuple[str, float] | None]  # per unit: (group, seconds each owner of the group spends once)
+
+
+def span(owner: list[int], phases: list[list[float]], world: int, shared: Shared | None = None) -> float:
     """A layer's time under `owner`: the sum over `phases` (seconds per unit in each) of the
     slowest rank's time, since each phase ends in a collective that waits for the slowest
-    (the statistics in the replay's broadcasts, the solves at the exchange)."""
+    (the statistics in the replay's exchanges, the solves at the exchange of the results).
+    `shared` adds to the first phase, once per rank, the work of each group it owns a unit of."""
     loads = _rank_totals(owner, list(zip(*phases, strict=True)), world)
+    for r, extra in enumerate(_shared_per_rank(owner, shared, world)):
+        loads[r][0] += extra
     return sum(max(rank[p] for rank in loads) for p in range(len(phases)))
+
+
+def _shared_per_rank(owner: list[int], shared: Shared | None, world: int) -> list[float]:
+    groups: list[dict[str, float]] = [{} for _ in range(world)]
+    for r, item in zip(owner, shared or [None] * len(owner), strict=True):
+        if item is not None:
+            groups[r][item[0]] = item[1]
+    return [sum(g.values()) for g in groups]
+
+
+SEARCH_NODES = 20_000  # a bound on `search`'s work: about 0.1 s of Python, on rank 0, once a layer
+
+
+def search(phases: list[list[float]], world: int, sizes: list[tuple[int, ...]], cap: tuple[int, ...],
+           shared: Shared | None = None, nodes: int = SEARCH_NODES) -> list[int] | None:
+    """The assignment with the shortest `span` within `cap`, by branch and bound: units
+    largest first, each to a rank already in use or the first unused one (ranks are alike,
+    so the others would repeat an assignment), a branch cut where its span so far, or each
+    phase's even share, cannot beat the best found. None when the search would visit more
+    than `nodes` partial assignments (a layer of many units: `rebalance` serves)."""
+    n, kinds = len(sizes), len(cap)
+    shared = shared or [None] * n
+    order = sorted(range(n), key=lambda i: (-sum(p[i] for p in phases), i))
+    # Each phase's even share of what is left is a bound no assignment beats (shared work aside).
+    even = [sum(p) / world for p in phases]
+    loads = [[0.0] * world for _ in phases]  # [phase][rank]
+    held = [[0] * kinds for _ in range(world)]
+    owned: list[dict[str, int]] = [{} for _ in range(world)]  # rank -> shared group -> units owned
+    owner = [0] * n
+    best: list = [math.inf, None]
+    visited = 0
+
+    def bound() -> float:
+        return sum(max(max(load), e) for load, e in zip(loads, even, strict=True))
+
+    def place(depth: int, used: int) -> bool:
+        nonlocal visited
+        visited += 1
+        if visited > nodes:
+            return False
+        if depth == n:
+            total = sum(max(load) for load in loads)
+            if total < best[0] - 1e-12:
+                best[0], best[1] = total, list(owner)
+            return True
+        i = order[depth]
+        group = shared[i]
+        for r in range(min(used + 1, world)):
+            if not _fits(held[r], sizes[i], cap):
+                continue
+            extra = group[1] if group is not None and not owned[r].get(group[0]) else 0.0
+            for p, load in enumerate(loads):
+                load[r] += phases[p][i] + (extra if p == 0 else 0.0)
+            held[r] = [h + k for h, k in zip(held[r], sizes[i], strict=True)]
+            if group is not None:
+                owned[r][group[0]] = owned[r].get(group[0], 0) + 1
+            owner[i] = r
+            ok = bound() >= best[0] - 1e-12 or place(depth + 1, max(used, r + 1))
+            for p, load in enumerate(loads):
+                load[r] -= phases[p][i] + (extra if p == 0 else 0.0)
+            held[r] = [h - k for h, k in zip(held[r], sizes[i], strict=True)]
+            if group is not None:
+                owned[r][group[0]] -= 1
+            if not ok:
+                return False
+        return True
+
+    return best[1] if place(0, 0) else None
 
 
 def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: list[tuple[int, ...]],

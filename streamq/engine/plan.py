@@ -864,19 +864,22 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
         units = config.scheme.work_units(shapes, layout.experts, all_experts, top_k=top_k)
         sizes = replace(sizes, solve_units=tuple(units))
         if ranks > 1:  # each process holds only its own units' statistics and results: plan the largest shares
-            from streamq.engine.dist import assign_units, largest_holdings
+            from streamq.engine.dist import holdings_cap, largest_holdings, modelled_assignment
 
-            owners = assign_units(units, ranks, device_type, tokens)
-            # The run's assignments (balanced by measured solves) never hold more (`assign_units`).
+            owners = modelled_assignment(units, ranks, device_type, tokens)
+            # The run's assignments never hold more than `holdings_cap`: the modelled largest
+            # share and room for one unit more, of statistics and of results.
+            cap = holdings_cap(units, ranks, device_type, tokens)
             # Each code comes with its group's scale (model dtype) and, asymmetric, zero point (int32).
             spec = config.scheme.spec
             group = getattr(spec.weight, "size", 0)
             per_group = elem + (0 if spec.symmetric else 4)
-            sizes = replace(sizes, own_codes=largest_holdings(units, owners, ranks)[1],
-                            result_factor=1.0 + (per_group / group if group > 0 else 0.0))
+            sizes = replace(sizes, own_codes=cap[1], result_factor=1.0 + (per_group / group if group > 0 else 0.0))
             shares = [method(shapes, layout.experts, all_experts, layout=layout, owned={
                 m for u, o in zip(units, owners, strict=True) if o == r for m in u.modules})[0] for r in range(ranks)]
-            sizes = replace(sizes, statistics=tuple(max(shares, key=lambda d: sum(d.values())).items()))
+            largest = max(shares, key=lambda d: sum(d.values()))
+            room = {"statistics of a unit moved by balancing": cap[0] - largest_holdings(units, owners, ranks)[0]}
+            sizes = replace(sizes, statistics=tuple((largest | room).items()))
             if replay_split(config.scheme):
                 sizes = replace(sizes, captured_per_token=_captured_per_token(shapes, layout, elem, top_k))
     return sizes

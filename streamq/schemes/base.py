@@ -87,7 +87,10 @@ class WorkUnit:
     `token_flops`: multiply-adds per calibration token of the statistics it alone needs
     (its Hessian updates), which the process that owns the unit accumulates, and
     `statistics_bytes` it alone holds (its Hessians). A search (AWQ) has no column loop:
-    its cost is all per token (`token_flops`)."""
+    its cost is all per token (`token_flops`). `shared`: a group of units whose statistics
+    need work every owner of one of them does once, whatever how many it owns
+    (`shared_token_flops` multiply-adds per calibration token: the experts' gate/up GEMM of
+    every routed row, for their down Hessians); `streamq.engine.dist.assign_units` counts it."""
 
     modules: tuple[str, ...]
     columns: int
@@ -95,6 +98,8 @@ class WorkUnit:
     rows: int = 0
     token_flops: float = 0.0
     statistics_bytes: int = 0
+    shared: str = ""
+    shared_token_flops: float = 0.0
 
     def seconds(self, costs: DeviceCosts, tokens: int = 0) -> float:
         return self.columns * (costs.column_step_s + self.rows * costs.row_column_s) + \

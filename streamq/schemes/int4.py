@@ -320,8 +320,15 @@ class Int4Gptq(_W4A16):
                 if names:
                     n = min(chunk, num - e0)
                     seen = n / num if shared else n * (1.0 if all_experts else min(1.0, top_k / num))
+                    # The down Hessians need every routed row's gated intermediate: one GEMM
+                    # (hidden x 2 intermediate a row) that each owner of any down chunk runs
+                    # (`streamq.model.moe._observe_hessians`); all-experts calibration computes
+                    # each expert's on its own.
+                    joint = kind == "down" and not all_experts
                     units.append(WorkUnit(tuple(names), cols, float(n * (rows * cols * cols + cols ** 3)), n * rows,
-                                          seen * cols * cols, 0 if shared else 4 * n * cols * cols))
+                                          seen * cols * cols, 0 if shared else 4 * n * cols * cols,
+                                          f"{parent}.down" if joint else "",
+                                          min(top_k, num) * rows * 2 * cols if joint else 0.0))
         return units
 
     def _solve(self, w, h, scale_dtype):
