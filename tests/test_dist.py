@@ -151,14 +151,16 @@ def test_calibrated_two_processes_write_the_same_bytes(tiny_models, single_calib
 def test_the_writer_packing_beside_the_propagation_writes_the_same_bytes(tiny_models, single_calibrated, tmp_path):
     """The GPU path of a split GPTQ layer, run on the CPU (tests/arenas_on_cpu.py forces the
     output arenas): the writing process packs the exchanged layer in a thread beside the
-    propagation and takes its output arena there; the bytes are one process's."""
+    propagation and takes its output arena there; the bytes are one process's. The reading
+    process writes none."""
     out = tmp_path / "out"
     cfg = write_yaml(tmp_path / "job.yaml", _calibrated("int4_gptq", tiny_models["qwen3_moe"], out))
     r = _run(cfg, 2, entry=REPO / "tests" / "arenas_on_cpu.py")
     assert r.returncode == 0, r.stderr[-3000:]
     layers = json.loads((tiny_models["qwen3_moe"] / "config.json").read_text())["num_hidden_layers"]
     packed = [int(n) for n in re.findall(r"packed beside: (\d+)", r.stdout)]
-    assert sorted(packed) == sorted([len(range(rank, layers, 2)) for rank in (0, 1)]), r.stdout
+    # The machine's reader (rank 0) writes no layer: rank 1 writes every one (`Dist.writers`).
+    assert packed == [0, layers] or packed == [layers, 0], r.stdout
     assert _digests(out) == _digests(single_calibrated("int4_gptq", "qwen3_moe"))
 
 
@@ -428,13 +430,14 @@ def test_timed_units_give_each_unit_the_time_up_to_its_modules():
 
 @pytest.mark.parametrize("scheme", ["fp8_static", "int4_gptq"])
 def test_cache_checkpoint_of_two_processes_resumes_with_one(tiny_models, single_calibrated, tmp_path, scheme):
-    """Two processes checkpoint the hidden states after layer 0 (each its own batches); rank 1
-    dies writing layer 1; one process resumes from the checkpoint."""
+    """Two processes checkpoint the hidden states after layer 0 (each its own batches); rank 1,
+    which writes every layer (rank 0 reads them), dies writing layer 1, its second; one process
+    resumes from the checkpoint."""
     out = tmp_path / "out"
     cfg = _calibrated(scheme, tiny_models["qwen3_moe"], out)
     cfg["global"]["cache_checkpoint_layers"] = 1
     path = write_yaml(tmp_path / "job.yaml", cfg)
-    r = _run(path, 2, {"STREAMQ_KILL_AT": "layer-recorded:1", "STREAMQ_KILL_RANK": "1"})
+    r = _run(path, 2, {"STREAMQ_KILL_AT": "layer-recorded:2", "STREAMQ_KILL_RANK": "1"})
     assert r.returncode != 0
     checkpoint = out / ".streamq_cache" / "checkpoint-layer-00001"
     batches = {"fp8_static": 4, "int4_gptq": 5}[scheme]  # every batch, whoever held it
@@ -557,3 +560,17 @@ def test_an_awq_search_no_process_ran_stops_the_layer():
     _searched({"mlp.experts.3.up_proj|none": torch.zeros(())}, "mlp.experts.3.up_proj", "group")  # marked: fine
     with pytest.raises(CheckpointError, match="group 'x' was run by no process"):
         _searched({"mlp.experts.3.up_proj|none": torch.zeros(())}, "input_layernorm", "group 'x'")
+
+
+def test_the_readers_of_the_machines_write_no_layer():
+    """Processes that all take every layer: each machine's first process reads the layers,
+    the others take turns writing them; machines of one process each (or no machine group)
+    all write."""
+    from types import SimpleNamespace
+
+    from streamq.engine.dist import Dist
+
+    assert Dist(0, 2, 0).writers(SimpleNamespace(size=2)) == [1]
+    assert Dist(5, 8, 1).writers(SimpleNamespace(size=4)) == [1, 2, 3, 5, 6, 7]
+    assert Dist(1, 2, 0).writers(SimpleNamespace(size=1)) == [0, 1]
+    assert Dist(0, 2, 0).writers(None) == [0, 1]

@@ -208,17 +208,20 @@ def test_processes_taking_turns_writing_plan_one_output_arena():
     from streamq.engine.plan import _arenas_in_use
 
     layers = [SimpleNamespace(arena_bytes=n) for n in (5, 3, 7, 2)]
-    one = SimpleNamespace(layers=layers, write_turns=1)
+    one = SimpleNamespace(layers=layers, write_turns=1, writes_layers=True)
     assert [_arenas_in_use(one, i) for i in range(4)] == [5, 8, 10, 10]
-    turns = SimpleNamespace(layers=layers, write_turns=2)
+    turns = SimpleNamespace(layers=layers, write_turns=2, writes_layers=True)
     assert [_arenas_in_use(turns, i) for i in range(4)] == [7, 7, 7, 7]
+    none = SimpleNamespace(layers=layers, write_turns=1, writes_layers=False)  # another process writes them
+    assert [_arenas_in_use(none, i) for i in range(4)] == [0, 0, 0, 0]
 
 
 def test_a_process_that_receives_the_layers_plans_no_read_buffers(tmp_path_factory):
     """Under torchrun the machine's first process reads each layer and broadcasts it; the
     others hold no page-locked read buffers, and only rank 0 writes the non-layer shard. Their
     plan counts neither (it counted both: 12.6 GiB planned against 3.4 GiB measured on rank 1
-    of two H200s)."""
+    of two H200s). The others write the layers (`Dist.writers`): the reader holds no output
+    arena; one writer alone alternates two, as one process does."""
     src = write_header_only(tmp_path_factory.mktemp("plan-reader") / "q235", "qwen3-235b-a22b", layers=2)
     cfg = {"global": {"save_path": str(src.parent / "out"), "device": "cpu"}, "model": {"model_path": str(src)},
            "compression": {"name": "PTQ", "quantization": {"name": "int4_gptq", "bits": 4}},
@@ -226,8 +229,9 @@ def test_a_process_that_receives_the_layers_plans_no_read_buffers(tmp_path_facto
     plans = []
     for rank in (0, 1):
         job = prepare(parse_config(cfg))
-        job.work_ranks, job.batch_ids, job.received_layers, job.write_turns = 2, [rank], True, 2
+        job.work_ranks, job.batch_ids, job.received_layers, job.write_turns = 2, [rank], True, 1
         job.reads_layers = job.writes_rest = rank == 0
+        job.writes_layers = rank == 1
         plans.append(make_plan(job, max_gpu_memory=140 << 30, max_cpu_memory=10**13, device_type="cuda",
                                baseline_host_bytes=1 << 30))
     layer = max(sum(job.reader.tensors[n].nbytes for n in names) for names in job.reader.layers.values())
@@ -235,5 +239,7 @@ def test_a_process_that_receives_the_layers_plans_no_read_buffers(tmp_path_facto
     assert reader["layer (page-locked read buffer)"] >= layer and receiver["layer (page-locked read buffer)"] == 0
     assert reader["non-layer tensors (first shard, write pending)"] > 0
     assert "non-layer tensors (first shard, write pending)" not in receiver
-    assert plans[1].predicted_peak_host_bytes < plans[0].predicted_peak_host_bytes - 2 * layer
+    arenas = receiver["output arenas (page-locked)"]
+    assert reader["output arenas (page-locked)"] == 0 and arenas > 0
+    assert plans[1].predicted_peak_host_bytes < plans[0].predicted_peak_host_bytes - 2 * layer + arenas
     assert plans[1].gpu_breakdown == plans[0].gpu_breakdown  # the GPU holds the layer as received either way

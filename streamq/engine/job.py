@@ -63,6 +63,8 @@ class Job:
     # Processes taking turns writing layers (calibrated schemes under torchrun): each keeps
     # one output arena, not two (`engine.staging.OutputArenas`).
     write_turns: int = 1
+    # False where other processes write every layer (under torchrun, the machine's reader).
+    writes_layers: bool = True
 
     @property
     def my_batches(self) -> list[int]:

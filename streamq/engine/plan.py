@@ -344,6 +344,7 @@ class Inputs:
     ranks: int = 1  # processes splitting each layer's work units (torchrun: GPTQ, AWQ)
     received_layers: bool = False  # each layer arrives as one device buffer (one read per machine)
     write_turns: int = 1  # processes taking turns writing layers: one output arena each, not two
+    writes_layers: bool = True  # False: other processes write every layer (torchrun: the machine's reader)
     reads_layers: bool = True  # False: another process of the machine reads (and broadcasts) the layers
     writes_rest: bool = True  # False: another process writes the non-layer shard (torchrun: rank 0)
     every_batch: list[BatchShape] = field(default_factory=list)  # every process's batches (torchrun)
@@ -579,7 +580,9 @@ def _arenas_in_use(inputs: Inputs, i: int) -> int:
     """The two output arenas once layer i has begun: layers take them in turn, and each
     grows to the largest layer it has held (`staging.OutputArenas`). Processes taking turns
     writing layers keep one, sized before the first layer for the largest they write (here:
-    the largest of all)."""
+    the largest of all). A process that writes no layer holds none."""
+    if not inputs.writes_layers:
+        return 0
     if inputs.write_turns > 1:
         return max(x.arena_bytes for x in inputs.layers)
     sizes = [x.arena_bytes for x in inputs.layers[:i + 1]]
@@ -840,6 +843,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         split_replay=static and getattr(job, "work_ranks", 1) > 1 and replay_split(config.scheme),
         received_layers=bool(getattr(job, "received_layers", False)),
         write_turns=getattr(job, "write_turns", 1),
+        writes_layers=getattr(job, "writes_layers", True),
         reads_layers=getattr(job, "reads_layers", True),
         writes_rest=getattr(job, "writes_rest", True),
     )

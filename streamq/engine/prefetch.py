@@ -147,8 +147,9 @@ class NodeGroup:
     """The processes of this machine, as a process group of the job's backend (NCCL on
     GPUs, gloo on CPUs), and which of them reads."""
 
-    def __init__(self, group: Any, leader_rank: int, local_rank: int):
+    def __init__(self, group: Any, leader_rank: int, local_rank: int, size: int):
         self.group, self.leader_rank, self.leader = group, leader_rank, local_rank == 0
+        self.size = size  # processes per machine; machines hold consecutive ranks, each read by its first
 
     def broadcast(self, tensor: torch.Tensor) -> None:
         """`tensor` from the reading process to every process of the machine, in place."""

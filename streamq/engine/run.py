@@ -133,9 +133,11 @@ class Report:
 class _Calibrator:
     """Static schemes: the hidden-state cache and the per-layer replay with observers."""
 
-    def __init__(self, job: Job, location: str, disk_dir: Path, dist: Dist | None = None, split: str | None = None):
+    def __init__(self, job: Job, location: str, disk_dir: Path, dist: Dist | None = None, split: str | None = None,
+                 writers: list[int] | None = None):
         self.job = job
         self.dist, self.split = dist, split  # several processes: how they share the calibration
+        self.writers = writers  # several processes: the ranks taking turns writing layers (`Dist.writers`)
         self.ids = job.my_batches  # the batches whose hidden states this process keeps
         self.mine = set(self.ids)
         self.top_k = ModelShape.from_config(job.hf_config).top_k
@@ -202,7 +204,7 @@ class _Calibrator:
 
     def writes(self, index: int) -> bool:
         """Whether this process writes layer `index` (every process calibrates every layer)."""
-        return self.dist is None or index % self.dist.world == self.dist.rank
+        return self.dist is None or self.writers[index % len(self.writers)] == self.dist.rank
 
     def checkpoint_due(self, index: int) -> bool:
         every = self.job.config.cache_checkpoint_layers
@@ -566,7 +568,10 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     job.received_layers = node is not None and job.device.type == "cuda"
     job.reads_layers = node is None or node.leader or job.device.type != "cuda"  # gloo receives into host buffers
     job.writes_rest = dist is None or dist.leader
-    job.write_turns = dist.world if split is not None else 1
+    # Calibrated schemes: the processes that do not read take turns writing layers.
+    writers = dist.writers(node) if split is not None else None
+    job.write_turns = len(writers) if writers is not None else 1
+    job.writes_layers = writers is None or dist.rank in writers
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
     failed: StreamqError | None = None
@@ -616,7 +621,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     if config.scheme.needs_calibration:
         report.cache_location = plan.cache_location
         live = cache_root / ("live" if dist is None else f"live.rank{dist.rank}")
-        calib = _Calibrator(job, report.cache_location, live, dist, split)
+        calib = _Calibrator(job, report.cache_location, live, dist, split, writers)
         found = latest_checkpoint(cache_root, first_todo)
         if found is not None:
             begin = found[0]
@@ -633,7 +638,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     prefetch = open_prefetcher(job.reader, job.device.type == "cuda", job.device, node if todo else None)
     writer = _Writer(state, out_dir)
     turns = job.write_turns > 1  # processes take turns writing layers
-    arenas = _output_arenas(job, turns)
+    arenas = _output_arenas(job, turns) if job.writes_layers else None
     try:
         if leader and not state.shard_ok(REST_KEY):
             # The non-layer tensors (embeddings, final norm, lm_head) go first: their write
@@ -641,7 +646,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             writer.submit(REST_KEY, shard_name(n, n + 1), job.reader.read(sorted(job.reader.other)))
         if todo:
             prefetch.schedule(todo[0])  # first, so the next layer's read queues behind it
-        writes = [i for i in todo if not done[i] and calib.writes(i)] if turns else []
+        writes = [i for i in todo if not done[i] and calib.writes(i)] if dist is not None and calib is not None else []
         if arenas is not None and writes:  # every process at once, while the first layer is read
             arenas.reserve(max(_output_arena_bytes(job, i) for i in writes))
         for pos, i in enumerate(todo):
