@@ -308,7 +308,7 @@ def test_measured_solves_rebalance_within_the_planned_statistics():
     costs = device_costs("cpu")
     first = units(0)
     modelled = assign_units(first, 2, "cpu", 0)
-    assert modelled == [0, 1, 0, 1]  # the model: three equal units and a half one
+    assert modelled == [0, 1, 0, 1]  # the model's costs: three equal units and a half one
     times = UnitTimes()
     sigs = [UnitTimes.signature(u, "model.layers.0.") for u in first]
     assert len(set(sigs)) == 4 and sigs == [UnitTimes.signature(u, "model.layers.5.") for u in units(5)]
@@ -326,6 +326,17 @@ def test_measured_solves_rebalance_within_the_planned_statistics():
     assert balanced == [0, 1, 1, 1]  # o_proj alone on one rank
     # Within the planned share: the model's largest and the largest unit more.
     assert max(held(balanced, 0), held(balanced, 1)) <= max(held(modelled, 0), held(modelled, 1)) + 8
+    # Where the fastest assignment would hold more than that, the fastest within it stands:
+    # unit 0's solve measured at 100 s would be alone on one rank, the four others (5 bytes
+    # of statistics each) together on the other, 20 bytes against the cap's 16.
+    from streamq.engine.dist import holdings_cap, largest_holdings, modelled_assignment
+
+    five = [WorkUnit((f"m{k}",), 8, 8e9, statistics_bytes=1 if k == 0 else 5) for k in range(5)]
+    cap = holdings_cap(five, modelled_assignment(five, 2, "cpu", 0), 2)
+    assert cap[0] == 16
+    owners = assign_units(five, 2, "cpu", 0, [100.0, 1.0, 1.0, 1.0, 1.0])
+    assert all(h <= c for h, c in zip(largest_holdings(five, owners, 2), cap, strict=True))
+    assert sorted(owners.count(r) for r in (0, 1)) == [2, 3] and owners.count(owners[0]) == 2
 
 
 def test_assignments_are_the_shortest_within_the_cap():
@@ -336,7 +347,7 @@ def test_assignments_are_the_shortest_within_the_cap():
     import itertools
     import random
 
-    from streamq.engine.dist import assign_units, holdings_cap, largest_holdings, search, span
+    from streamq.engine.dist import assign_units, holdings_cap, largest_holdings, modelled_assignment, search, span
     from streamq.schemes.base import WorkUnit
 
     rng = random.Random(0)
@@ -354,10 +365,14 @@ def test_assignments_are_the_shortest_within_the_cap():
             found = search(phases, world, sizes, cap, shared)
             assert found in [list(o) for o in fits]
             assert span(found, phases, world, shared) == pytest.approx(best)
+    # Too many to try: the bound stops the search, which returns the shortest it reached, the
+    # seed where it reached none shorter.
     many = [[rng.uniform(0, 1) for _ in range(16)] for _ in range(2)]
-    assert search(many, 4, [(0,)] * 16, (0,), nodes=100) is None  # too many to try: none, `rebalance` serves
-    alike = [[1.0] * 12, [1.0] * 12]
-    assert search(alike, 4, [(0,)] * 12, (0,), nodes=100) is not None  # the first fit is as short as any: done
+    seed = [0] * 16
+    found = search(many, 4, [(0,)] * 16, (0,), seed=seed, nodes=100)
+    assert span(found, many, 4) < span(seed, many, 4)
+    assert search(many, 4, [(0,)] * 16, (0,), seed=seed, nodes=1) == seed
+    assert search(many, 4, [(0,)] * 16, (0,), nodes=1) is None
 
     # Two down chunks whose owners each run the routed rows' gate/up GEMM (0.5 s at these
     # costs): one rank takes both, and the attention's statistics go to the other.
@@ -369,8 +384,8 @@ def test_assignments_are_the_shortest_within_the_cap():
              unit("gate_up.0", 2e9, 1e7), unit("gate_up.1", 2e9, 1e7), unit("qkv", 2e9, 1e7)]
     owners = assign_units(units, 2, "cpu", 1000)
     assert owners[1] == owners[2] != owners[0]
-    cap = holdings_cap(units, 2, "cpu", 1000)
-    assert max(largest_holdings(units, owners, 2)) <= max(cap)
+    cap = holdings_cap(units, modelled_assignment(units, 2, "cpu", 1000), 2)
+    assert all(h <= c for h, c in zip(largest_holdings(units, owners, 2), cap, strict=True))
 
 
 def test_rebalance_shortens_the_slowest_rank_of_each_phase_within_the_cap():

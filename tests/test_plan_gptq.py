@@ -152,9 +152,10 @@ def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monk
     layout = job.layouts[0]
     shapes = {m: tuple(job.reader.tensors[n].shape) for m, n in layout.quantized.items()}
     units = job.config.scheme.work_units(shapes, layout.experts, False, top_k=8)
-    modelled = largest_holdings(units, modelled_assignment(units, 2, "cuda", 8 * 256), 2)
+    owners = modelled_assignment(units, 2, "cuda", 8 * 256)
+    modelled, cap = largest_holdings(units, owners, 2), holdings_cap(units, owners, 2)
     largest = max(unit_holdings(u)[1] for u in units)
-    own = holdings_cap(units, 2, "cuda", 8 * 256)[1]
+    own = cap[1]
     assert codes // 2 < modelled[1] < own == modelled[1] + largest < codes
     assert plans[2].gpu_breakdown["exchanged quantized layer"] == int((codes + 2 * own) * (1 + 2 / 128))
     # Each process holds only its own units' Hessians: about half of them (attention's stay
@@ -162,7 +163,7 @@ def test_two_processes_plan_the_exchanged_quantized_layer(tmp_path_factory, monk
     hessians = [plans[r].gpu_breakdown["Hessians (float32)"] for r in (1, 2)]
     assert 0.45 < hessians[1] / hessians[0] < 0.6, hessians
     room = plans[2].gpu_breakdown["statistics of a unit moved by balancing"]
-    assert room == holdings_cap(units, 2, "cuda", 8 * 256)[0] - modelled[0] == max(u.statistics_bytes for u in units)
+    assert room == cap[0] - modelled[0] == max(u.statistics_bytes for u in units)
     # ... and only its own batches' hidden states (rank 1 of 2: batch 1 of the 2).
     job = prepare(parse_config(cfg))
     job.work_ranks, job.batch_ids = 2, [1]
@@ -202,18 +203,20 @@ def test_a_split_replay_plans_the_module_inputs_of_one_step(tmp_path_factory):
 def test_processes_taking_turns_writing_plan_one_output_arena():
     """One process alternates two page-locked output arenas, each grown to the largest layer
     it held; processes that take turns writing layers keep one each (`OutputArenas(count=1)`),
-    reserved for the largest layer before the loop."""
+    reserved for the largest layer before the loop, and a torchrun job's sole writer two."""
     from types import SimpleNamespace
 
     from streamq.engine.plan import _arenas_in_use
 
     layers = [SimpleNamespace(arena_bytes=n) for n in (5, 3, 7, 2)]
-    one = SimpleNamespace(layers=layers, write_turns=1, writes_layers=True)
+    one = SimpleNamespace(layers=layers, write_turns=1, writes_layers=True, reserves_arenas=False)
     assert [_arenas_in_use(one, i) for i in range(4)] == [5, 8, 10, 10]
-    turns = SimpleNamespace(layers=layers, write_turns=2, writes_layers=True)
+    turns = SimpleNamespace(layers=layers, write_turns=2, writes_layers=True, reserves_arenas=True)
     assert [_arenas_in_use(turns, i) for i in range(4)] == [7, 7, 7, 7]
-    none = SimpleNamespace(layers=layers, write_turns=1, writes_layers=False)  # another process writes them
-    assert [_arenas_in_use(none, i) for i in range(4)] == [0, 0, 0, 0]
+    sole = SimpleNamespace(layers=layers, write_turns=1, writes_layers=True, reserves_arenas=True)
+    assert [_arenas_in_use(sole, i) for i in range(4)] == [14, 14, 14, 14]  # torchrun's one writer: two, reserved
+    none = SimpleNamespace(layers=layers, write_turns=1, writes_layers=False, reserves_arenas=False)
+    assert [_arenas_in_use(none, i) for i in range(4)] == [0, 0, 0, 0]  # another process writes them
 
 
 def test_a_process_that_receives_the_layers_plans_no_read_buffers(tmp_path_factory):
@@ -231,7 +234,7 @@ def test_a_process_that_receives_the_layers_plans_no_read_buffers(tmp_path_facto
         job = prepare(parse_config(cfg))
         job.work_ranks, job.batch_ids, job.received_layers, job.write_turns = 2, [rank], True, 1
         job.reads_layers = job.writes_rest = rank == 0
-        job.writes_layers = rank == 1
+        job.writes_layers = job.reserves_arenas = rank == 1
         plans.append(make_plan(job, max_gpu_memory=140 << 30, max_cpu_memory=10**13, device_type="cuda",
                                baseline_host_bytes=1 << 30))
     layer = max(sum(job.reader.tensors[n].nbytes for n in names) for names in job.reader.layers.values())

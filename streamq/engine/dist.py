@@ -122,17 +122,16 @@ def modelled_assignment(units: list, world: int, device_type: str, tokens: int) 
     return assign([u.seconds(costs, tokens) for u in units], world)
 
 
-def holdings_cap(units: list, world: int, device_type: str, tokens: int) -> tuple[int, int]:
-    """The most any rank may hold of each kind (`unit_holdings`): the model's largest share
-    (`modelled_assignment`) and room for the largest unit more, so the run's balancing
-    (`assign_units`) can move a unit onto the rank the model loaded most. The plan sizes
-    each process's statistics and results from it; the run's assignments never exceed it.
-    One process: everything."""
-    owners = modelled_assignment(units, world, device_type, tokens)
-    if world == 1:
-        return largest_holdings(units, owners, world)
-    largest = [max(kind, default=0) for kind in zip(*(unit_holdings(u) for u in units), strict=True)] or [0, 0]
+def holdings_cap(units: list, owners: list[int], world: int) -> tuple[int, int]:
+    """The most any rank may hold of each kind (`unit_holdings`): the largest share under
+    the model's assignment `owners` (`modelled_assignment`) and room for the largest unit of
+    each kind more, so the run's balancing (`assign_units`) can move a unit onto the rank
+    the model loaded most. The plan sizes each process's statistics and results from it;
+    the run's assignments never exceed it."""
     held = largest_holdings(units, owners, world)
+    if world == 1:
+        return held
+    largest = [max(kind) for kind in zip(*(unit_holdings(u) for u in units), strict=True)] if units else [0, 0]
     everything = largest_holdings(units, [0] * len(units), 1)
     return min(held[0] + largest[0], everything[0]), min(held[1] + largest[1], everything[1])
 
@@ -145,8 +144,8 @@ def assign_units(units: list, world: int, device_type: str, tokens: int,
     modelled (Hessian updates, `WorkUnit.seconds` per token), plus the work shared by a
     group (`WorkUnit.shared`: every owner of a unit of the group does it once); its solve is
     `solves[i]`, as measured on earlier layers (`UnitTimes`), or modelled where None.
-    Candidates: the model's, that `rebalance`d, and, where the layer has few enough units,
-    the best of every assignment (`search`); the shortest wins, the earlier on a tie."""
+    The model's assignment and that `rebalance`d seed a bounded `search`, which returns the
+    shortest it found: the shortest of all where the layer has few units."""
     from streamq.schemes.base import device_costs
 
     costs = device_costs(device_type)
@@ -158,14 +157,12 @@ def assign_units(units: list, world: int, device_type: str, tokens: int,
     shared = [(u.shared, u.shared_token_flops * tokens / costs.token_flops_per_s) if u.shared else None
               for u in units]
     sizes = [unit_holdings(u) for u in units]
-    cap = holdings_cap(units, world, device_type, tokens)
+    cap = holdings_cap(units, modelled, world)
     phases = [statistics, solve]
     start = assign([a + b for a, b in zip(solve, statistics, strict=True)], world, sizes, cap) or modelled
-    candidates = [modelled, rebalance(start, phases, world, sizes, cap)]
-    found = search(phases, world, sizes, cap, shared)
-    if found is not None:
-        candidates.append(found)
-    return min(candidates, key=lambda owner: span(owner, phases, world, shared))
+    seed = min([modelled, rebalance(start, phases, world, sizes, cap)],
+               key=lambda owner: span(owner, phases, world, shared))
+    return search(phases, world, sizes, cap, shared, seed)
 
 
 def expected_solves(units: list, device_type: str, solves: list[float | None]) -> list[float]:
@@ -198,32 +195,39 @@ def _shared_per_rank(owner: list[int], shared: Shared | None, world: int) -> lis
     return [sum(g.values()) for g in groups]
 
 
-SEARCH_NODES = 20_000  # a bound on `search`'s work: about 0.1 s of Python, on rank 0, once a layer
+# A bound on `search`'s work: about 20 us of Python a node, on rank 0, once a layer, while
+# every process waits (`Dist.agree`). Qwen3-235B-A22B's ten units take 2-4 ms in all; a layer
+# of some forty units (DeepSeek-V3's experts in 39 chunks) stops at the bound.
+SEARCH_NODES = 2_000
 
 
 def search(phases: list[list[float]], world: int, sizes: list[tuple[int, ...]], cap: tuple[int, ...],
-           shared: Shared | None = None, nodes: int = SEARCH_NODES) -> list[int] | None:
-    """The assignment with the shortest `span` within `cap`, by branch and bound: units
-    largest first, each to a rank already in use or the first unused one (ranks are alike,
-    so the others would repeat an assignment), a branch cut where its span so far, or each
-    phase's even share, cannot beat the best found. None when the search would visit more
-    than `nodes` partial assignments (a layer of many units: `rebalance` serves)."""
+           shared: Shared | None = None, seed: list[int] | None = None,
+           nodes: int = SEARCH_NODES) -> list[int] | None:
+    """The assignment with the shortest `span` within `cap` that branch and bound finds in
+    `nodes` steps: units largest first, each to a rank already in use (least loaded first)
+    or the first unused one (ranks are alike, so the others would repeat an assignment), a
+    branch cut where its span so far, or each phase's even share, cannot beat the best found.
+    `seed` (within `cap`) is the best until a shorter one is found: what is returned when the
+    bound stops the search early, which is then not the shortest of all. None only without
+    a seed when no assignment fits or none was reached."""
     n, kinds = len(sizes), len(cap)
     shared = shared or [None] * n
     order = sorted(range(n), key=lambda i: (-sum(p[i] for p in phases), i))
-    # Each phase's even share of what is left is a bound no assignment beats (shared work aside).
+    # Each phase's even share is a bound no assignment beats (shared work aside).
     even = [sum(p) / world for p in phases]
     loads = [[0.0] * world for _ in phases]  # [phase][rank]
     held = [[0] * kinds for _ in range(world)]
     owned: list[dict[str, int]] = [{} for _ in range(world)]  # rank -> shared group -> units owned
     owner = [0] * n
-    best: list = [math.inf, None]
+    best: list = [math.inf, None] if seed is None else [span(seed, phases, world, shared), list(seed)]
     visited = 0
 
     def bound() -> float:
         return sum(max(max(load), e) for load, e in zip(loads, even, strict=True))
 
     def place(depth: int, used: int) -> bool:
+        """False once the search is out of nodes."""
         nonlocal visited
         visited += 1
         if visited > nodes:
@@ -235,7 +239,8 @@ def search(phases: list[list[float]], world: int, sizes: list[tuple[int, ...]], 
             return True
         i = order[depth]
         group = shared[i]
-        for r in range(min(used + 1, world)):
+        ranks = sorted(range(min(used + 1, world)), key=lambda r: (sum(load[r] for load in loads), r))
+        for r in ranks:
             if not _fits(held[r], sizes[i], cap):
                 continue
             extra = group[1] if group is not None and not owned[r].get(group[0]) else 0.0
@@ -245,17 +250,18 @@ def search(phases: list[list[float]], world: int, sizes: list[tuple[int, ...]], 
             if group is not None:
                 owned[r][group[0]] = owned[r].get(group[0], 0) + 1
             owner[i] = r
-            ok = bound() >= best[0] - 1e-12 or place(depth + 1, max(used, r + 1))
+            more = bound() >= best[0] - 1e-12 or place(depth + 1, max(used, r + 1))
             for p, load in enumerate(loads):
                 load[r] -= phases[p][i] + (extra if p == 0 else 0.0)
             held[r] = [h - k for h, k in zip(held[r], sizes[i], strict=True)]
             if group is not None:
                 owned[r][group[0]] -= 1
-            if not ok:
+            if not more:
                 return False
         return True
 
-    return best[1] if place(0, 0) else None
+    place(0, 0)
+    return best[1]
 
 
 def rebalance(owner: list[int], phases: list[list[float]], world: int, sizes: list[tuple[int, ...]],

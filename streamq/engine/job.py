@@ -65,6 +65,9 @@ class Job:
     write_turns: int = 1
     # False where other processes write every layer (under torchrun, the machine's reader).
     writes_layers: bool = True
+    # Output arenas page-locked for the largest layer before the loop (torchrun's writers),
+    # not grown layer by layer.
+    reserves_arenas: bool = False
 
     @property
     def my_batches(self) -> list[int]:

@@ -345,6 +345,7 @@ class Inputs:
     received_layers: bool = False  # each layer arrives as one device buffer (one read per machine)
     write_turns: int = 1  # processes taking turns writing layers: one output arena each, not two
     writes_layers: bool = True  # False: other processes write every layer (torchrun: the machine's reader)
+    reserves_arenas: bool = False  # the output arenas are sized for the largest layer before the loop (torchrun)
     reads_layers: bool = True  # False: another process of the machine reads (and broadcasts) the layers
     writes_rest: bool = True  # False: another process writes the non-layer shard (torchrun: rank 0)
     every_batch: list[BatchShape] = field(default_factory=list)  # every process's batches (torchrun)
@@ -577,14 +578,14 @@ def _host_phases(inputs: Inputs, choice: _Choice, baseline: int, times: _LayerTi
 
 
 def _arenas_in_use(inputs: Inputs, i: int) -> int:
-    """The two output arenas once layer i has begun: layers take them in turn, and each
-    grows to the largest layer it has held (`staging.OutputArenas`). Processes taking turns
-    writing layers keep one, sized before the first layer for the largest they write (here:
-    the largest of all). A process that writes no layer holds none."""
+    """The output arenas once layer i has begun: one process alternates two, each grown to
+    the largest layer it has held (`staging.OutputArenas`). Processes of a torchrun job size
+    theirs for the largest layer before the loop: one each where several take turns writing
+    layers, two for a sole writer. A process that writes no layer holds none."""
     if not inputs.writes_layers:
         return 0
-    if inputs.write_turns > 1:
-        return max(x.arena_bytes for x in inputs.layers)
+    if inputs.reserves_arenas:
+        return (1 if inputs.write_turns > 1 else 2) * max(x.arena_bytes for x in inputs.layers)
     sizes = [x.arena_bytes for x in inputs.layers[:i + 1]]
     return max(sizes[0::2], default=0) + max(sizes[1::2], default=0)
 
@@ -844,6 +845,7 @@ def inputs_from_job(job: Any, device_type: str | None = None) -> Inputs:
         received_layers=bool(getattr(job, "received_layers", False)),
         write_turns=getattr(job, "write_turns", 1),
         writes_layers=getattr(job, "writes_layers", True),
+        reserves_arenas=getattr(job, "reserves_arenas", False),
         reads_layers=getattr(job, "reads_layers", True),
         writes_rest=getattr(job, "writes_rest", True),
     )
@@ -873,7 +875,7 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
             owners = modelled_assignment(units, ranks, device_type, tokens)
             # The run's assignments never hold more than `holdings_cap`: the modelled largest
             # share and room for one unit more, of statistics and of results.
-            cap = holdings_cap(units, ranks, device_type, tokens)
+            cap = holdings_cap(units, owners, ranks)
             # Each code comes with its group's scale (model dtype) and, asymmetric, zero point (int32).
             spec = config.scheme.spec
             group = getattr(spec.weight, "size", 0)

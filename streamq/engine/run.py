@@ -137,7 +137,8 @@ class _Calibrator:
                  writers: list[int] | None = None):
         self.job = job
         self.dist, self.split = dist, split  # several processes: how they share the calibration
-        self.writers = writers  # several processes: the ranks taking turns writing layers (`Dist.writers`)
+        # Several processes: the ranks taking turns writing layers (`Dist.writers`; default all).
+        self.writers = writers if writers is not None or dist is None else list(range(dist.world))
         self.ids = job.my_batches  # the batches whose hidden states this process keeps
         self.mine = set(self.ids)
         self.top_k = ModelShape.from_config(job.hf_config).top_k
@@ -542,8 +543,9 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
 
     `dist` (several processes under torchrun, `streamq.engine.dist`): calibration-free
     schemes split whole layers across ranks; calibrated ones split the samples or the
-    layer's work units (`dist.calibration_split`) and take turns writing layers; rank 0
-    opens the output, writes the non-layer shard and finishes the checkpoint. The output
+    layer's work units (`dist.calibration_split`), and the processes that do not read the
+    layers take turns writing them (`Dist.writers`); rank 0 opens the output, writes the
+    non-layer shard and finishes the checkpoint. The output
     bytes are the single-process run's.
     """
     start = time.monotonic()
@@ -572,6 +574,7 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
     writers = dist.writers(node) if split is not None else None
     job.write_turns = len(writers) if writers is not None else 1
     job.writes_layers = writers is None or dist.rank in writers
+    job.reserves_arenas = writers is not None and job.writes_layers
     prepared = time.monotonic()
     out_dir = Path(config.save_path)
     failed: StreamqError | None = None
@@ -646,8 +649,8 @@ def quantize(config: JobConfig, overwrite: bool = False, show_progress: bool = T
             writer.submit(REST_KEY, shard_name(n, n + 1), job.reader.read(sorted(job.reader.other)))
         if todo:
             prefetch.schedule(todo[0])  # first, so the next layer's read queues behind it
-        writes = [i for i in todo if not done[i] and calib.writes(i)] if dist is not None and calib is not None else []
-        if arenas is not None and writes:  # every process at once, while the first layer is read
+        writes = [i for i in todo if not done[i] and calib.writes(i)] if job.reserves_arenas else []
+        if arenas is not None and writes:  # every writing process at once, while the first layer is read
             arenas.reserve(max(_output_arena_bytes(job, i) for i in writes))
         for pos, i in enumerate(todo):
             if pos + 1 < len(todo):
