@@ -374,14 +374,15 @@ def test_assignments_are_the_shortest_within_the_cap():
     assert search(many, 4, [(0,)] * 16, (0,), seed=seed, nodes=1) == seed
     assert search(many, 4, [(0,)] * 16, (0,), nodes=1) is None
 
-    # Two down chunks whose owners each run the routed rows' gate/up GEMM (0.5 s at these
-    # costs): one rank takes both, and the attention's statistics go to the other.
-    def unit(name, flops, token_flops, shared=""):
-        return WorkUnit((name,), 1, flops, token_flops=token_flops, statistics_bytes=1,
-                        shared=shared, shared_token_flops=1e9 if shared else 0.0)
+    # Two down chunks whose owners each run the routed rows' gate/up GEMM, as long as o_proj's
+    # Hessian: one rank takes both, o_proj goes to the other. Counted per unit instead (no
+    # `shared`), the balance would split them and the statistics phase would take twice as long.
+    def unit(name, token_flops, shared=""):
+        return WorkUnit((name,), 1, 2e9, token_flops=token_flops, statistics_bytes=1,
+                        shared=shared, shared_token_flops=4e6 if shared else 0.0)
 
-    units = [unit("o_proj", 2e9, 1e8), unit("down.0", 2e9, 1e7, "down"), unit("down.1", 2e9, 1e7, "down"),
-             unit("gate_up.0", 2e9, 1e7), unit("gate_up.1", 2e9, 1e7), unit("qkv", 2e9, 1e7)]
+    units = [unit("o_proj", 4e6), unit("down.0", 1e4, "down"), unit("down.1", 1e4, "down"),
+             unit("gate_up.0", 1e4), unit("gate_up.1", 1e4), unit("qkv", 1e4)]
     owners = assign_units(units, 2, "cpu", 1000)
     assert owners[1] == owners[2] != owners[0]
     cap = holdings_cap(units, modelled_assignment(units, 2, "cpu", 1000), 2)

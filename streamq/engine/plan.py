@@ -874,7 +874,7 @@ def _with_scheme_memory(config: Any, reader: Any, layout: Any, sizes: LayerSizes
 
             owners = modelled_assignment(units, ranks, device_type, tokens)
             # The run's assignments never hold more than `holdings_cap`: the modelled largest
-            # share and room for one unit more, of statistics and of results.
+            # share and room for the largest unit more, of statistics and of results.
             cap = holdings_cap(units, owners, ranks)
             # Each code comes with its group's scale (model dtype) and, asymmetric, zero point (int32).
             spec = config.scheme.spec
